@@ -65,7 +65,9 @@ def group_advantages_reference(rewards, group_index, group_size, num_groups, std
         if bad >= 0:
             raise_nonfinite(rewards, bad)
     B, K = rewards.shape
-    acc = stats_dtype(rewards.dtype)
+    # The ground truth accumulates in float64 whatever the input dtype; stats are returned in
+    # the contract's dtype.
+    acc = torch.float64
     r = rewards.to(acc)
     if group_index is None:
         group_index = torch.arange(B, device=r.device) // group_size
@@ -105,4 +107,5 @@ def group_advantages_reference(rewards, group_index, group_size, num_groups, std
     adv = torch.where(flat, torch.zeros_like(adv), adv)
     if clip > 0:
         adv = adv.clamp(-clip, clip)
-    return adv.to(rewards.dtype), mean, std, count
+    sdt = stats_dtype(rewards.dtype)
+    return adv.to(rewards.dtype), mean.to(sdt), std.to(sdt), count
