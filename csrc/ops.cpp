@@ -10,7 +10,7 @@ TORCH_LIBRARY(tbkernels, m) {
   // None for contiguous groups of group_size. Returns (adv [B, K] rewards.dtype,
   // mean [G, K], std [G, K] (float64 for float64 rewards, else float32), count [G] int64).
   m.def(
-      "group_advantages(Tensor rewards, Tensor? group_index, int group_size, int num_groups, "
+      "group_advantages(Tensor rewards, Tensor? group_index, SymInt group_size, SymInt num_groups, "
       "int std_mode, int ddof, float eps, float clip, bool check_finite) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -421,3 +421,17 @@ def test_op_is_registered_with_torch_library():
                           (rewards, None, 4, 3, 0, 1, 1e-4, -1.0, True))
     torch.library.opcheck(torch.ops.tbkernels.group_advantages.default,
                           (rewards, torch.tensor([0, 1, 2, 0] * 3), 0, 3, 1, 0, 1e-4, 5.0, True))
+
+
+def test_torch_compile_fullgraph_with_group_ids():
+    # The number of groups is data-dependent (torch.unique); the op's schema takes it as SymInt.
+    torch._dynamo.reset()
+
+    def fn(rewards, ids):
+        return tbkernels.group_advantages(rewards, group_ids=ids, preset="dance_grpo") * 2.0
+
+    compiled = torch.compile(fn, fullgraph=True)
+    for seed, groups in ((17, 5), (18, 9)):
+        rewards = make_rewards(64, 1, seed=seed)[:, 0]
+        ids = random_ids(64, groups, seed=seed)
+        torch.testing.assert_close(compiled(rewards, ids), fn(rewards, ids))
