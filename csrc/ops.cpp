@@ -13,6 +13,21 @@ TORCH_LIBRARY(tbkernels, m) {
       "group_advantages(Tensor rewards, Tensor? group_index, SymInt group_size, SymInt num_groups, "
       "int std_mode, int ddof, float eps, float clip, bool check_finite) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Flow-matching GRPO step (python/tbkernels/ops/flow_grpo.py). Latents [B, C, (T,) H, W]
+  // contiguous, one dtype; coefs [B, 5] = (cx, cv, alpha, gamma, s), float64 for float64 latents
+  // else float32; reduction 0 mean -> [B], 1 channel_sum -> [B, (T,) H, W], 2 none -> latent shape.
+  // prev_or_noise is the stored prev_sample, or with sampling=True the standard-normal draw.
+  // Returns (logp, ref_sq [B] = sum (v - v_ref)^2, mean (or [0]), sampled prev (or [0])).
+  m.def(
+      "flow_step_forward(Tensor model_output, Tensor sample, Tensor? prev_or_noise, "
+      "Tensor? ref_model_output, Tensor coefs, int reduction, bool sampling, bool write_mean) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // grad_v = cv*grad_mean - 2*alpha*cv*grad_logp*(prev - mean) + 2*grad_ref_sq*(v - v_ref).
+  m.def(
+      "flow_step_backward(Tensor model_output, Tensor sample, Tensor? prev_sample, "
+      "Tensor? ref_model_output, Tensor coefs, int reduction, Tensor? grad_logp, "
+      "Tensor? grad_mean, Tensor? grad_ref_sq) -> Tensor");
 }
 
 namespace {

@@ -5,7 +5,8 @@
     tbkernels.backends()          # which implementations run here, and why the others do not
 """
 from ._backend import BACKENDS, BackendStatus, backends
-from .ops import group_advantages
+from .ops import flow_grpo_loss, group_advantages, sde_step_with_logprob
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BackendStatus", "backends", "group_advantages", "__version__"]
+__all__ = ["BACKENDS", "BackendStatus", "backends", "flow_grpo_loss", "group_advantages",
+           "sde_step_with_logprob", "__version__"]

@@ -1,0 +1,408 @@
+"""Flow-matching GRPO hot path: SDE-step log-prob, KL to the reference, ViPO maps, clipped surrogate.
+
+Public entry points: :func:`sde_step_with_logprob` (a drop-in for Flow-GRPO's function, every
+``sde_type``) and :func:`flow_grpo_loss` (log-prob + KL + clipped surrogate in one fused pass).
+
+How it is built: every transition is ``mean = cx*x + cv*v``, ``logp = alpha*(prev-mean)^2 + gamma``
+with per-sample coefficients (``_flow_grpo_coefs.py``), so one pair of ops serves all conventions:
+
+* ``tbkernels::flow_step_forward`` reads model_output, sample, prev_sample (and the reference
+  model_output) once and writes the reduced log-prob and ``sum((v - v_ref)^2)`` per sample;
+* ``tbkernels::flow_step_backward`` writes grad_v in one more pass, recomputing the mean.
+
+The C++ CPU kernels are ``csrc/cpu/flow_step.cpp``; both ops have fake implementations and a
+registered autograd formula here, so they trace under ``torch.compile(fullgraph=True)``. The
+surrogate itself works on ``[B]`` (or ``[B, T, H, W]`` with a ViPO map) tensors in plain PyTorch.
+Gradients flow into ``model_output`` only: never into ``sample``, ``prev_sample`` or the reference.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._backend import resolve_backend
+from ._flow_grpo_coefs import step_coefficients
+from ._flow_grpo_reference import REDUCTIONS, SDE_TYPES
+
+IMPLEMENTED = ("reference", "cpu")
+KL_FORMS = ("flow_grpo", "exact")
+VIPO_FORMS = ("clipped", "simple")
+_REDUCTION_CODE = {name: i for i, name in enumerate(REDUCTIONS)}
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logp_shape(shape, reduction):
+    if reduction == 0:
+        return (shape[0],)
+    if reduction == 1:
+        return (shape[0],) + tuple(shape[2:])
+    return tuple(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# The reference implementation of the two ops (plain PyTorch, autograd by PyTorch).
+
+def _forward_reference(v, x, prev_or_noise, ref, coefs, reduction, sampling, write_mean):
+    acc = _acc(v.dtype)
+    shp = (-1,) + (1,) * (v.ndim - 1)
+    cx, cv, alpha, gamma, s = (coefs[:, i].to(acc).reshape(shp) for i in range(5))
+    vf = v.to(acc)
+    mean = cx * x.to(acc) + cv * vf
+    prev_out = None
+    if sampling:
+        prev_out = (mean + s * prev_or_noise.to(acc) if prev_or_noise is not None else mean)
+        prev_out = prev_out.to(v.dtype)
+        prev = prev_out.to(acc)
+    else:
+        prev = prev_or_noise.to(acc) if prev_or_noise is not None else mean
+    d = prev.detach() - mean
+    logp = alpha * d * d + gamma
+    if reduction == 0:
+        logp = logp.mean(dim=tuple(range(1, v.ndim)))
+    elif reduction == 1:
+        logp = logp.sum(dim=1)
+    red = tuple(range(1, v.ndim))
+    ref_sq = (((vf - ref.to(acc)) ** 2).sum(red) if ref is not None
+              else torch.zeros(v.shape[0], dtype=acc, device=v.device))
+    empty = v.new_empty((0,))
+    return (logp, ref_sq, mean.to(v.dtype) if write_mean else empty,
+            prev_out if sampling else empty)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library: fake implementations and autograd of the compiled ops.
+
+def _fake_forward(v, x, prev_or_noise, ref, coefs, reduction, sampling, write_mean):
+    acc = _acc(v.dtype)
+    empty = v.new_empty((0,))
+    return (v.new_empty(_logp_shape(v.shape, reduction), dtype=acc),
+            v.new_empty((v.shape[0],), dtype=acc),
+            torch.empty_like(v) if write_mean else empty,
+            torch.empty_like(v) if sampling else empty)
+
+
+def _setup_forward(ctx, inputs, output):
+    v, x, prev_or_noise, ref, coefs, reduction, sampling, _ = inputs
+    prev = output[3] if sampling else prev_or_noise
+    ctx.save_for_backward(v, x, prev, ref, coefs)
+    ctx.reduction, ctx.sampling = reduction, sampling
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_logp, grad_ref_sq, grad_mean, grad_prev):
+        v, x, prev, ref, coefs = ctx.saved_tensors
+        # A sampled prev_sample is mean + s*noise: its gradient reaches v through the mean.
+        if ctx.sampling and grad_prev is not None and grad_prev.numel():
+            grad_mean = grad_prev if grad_mean is None or not grad_mean.numel() else grad_mean + grad_prev
+        if grad_mean is not None and not grad_mean.numel():
+            grad_mean = None
+        if ref is None:
+            grad_ref_sq = None
+        grad_v = backward_op(
+            v, x, prev, ref, coefs, ctx.reduction,
+            None if grad_logp is None else grad_logp.contiguous(),
+            None if grad_mean is None else grad_mean.to(v.dtype).contiguous(),
+            None if grad_ref_sq is None else grad_ref_sq.contiguous())
+        return grad_v, None, None, None, None, None, None, None
+    return backward
+
+
+def _register_compiled():
+    try:
+        from .. import _C  # noqa: F401  (defines the tbkernels:: schemas)
+    except ImportError:
+        return
+    torch.library.register_fake("tbkernels::flow_step_forward")(_fake_forward)
+
+    @torch.library.register_fake("tbkernels::flow_step_backward")
+    def _(v, x, prev, ref, coefs, reduction, grad_logp, grad_mean, grad_ref_sq):
+        return torch.empty_like(v)
+
+    torch.library.register_autograd(
+        "tbkernels::flow_step_forward",
+        _make_backward(torch.ops.tbkernels.flow_step_backward),
+        setup_context=_setup_forward)
+
+
+_register_compiled()
+
+
+def _forward_op(name):
+    if name == "reference":
+        return _forward_reference
+    return torch.ops.tbkernels.flow_step_forward
+
+
+@torch.compiler.assume_constant_result
+def _pick(device: torch.device, backend: str | None) -> str:
+    return resolve_backend("flow_grpo", IMPLEMENTED, device, backend)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument handling.
+
+def _sigma_tensor(value, name, batch, device):
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] not in (1, batch)):
+            raise ValueError(f"{name} must be a float, a 0-d tensor or a [B] = [{batch}] tensor, "
+                             f"got shape {list(value.shape)}")
+        return value.detach().to(device=device, dtype=torch.float64).reshape(-1).expand(batch)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.full((batch,), float(value), dtype=torch.float64, device=device)
+    raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+
+
+def _check_sigmas(sigma, sigma_next):
+    if torch.compiler.is_compiling():
+        return
+    if not bool(((sigma > 0) & (sigma <= 1)).all()):
+        raise ValueError(f"sigma must lie in (0, 1] (rectified flow noise level), got "
+                         f"{sigma.min().item():.6g}..{sigma.max().item():.6g}")
+    if not bool((sigma_next < sigma).all()):
+        i = int((sigma_next >= sigma).nonzero()[0, 0])
+        raise ValueError(f"sigma_next must be < sigma (sampling goes from noise at 1 towards data "
+                         f"at 0), got sigma_next={sigma_next[i].item():.6g} >= "
+                         f"sigma={sigma[i].item():.6g} at sample {i}")
+    if not bool((sigma_next >= 0).all()):
+        raise ValueError(f"sigma_next must be >= 0, got {sigma_next.min().item():.6g}")
+
+
+def _check_latents(model_output, sample, prev_sample, ref_model_output):
+    if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
+        raise TypeError("model_output and sample must be tensors")
+    if model_output.dim() not in (4, 5):
+        raise ValueError(f"model_output must be an image [B, C, H, W] or video [B, C, T, H, W] "
+                         f"latent, got shape {list(model_output.shape)}")
+    if not model_output.dtype.is_floating_point:
+        raise TypeError(f"model_output must be floating, got {model_output.dtype}")
+    for name, t in (("sample", sample), ("prev_sample", prev_sample),
+                    ("ref_model_output", ref_model_output)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.shape != model_output.shape:
+            raise ValueError(f"{name} has shape {list(t.shape)} but model_output has "
+                             f"{list(model_output.shape)}; they must match")
+        if t.device != model_output.device:
+            raise ValueError(f"{name} is on {t.device} but model_output is on "
+                             f"{model_output.device}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating, got {t.dtype}")
+    if sample.requires_grad:
+        raise ValueError("sample requires grad, but tbkernels differentiates the step only in "
+                         "model_output (as Flow-GRPO trains); pass sample.detach()")
+
+
+def _check_finite(**tensors):
+    for name, t in tensors.items():
+        if t is not None and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t.reshape(-1))).nonzero()[0, 0])
+            raise ValueError(f"{name} contains a non-finite value at flat index {bad} "
+                             f"({t.reshape(-1)[bad].item()})")
+
+
+def _latents(dtype, *tensors):
+    """Contiguous, one dtype (a copy only where the caller's tensor is not already so)."""
+    return [None if t is None else t.detach().to(dtype).contiguous() for t in tensors]
+
+
+def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_max, sigma_min):
+    if sde_type not in SDE_TYPES:
+        raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
+    if sde_type == "wan" and (sigma_max is None or sigma_min is None):
+        raise ValueError("sde_type='wan' needs sigma_max and sigma_min (the schedule's sigmas[1] "
+                         "and sigmas[-1]): std_dev_t = sigma_min + (sigma_max - sigma_min)*sigma")
+    if sde_type in ("flow_grpo", "dance_grpo", "cps") and not noise_level > 0:
+        raise ValueError(f"noise_level must be > 0 for sde_type={sde_type!r}, got {noise_level}")
+    batch, device = model_output.shape[0], model_output.device
+    s = _sigma_tensor(sigma, "sigma", batch, device)
+    sn = _sigma_tensor(sigma_next, "sigma_next", batch, device)
+    _check_sigmas(s, sn)
+    coefs, std_dev_t = step_coefficients(s, sn, sde_type, noise_level, sigma_max, sigma_min)
+    return coefs.to(_acc(model_output.dtype)).contiguous(), std_dev_t
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+
+def sde_step_with_logprob(model_output, sigma, sigma_next, sample, prev_sample=None, *,
+                          sde_type="flow_grpo", noise_level=0.7, generator=None,
+                          logprob_reduction="mean", sigma_max=None, sigma_min=None,
+                          backend=None, check_finite=False):
+    """One stochastic sampling step of a flow-matching model and its log-probability.
+
+    A drop-in for Flow-GRPO's ``sde_step_with_logprob`` (same argument meaning, same return order),
+    extended to the other systems' conventions.
+
+    Parameters
+    ----------
+    model_output : Tensor ``[B, C, H, W]`` or ``[B, C, T, H, W]`` (fp32/bf16/fp16/fp64)
+        Predicted velocity v. Differentiable.
+    sigma, sigma_next : float or Tensor ``[B]``
+        Noise levels of this step, ``0 <= sigma_next < sigma <= 1``.
+    sample : Tensor like model_output
+        The current latent x_t (no gradient).
+    prev_sample : Tensor like model_output, optional
+        The stored next latent (training). None: sample it (respecting ``generator``).
+    sde_type : ``"flow_grpo"`` | ``"dance_grpo"`` | ``"wan"`` | ``"cps"`` | ``"ode"``
+        Flow-GRPO's SDE (sigma_t = a sqrt(t/(1-t))), DanceGRPO's (sigma_t = eta = noise_level),
+        Wan's (sigma_t linear in sigma between sigma_min and sigma_max), Coefficients-Preserving
+        Sampling, or the deterministic ODE step. CPS and ODE log-probs are Flow-GRPO's constant-free
+        ``-(prev - mean)^2``.
+    noise_level : float
+        a for flow_grpo/cps, eta for dance_grpo; unused by wan and ode.
+    logprob_reduction : ``"mean"`` | ``"channel_sum"`` | ``"none"``
+        Mean over all latent elements → ``[B]`` (all public systems); sum over channels →
+        ``[B, (T,) H, W]`` (ViPO's dense form); elementwise.
+    sigma_max, sigma_min : float, optional
+        Wan's schedule bounds (required for ``"wan"``). For flow_grpo, sigma_max replaces sigma in
+        the denominator at sigma = 1; default sigma_next, which equals Flow-GRPO's ``sigmas[1]``
+        at the first step.
+    check_finite : bool
+        Check every input for NaN/inf first (costs one pass per input).
+
+    Returns
+    -------
+    prev_sample : like model_output (the given one, or the new sample in model_output's dtype)
+    log_prob : float32 (float64 for float64 input), shaped by ``logprob_reduction``
+    prev_sample_mean : like model_output
+    std_dev_t : ``[B, 1, 1, 1(, 1)]``, float32 (float64 for float64 input), what each system
+        returns (Flow-GRPO and Wan: sigma_t; DanceGRPO: eta*sqrt(-dt); CPS: its transition std; ODE: 0)
+    """
+    _check_latents(model_output, sample, prev_sample, None)
+    if logprob_reduction not in _REDUCTION_CODE:
+        raise ValueError(f"logprob_reduction must be one of {REDUCTIONS}, got {logprob_reduction!r}")
+    if check_finite:
+        _check_finite(model_output=model_output, sample=sample, prev_sample=prev_sample)
+    coefs, std_dev_t = _coefficients(model_output, sigma, sigma_next, sde_type, noise_level,
+                                     sigma_max, sigma_min)
+    dtype = model_output.dtype
+    v = model_output.to(dtype).contiguous()
+    (x, prev) = _latents(dtype, sample, prev_sample)
+    sampling = prev_sample is None
+    noise = None
+    if sampling and sde_type != "ode":
+        noise = torch.randn(model_output.shape, generator=generator, device=v.device, dtype=dtype)
+    name = _pick(v.device, backend)
+    logp, _, mean, new_prev = _forward_op(name)(v, x, noise if sampling else prev, None, coefs,
+                                                _REDUCTION_CODE[logprob_reduction], sampling, True)
+    out_prev = new_prev if sampling else prev_sample
+    shp = (-1,) + (1,) * (v.ndim - 1)
+    return out_prev, logp, mean, std_dev_t.to(_acc(dtype)).reshape(shp)
+
+
+def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log_prob, advantages,
+                   *, ref_model_output=None, beta=0.0, clip_range=1e-4, adv_clip_max=5.0,
+                   advantage_map=None, sde_type="flow_grpo", noise_level=0.7, kl_form="flow_grpo",
+                   vipo_form="clipped", sigma_max=None, sigma_min=None, backend=None,
+                   check_finite=False):
+    """Flow-GRPO's per-timestep loss, fused: log-prob, KL to the reference, clipped surrogate.
+
+    ``loss = mean(max(-A*ratio, -A*clamp(ratio, 1-clip_range, 1+clip_range))) + beta*mean(kl)``
+    with ``ratio = exp(logp - old_log_prob)`` and ``A = clamp(advantages, ±adv_clip_max)``.
+
+    Parameters
+    ----------
+    model_output, sample, prev_sample : Tensor ``[B, C, (T,) H, W]``
+        Current policy's velocity (differentiable), x_t and the stored x_{t+dt}.
+    sigma, sigma_next : float or ``[B]``
+    old_log_prob : Tensor ``[B]`` (no map), ``[B, (T,) H, W]`` (map without channels: ViPO's
+        channel-summed per-position log-prob) or like the latent (per-element map).
+    advantages : Tensor ``[B]``
+    ref_model_output : Tensor like model_output, optional
+        The reference policy's velocity; needed when ``beta != 0``; never differentiated.
+    advantage_map : Tensor ``[B, (T,) H, W]`` (broadcast over channels) or ``[B, C, (T,) H, W]``, optional
+        ViPO's per-latent map M >= 0: dense advantage ``A_b * M`` with per-position ratios.
+    kl_form : ``"flow_grpo"`` (the training script's ||Δμ||²/(2 std_dev_t²)) | ``"exact"``
+        (the Gaussian KL ||Δμ||²/(2 s²), s the transition std, as Flow-GRPO's Wan script).
+    vipo_form : ``"clipped"`` (the paper's per-position clipped surrogate) | ``"simple"``
+        (TeleBoost's report form ``-mean(M*A*log π)``).
+
+    Returns
+    -------
+    loss : 0-d tensor, differentiable in model_output only
+    metrics : dict of detached 0-d tensors ``approx_kl``, ``clipfrac``, ``kl``, ``ratio_mean``
+    """
+    _check_latents(model_output, sample, prev_sample, ref_model_output)
+    if prev_sample is None:
+        raise ValueError("flow_grpo_loss needs the stored prev_sample")
+    if kl_form not in KL_FORMS:
+        raise ValueError(f"kl_form must be one of {KL_FORMS}, got {kl_form!r}")
+    if vipo_form not in VIPO_FORMS:
+        raise ValueError(f"vipo_form must be one of {VIPO_FORMS}, got {vipo_form!r}")
+    if beta != 0 and ref_model_output is None:
+        raise ValueError(f"beta = {beta} needs ref_model_output (the reference policy's velocity)")
+    if ref_model_output is not None and sde_type == "ode":
+        raise ValueError("sde_type='ode' is deterministic (zero transition std): there is no KL to "
+                         "the reference policy; drop ref_model_output/beta or use a stochastic step")
+    if not (clip_range > 0 and adv_clip_max > 0):
+        raise ValueError(f"clip_range and adv_clip_max must be > 0, got {clip_range}, {adv_clip_max}")
+    batch = model_output.shape[0]
+    reduction = 0
+    if advantage_map is not None:
+        if advantage_map.dim() == model_output.dim() - 1:
+            reduction = 1
+        elif advantage_map.dim() == model_output.dim():
+            reduction = 2
+        else:
+            raise ValueError(f"advantage_map must be [B, (T,) H, W] or [B, C, (T,) H, W] for latents "
+                             f"{list(model_output.shape)}, got {list(advantage_map.shape)}")
+    logp_shape = _logp_shape(model_output.shape, reduction)
+    if advantage_map is not None:
+        try:
+            ok = torch.broadcast_shapes(advantage_map.shape, logp_shape) == torch.Size(logp_shape)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"advantage_map of shape {list(advantage_map.shape)} does not "
+                             f"broadcast to the per-position log-prob shape {list(logp_shape)}")
+    if tuple(old_log_prob.shape) != logp_shape:
+        raise ValueError(f"old_log_prob must have shape {list(logp_shape)} "
+                         f"({'per sample' if reduction == 0 else 'per position'}), got "
+                         f"{list(old_log_prob.shape)}")
+    if tuple(advantages.shape) != (batch,):
+        raise ValueError(f"advantages must have shape [B] = [{batch}], got {list(advantages.shape)}")
+    if check_finite:
+        _check_finite(model_output=model_output, sample=sample, prev_sample=prev_sample,
+                      ref_model_output=ref_model_output, old_log_prob=old_log_prob,
+                      advantages=advantages, advantage_map=advantage_map)
+    coefs, std_dev_t = _coefficients(model_output, sigma, sigma_next, sde_type, noise_level,
+                                     sigma_max, sigma_min)
+    dtype = model_output.dtype
+    v = model_output.contiguous()
+    x, prev, ref = _latents(dtype, sample, prev_sample, ref_model_output)
+    name = _pick(v.device, backend)
+    logp, ref_sq, _, _ = _forward_op(name)(v, x, prev, ref, coefs, reduction, False, False)
+
+    acc = logp.dtype
+    a = advantages.detach().to(acc).clamp(-adv_clip_max, adv_clip_max)
+    delta = logp - old_log_prob.detach().to(acc)
+    ratio = torch.exp(delta)
+    if advantage_map is not None:
+        a = a.reshape((-1,) + (1,) * (logp.dim() - 1)) * advantage_map.detach().to(acc)
+    if vipo_form == "simple":
+        policy = -(a * logp).mean()
+    else:
+        policy = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    loss = policy
+    kl = None
+    if ref is not None:
+        # mean - mean_ref = cv * (v - v_ref): the KL needs only sum((v - v_ref)^2) per sample.
+        cv = coefs[:, 1].to(acc)
+        kl_std = std_dev_t if kl_form == "flow_grpo" else coefs[:, 4].double()
+        numel = model_output[0].numel()
+        kl = ref_sq * (cv * cv) / (numel * 2 * kl_std.to(acc) ** 2)
+        if beta != 0:
+            loss = loss + beta * kl.mean()
+    metrics = {
+        "approx_kl": 0.5 * (delta.detach() ** 2).mean(),
+        "clipfrac": ((ratio.detach() - 1).abs() > clip_range).to(acc).mean(),
+        "kl": kl.detach().mean() if kl is not None else torch.zeros((), dtype=acc, device=v.device),
+        "ratio_mean": ratio.detach().mean(),
+    }
+    return loss, metrics

@@ -1,0 +1,412 @@
+"""sde_step_with_logprob and flow_grpo_loss: every backend against the readable float64 reference,
+Flow-GRPO's own function re-implemented independently, gradients, ViPO maps, errors, compile."""
+import math
+
+import pytest
+import torch
+
+import tbkernels
+from tbkernels.ops._flow_grpo_reference import (flow_grpo_loss_reference, kl_reference,
+                                                sde_step_reference)
+
+from conftest import DEVICE, backend_params
+
+BACKENDS = backend_params(("reference", "cpu", "cuda", "triton"))
+SDE_TYPES = ["flow_grpo", "dance_grpo", "wan", "cps", "ode"]
+WAN_SCHEDULE = dict(sigma_max=0.985, sigma_min=0.02)
+SHAPES = {"video_odd": (3, 5, 3, 7, 9), "image_odd": (2, 3, 11, 13), "b1": (1, 4, 2, 5, 6),
+          "wan_small": (2, 16, 3, 12, 20)}
+
+
+def _available(backend):
+    st = tbkernels.backends(DEVICE)[backend]
+    if not st.available:
+        pytest.skip(st.reason)
+    impl = __import__("tbkernels.ops.flow_grpo", fromlist=["IMPLEMENTED"]).IMPLEMENTED
+    if backend not in impl:
+        pytest.skip(f"flow_grpo has no {backend} implementation yet")
+
+
+def latents(shape, dtype=torch.float64, seed=0, n=4):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+            for _ in range(n)]
+
+
+def sigmas(batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(batch, generator=g, dtype=torch.float64) * 0.8 + 0.15
+    s[0] = 1.0                                                      # the first step
+    return s.to(DEVICE), (s - 0.07).to(DEVICE)
+
+
+def extra(sde_type):
+    return WAN_SCHEDULE if sde_type == "wan" else {}
+
+
+def close(got, exp, tol):
+    err = (got.double() - exp.double()).abs().max().item()
+    scale = max(1.0, exp.double().abs().max().item())
+    assert err <= tol * scale, (err, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step.
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sde_type", SDE_TYPES)
+@pytest.mark.parametrize("reduction", ["mean", "channel_sum", "none"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_step_matches_reference(backend, sde_type, reduction, shape):
+    _available(backend)
+    v, x, prev, _ = latents(shape, seed=sum(shape))
+    s, sn = sigmas(shape[0])
+    got = tbkernels.sde_step_with_logprob(v, s, sn, x, prev, sde_type=sde_type,
+                                          logprob_reduction=reduction, backend=backend,
+                                          **extra(sde_type))
+    exp = sde_step_reference(v, s, sn, x, prev, sde_type=sde_type, logprob_reduction=reduction,
+                             **extra(sde_type))
+    assert got[0] is prev
+    assert got[1].shape == exp[1].shape and got[1].dtype == torch.float64
+    close(got[1], exp[1], 1e-12)
+    close(got[2], exp[2], 1e-12)
+    close(got[3].reshape(-1), exp[3], 1e-12)
+    assert got[3].shape == (shape[0],) + (1,) * (len(shape) - 1)
+
+
+def flow_grpo_sde_step_with_logprob(model_output, timestep_index, sigmas, sample, prev_sample,
+                                    noise_level=0.7):
+    """Independent re-implementation of Flow-GRPO's `sde_step_with_logprob` ('sde' branch) as the
+    public code writes it: scheduler sigmas indexed by step, sigma_max = sigmas[1], fp32 math."""
+    model_output, sample, prev_sample = model_output.float(), sample.float(), prev_sample.float()
+    sigma = sigmas[timestep_index].view(-1, *([1] * (len(sample.shape) - 1)))
+    sigma_prev = sigmas[timestep_index + 1].view(-1, *([1] * (len(sample.shape) - 1)))
+    sigma_max = sigmas[1].item()
+    dt = sigma_prev - sigma
+    std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * noise_level
+    prev_sample_mean = (sample * (1 + std_dev_t ** 2 / (2 * sigma) * dt)
+                        + model_output * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt)
+    log_prob = (-((prev_sample.detach() - prev_sample_mean) ** 2)
+                / (2 * ((std_dev_t * torch.sqrt(-1 * dt)) ** 2))
+                - torch.log(std_dev_t * torch.sqrt(-1 * dt))
+                - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi))))
+    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return prev_sample, log_prob, prev_sample_mean, std_dev_t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("step", [0, 3, 8])
+def test_flow_grpo_drop_in(backend, step):
+    _available(backend)
+    shift, steps = 3.0, 10
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float32)
+    sched = (shift * t / (1 + (shift - 1) * t)).to(DEVICE)       # SD3-style shifted schedule
+    shape = (4, 16, 3, 12, 20)
+    v, x, _, _ = latents(shape, torch.float32, seed=step)
+    prev = x + 0.05 * v                                            # a plausible stored x_{t+dt}
+    idx = torch.full((shape[0],), step, device=DEVICE)
+    exp = flow_grpo_sde_step_with_logprob(v, idx, sched, x, prev)
+    got = tbkernels.sde_step_with_logprob(v, sched[idx], sched[idx + 1], x, prev, backend=backend)
+    # Float rounding: float32 math in a different order on both sides.
+    torch.testing.assert_close(got[1], exp[1], rtol=2e-5, atol=2e-5 * exp[1].abs().max().item())
+    torch.testing.assert_close(got[2], exp[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[3], exp[3], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sde_type", SDE_TYPES)
+def test_sampling_respects_generator(backend, sde_type):
+    _available(backend)
+    shape = (2, 4, 3, 5, 6)
+    v, x, _, _ = latents(shape, torch.float32, seed=3)
+    s, sn = sigmas(2)
+    g1 = torch.Generator(device=DEVICE).manual_seed(123)
+    prev, logp, mean, _ = tbkernels.sde_step_with_logprob(v, s, sn, x, generator=g1,
+                                                          sde_type=sde_type, backend=backend,
+                                                          **extra(sde_type))
+    g2 = torch.Generator(device=DEVICE).manual_seed(123)
+    noise = None if sde_type == "ode" else torch.randn(shape, generator=g2, device=DEVICE)
+    exp = sde_step_reference(v.double(), s, sn, x.double(), None, sde_type=sde_type,
+                             noise=None if noise is None else noise.double(), **extra(sde_type))
+    close(prev, exp[0], 1e-6)
+    close(mean, exp[2], 1e-6)
+    # The log-prob is that of the returned sample.
+    again = tbkernels.sde_step_with_logprob(v, s, sn, x, prev, sde_type=sde_type, backend=backend,
+                                            **extra(sde_type))
+    close(logp, again[1], 1e-6)
+    if sde_type == "ode":
+        assert torch.equal(prev, mean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sde_type", SDE_TYPES)
+@pytest.mark.parametrize("reduction", ["mean", "channel_sum", "none"])
+def test_step_gradients(backend, sde_type, reduction):
+    _available(backend)
+    shape = (2, 3, 2, 5, 7)
+    v, x, prev, w = latents(shape, seed=9)
+    s, sn = sigmas(2)
+    outs = []
+    for b in ("reference_readable", backend):
+        vv = v.clone().requires_grad_(True)
+        if b == "reference_readable":
+            _, logp, mean, _ = sde_step_reference(vv, s, sn, x, prev, sde_type=sde_type,
+                                                  logprob_reduction=reduction, **extra(sde_type))
+        else:
+            _, logp, mean, _ = tbkernels.sde_step_with_logprob(
+                vv, s, sn, x, prev, sde_type=sde_type, logprob_reduction=reduction, backend=b,
+                **extra(sde_type))
+        wl = torch.linspace(-1, 1, logp.numel(), dtype=torch.float64, device=DEVICE).view_as(logp)
+        ((logp * wl).sum() + (mean * w).sum()).backward()
+        outs.append(vv.grad)
+    close(outs[1], outs[0], 1e-10)
+
+
+def test_reference_gradcheck():
+    shape = (2, 2, 2, 3, 3)
+    v, x, prev, _ = latents(shape, seed=10)
+    s, sn = sigmas(2)
+    for sde_type in SDE_TYPES:
+        fn = lambda vv: tbkernels.sde_step_with_logprob(  # noqa: E731
+            vv, s, sn, x, prev, sde_type=sde_type, backend="reference", **extra(sde_type))[1]
+        assert torch.autograd.gradcheck(fn, (v.clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_numerics(backend, dtype):
+    """Error vs float64 at most 2x that of eager PyTorch in the same dtype (+ an output ulp)."""
+    _available(backend)
+    shape = (2, 16, 3, 12, 20)
+    v64, x64, _, _ = latents(shape, seed=11)
+    s, sn = sigmas(2)
+    prev64 = x64 + 0.02 * v64
+    v, x, prev = (t.to(dtype) for t in (v64, x64, prev64))
+    exact = sde_step_reference(v.double(), s, sn, x.double(), prev.double())
+    got = tbkernels.sde_step_with_logprob(v, s, sn, x, prev, backend=backend)
+
+    # Eager Flow-GRPO-style code run in `dtype` throughout.
+    shp = (-1, 1, 1, 1, 1)
+    sd, snd = s.to(dtype).view(shp), sn.to(dtype).view(shp)
+    dt = snd - sd
+    sig_t = 0.7 * torch.sqrt(sd / (1 - torch.where(sd == 1, snd, sd)))
+    mean = x * (1 + sig_t ** 2 / (2 * sd) * dt) + v * (1 + sig_t ** 2 * (1 - sd) / (2 * sd)) * dt
+    std = sig_t * torch.sqrt(-dt)
+    lp = (-(prev - mean) ** 2 / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi))
+    eager = lp.mean(dim=(1, 2, 3, 4))
+    for g, e, ex in ((got[1], eager, exact[1]), (got[2], mean, exact[2])):
+        err = (g.double() - ex).abs().max().item()
+        err_eager = (e.double() - ex).abs().max().item()
+        ulp = torch.finfo(g.dtype).eps * ex.abs().max().item()
+        assert err <= 2 * err_eager + ulp, (err, err_eager, ulp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    _available(backend)
+    base = latents((2, 4, 3, 6, 10), seed=12)
+    v, x, prev = (t[..., ::2] for t in base[:3])                  # stride-2 last dim
+    assert not v.is_contiguous()
+    s, sn = sigmas(2)
+    got = tbkernels.sde_step_with_logprob(v, s, sn, x, prev, backend=backend)
+    exp = sde_step_reference(v, s, sn, x, prev)
+    close(got[1], exp[1], 1e-12)
+    close(got[2], exp[2], 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused loss.
+
+def loss_reference(v, x, prev, s, sn, old, adv, ref=None, beta=0.0, amap=None, sde_type="flow_grpo",
+                   kl_form="flow_grpo", vipo_form="clipped", clip_range=1e-4, reduction="mean"):
+    _, logp, mean, std_dev_t = sde_step_reference(v, s, sn, x, prev, sde_type=sde_type,
+                                                  logprob_reduction=reduction, **extra(sde_type))
+    kl = None
+    if ref is not None:
+        _, _, mean_ref, _ = sde_step_reference(ref, s, sn, x, prev, sde_type=sde_type,
+                                               **extra(sde_type))
+        dt = (sn - s).reshape(-1)
+        trans = std_dev_t * torch.sqrt(-dt) if sde_type in ("flow_grpo", "wan") else std_dev_t
+        kl = kl_reference(mean, mean_ref, std_dev_t, trans, kl_form)
+    return flow_grpo_loss_reference(logp, old, adv, advantage_map=amap, kl=kl, beta=beta,
+                                    vipo_form=vipo_form, clip_range=clip_range)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sde_type", SDE_TYPES)
+@pytest.mark.parametrize("map_kind", [None, "position", "element"])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_loss_and_gradient_match_reference(backend, sde_type, map_kind, with_ref):
+    _available(backend)
+    if with_ref and sde_type == "ode":
+        pytest.skip("the ODE step has no transition std, so no KL (tested in test_bad_input)")
+    shape = (3, 4, 2, 5, 7)
+    v, x, ref, noise = latents(shape, seed=13)
+    s, sn = sigmas(3)
+    prev = sde_step_reference(v, s, sn, x, None, sde_type=sde_type, noise=noise,
+                              **extra(sde_type))[0].detach()
+    if sde_type == "ode":
+        prev = prev + 0.1 * noise                  # a stored latent off the ODE's mean
+    reduction = {None: "mean", "position": "channel_sum", "element": "none"}[map_kind]
+    with torch.no_grad():
+        old = sde_step_reference(v + 0.05 * ref, s, sn, x, prev, sde_type=sde_type,
+                                 logprob_reduction=reduction, **extra(sde_type))[1]
+    adv = torch.tensor([1.5, -0.7, 7.0], dtype=torch.float64, device=DEVICE)   # 7 gets clamped
+    g = torch.Generator().manual_seed(14)
+    amap = None
+    if map_kind is not None:
+        amap = torch.rand(old.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    # A clip range that the ratios straddle (the ODE's constant-free log-prob moves them less).
+    clip = 1e-3 if sde_type == "ode" else 1e-2
+    kw = dict(ref_model_output=ref if with_ref else None, beta=0.04 if with_ref else 0.0,
+              advantage_map=amap, sde_type=sde_type, clip_range=clip, **extra(sde_type))
+    results = []
+    for b in ("readable", backend):
+        vv = v.clone().requires_grad_(True)
+        if b == "readable":
+            loss, metrics = loss_reference(vv, x, prev, s, sn, old, adv,
+                                           ref if with_ref else None, kw["beta"], amap, sde_type,
+                                           reduction=reduction, clip_range=clip)
+        else:
+            loss, metrics = tbkernels.flow_grpo_loss(vv, x, prev, s, sn, old, adv, backend=b, **kw)
+        loss.backward()
+        results.append((loss, metrics, vv.grad))
+    (l0, m0, g0), (l1, m1, g1) = results
+    close(l1, l0, 1e-10)
+    close(g1, g0, 1e-10)
+    for key in ("approx_kl", "clipfrac", "kl", "ratio_mean"):
+        close(m1[key], m0[key], 1e-10)
+    if map_kind is not None:                                       # both branches of the max taken
+        assert 0 < m1["clipfrac"].item() < 1, m1["clipfrac"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl_form", ["flow_grpo", "exact"])
+def test_kl_forms(backend, kl_form):
+    _available(backend)
+    shape = (2, 4, 2, 5, 6)
+    v, x, prev, ref = latents(shape, seed=15)
+    s, sn = sigmas(2)
+    old = torch.zeros(2, dtype=torch.float64, device=DEVICE)
+    adv = torch.ones(2, dtype=torch.float64, device=DEVICE)
+    _, m = tbkernels.flow_grpo_loss(v, x, prev, s, sn, old, adv, ref_model_output=ref, beta=0.1,
+                                    kl_form=kl_form, backend=backend)
+    # Independent closed form (SPEC §1.3): KL_exact = (|dt|/2)(sig_t(1-t)/(2t) + 1/sig_t)^2 |Δv|^2
+    t, dt = s, (s - sn)
+    sig_t = 0.7 * torch.sqrt(t / (1 - torch.where(t == 1, sn, t)))
+    per_elem = ((v - ref) ** 2).mean(dim=(1, 2, 3, 4))
+    exact = dt / 2 * (sig_t * (1 - t) / (2 * t) + 1 / sig_t) ** 2 * per_elem
+    expected = exact if kl_form == "exact" else exact * dt     # flow_grpo form = |dt| x exact
+    close(m["kl"], expected.mean(), 1e-12)
+
+
+def test_vipo_simple_form():
+    shape = (2, 4, 2, 5, 6)
+    v, x, prev, _ = latents(shape, seed=16)
+    s, sn = sigmas(2)
+    old = torch.zeros(2, 2, 5, 6, dtype=torch.float64, device=DEVICE)
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64, device=DEVICE)
+    amap = torch.rand(2, 2, 5, 6, dtype=torch.float64, device=DEVICE)
+    loss, _ = tbkernels.flow_grpo_loss(v, x, prev, s, sn, old, adv, advantage_map=amap,
+                                       vipo_form="simple")
+    logp = sde_step_reference(v, s, sn, x, prev, logprob_reduction="channel_sum")[1]
+    close(loss, -(adv.view(-1, 1, 1, 1) * amap * logp).mean(), 1e-12)
+
+
+def test_loss_never_differentiates_prev_or_reference():
+    shape = (2, 3, 2, 4, 5)
+    v, x, prev, ref = latents(shape, seed=17)
+    s, sn = sigmas(2)
+    prev.requires_grad_(True)
+    ref.requires_grad_(True)
+    vv = v.clone().requires_grad_(True)
+    loss, _ = tbkernels.flow_grpo_loss(vv, x, prev, s, sn, torch.zeros(2, dtype=torch.float64),
+                                       torch.ones(2, dtype=torch.float64), ref_model_output=ref,
+                                       beta=0.5)
+    loss.backward()
+    assert vv.grad is not None and prev.grad is None and ref.grad is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+def _call(**over):
+    shape = (2, 4, 2, 5, 6)
+    v, x, prev, ref = latents(shape, torch.float32, seed=18)
+    args = dict(model_output=v, sample=x, prev_sample=prev, sigma=0.8, sigma_next=0.7,
+                old_log_prob=torch.zeros(2), advantages=torch.ones(2))
+    args.update(over)
+    return tbkernels.flow_grpo_loss(**args)
+
+
+@pytest.mark.parametrize("over,error,match", [
+    (dict(sigma=0.7, sigma_next=0.7), ValueError, "sigma_next must be < sigma"),
+    (dict(sigma=0.5, sigma_next=0.6), ValueError, "sigma_next must be < sigma"),
+    (dict(sigma=1.2, sigma_next=0.5), ValueError, r"sigma must lie in \(0, 1\]"),
+    (dict(sigma=0.0, sigma_next=-0.1), ValueError, r"sigma must lie in \(0, 1\]"),
+    (dict(sigma=torch.tensor([0.9, 0.8, 0.7]), sigma_next=0.5), ValueError, r"\[B\] = \[2\]"),
+    (dict(sample=torch.zeros(2, 4, 2, 5, 7)), ValueError, "sample has shape"),
+    (dict(prev_sample=torch.zeros(2, 4, 2, 5)), ValueError, "prev_sample has shape"),
+    (dict(model_output=torch.zeros(2, 4, 5)), ValueError, "image"),
+    (dict(advantage_map=torch.zeros(2, 2, 5, 7)), ValueError, "does not broadcast"),
+    (dict(advantage_map=torch.zeros(2, 5, 6)), ValueError, "advantage_map must be"),
+    (dict(old_log_prob=torch.zeros(3)), ValueError, "old_log_prob must have shape"),
+    (dict(advantages=torch.zeros(2, 1)), ValueError, "advantages must have shape"),
+    (dict(beta=0.1), ValueError, "needs ref_model_output"),
+    (dict(sde_type="sde"), ValueError, "sde_type must be one of"),
+    (dict(sde_type="wan"), ValueError, "sigma_max and sigma_min"),
+    (dict(kl_form="reverse"), ValueError, "kl_form"),
+    (dict(sde_type="ode", ref_model_output=torch.zeros(2, 4, 2, 5, 6)), ValueError, "no KL"),
+])
+def test_bad_input(over, error, match):
+    with pytest.raises(error, match=match):
+        _call(**over)
+
+
+def test_nan_check_behind_flag():
+    v = latents((2, 4, 2, 5, 6), torch.float32, seed=19)[0].clone()
+    v[1, 2, 1, 3, 4] = math.nan
+    loss, _ = _call(model_output=v)                                # unchecked: no error
+    assert math.isnan(loss.item())
+    with pytest.raises(ValueError, match="model_output contains a non-finite value"):
+        _call(model_output=v, check_finite=True)
+    with pytest.raises(ValueError, match="prev_sample contains"):
+        tbkernels.sde_step_with_logprob(v.nan_to_num(), 0.8, 0.7, v.nan_to_num(), v,
+                                        check_finite=True)
+
+
+def test_step_errors():
+    v = torch.zeros(2, 4, 3, 5)
+    with pytest.raises(ValueError, match="logprob_reduction"):
+        tbkernels.sde_step_with_logprob(v, 0.8, 0.7, v, logprob_reduction="sum")
+    with pytest.raises(ValueError, match="sample requires grad"):
+        tbkernels.sde_step_with_logprob(v, 0.8, 0.7, v.clone().requires_grad_(True))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+@pytest.mark.parametrize("map_kind", [None, "position"])
+def test_torch_compile_fullgraph_forward_backward(map_kind):
+    torch._dynamo.reset()
+    shape = (2, 4, 2, 5, 6)
+    v, x, prev, ref = latents(shape, torch.float32, seed=20)
+    s, sn = torch.tensor([0.9, 0.6]), torch.tensor([0.8, 0.5])
+    old_shape = (2,) if map_kind is None else (2, 2, 5, 6)
+    old = torch.full(old_shape, -3.0)
+    adv = torch.tensor([1.0, -1.0])
+    amap = None if map_kind is None else torch.rand(old_shape)
+
+    def step(vv):
+        loss, m = tbkernels.flow_grpo_loss(vv, x, prev, s, sn, old, adv, ref_model_output=ref,
+                                           beta=0.01, advantage_map=amap, clip_range=0.3)
+        return loss, m["clipfrac"]
+
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        vv = v.clone().requires_grad_(True)
+        loss, _ = fn(vv)
+        loss.backward()
+        grads.append((loss.detach(), vv.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1])
