@@ -74,8 +74,13 @@ def check_against_reference(rewards, backend, group_size=None, group_ids=None, s
     eager = eager_in_dtype(r2, gi, num_groups, std, ddof, eps, clip).reshape(rewards.shape)
     ulp = torch.finfo(rewards.dtype).eps * max(1.0, exact.abs().max().item())
     err = (out.double() - exact).abs().max().item()
-    err_eager = (eager.double() - exact).abs().max().item()
-    assert err <= 2 * err_eager + ulp, (backend, err, err_eager, ulp)
+    if rewards.dtype == torch.float64:
+        # Eager float64 *is* the reference's computation (error 0), so the 2x rule degenerates;
+        # a float64 kernel must then agree to a few ulps.
+        assert err <= 1e-12 * max(1.0, exact.abs().max().item()), (backend, err)
+    else:
+        err_eager = (eager.double() - exact).abs().max().item()
+        assert err <= 2 * err_eager + ulp, (backend, err, err_eager, ulp)
     # Statistics: float32 (float64 for float64 input) and close to the float64 statistics.
     sdt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     assert stats["mean"].dtype == sdt and stats["std"].dtype == sdt
