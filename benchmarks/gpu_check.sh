@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Everything tbkernels needs checked on a GPU, in one go, on a bare H100/H200 machine:
+#   build with CUDA -> backend table -> whole test suite on the GPU -> benchmark suite -> plot.
+#
+#   benchmarks/gpu_check.sh OUTDIR
+#
+# Assumes a CUDA torch and nvcc are installed; pytest, pytest-benchmark and triton are installed
+# only if missing (from PIP_FIND_LINKS wheels or the network; neither is required to exist).
+# Writes into OUTDIR: gpu_check.log (everything), build.log, tests.log + tests.xml (junit),
+# benchmarks.log, results.csv, and a plot. A failed step does not stop the later ones; the
+# script exits 1 at the end if any step failed, and lists which.
+#
+# It never changes the GPU's settings (clocks, persistence, compute mode, MIG): it only reads
+# them with nvidia-smi -L. Commit OUTDIR/results.csv into benchmarks/results/ afterwards.
+set -u
+
+if [ $# -ne 1 ]; then
+  echo "usage: $0 OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1" || exit 2
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+PY=${PYTHON:-python3}
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+# The suite must exercise compiled Triton on the GPU, not the CPU interpreter CI uses, and
+# every backend must be chosen by the tests themselves.
+unset TRITON_INTERPRET TBK_BACKEND
+
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+TEE_PID=$!
+
+FAILED=()
+step() {  # step NAME CMD...: run, report, remember a failure, carry on
+  local name=$1
+  shift
+  printf '\n=== %s (t=%ss)\n' "$name" "$SECONDS"
+  "$@"
+  local rc=$?
+  if [ $rc -eq 0 ]; then
+    echo "--- ok: $name"
+  else
+    echo "--- FAILED (exit $rc): $name"
+    FAILED+=("$name (exit $rc)")
+  fi
+}
+
+environment() {
+  date -u +%Y-%m-%dT%H:%M:%SZ
+  git -c safe.directory="$PWD" log -1 --oneline 2>/dev/null || echo "(no git history here)"
+  nvidia-smi -L || return 1
+  command -v nvcc >/dev/null && nvcc --version | tail -2 || echo "nvcc not on PATH"
+  $PY -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'CUDA',
+torch.version.cuda); assert torch.cuda.is_available(), 'torch sees no CUDA device'"
+}
+
+ensure_module() {  # ensure_module IMPORT_NAME PIP_SPEC: install only if missing; never fatal
+  $PY -c "import $1" 2>/dev/null && return 0
+  echo "$1 missing: pip install $2"
+  $PY -m pip install -q "$2" || echo "WARNING: could not install $2 (offline?); steps needing it will fail"
+  return 0
+}
+
+tools() {
+  ensure_module pytest "pytest>=8"
+  ensure_module pytest_benchmark "pytest-benchmark>=5"
+  # CUDA torch wheels normally bring their own triton; a fresh one could mismatch that torch.
+  ensure_module triton triton
+  $PY -c "import pytest, pytest_benchmark; print('pytest', pytest.__version__,
+'| pytest-benchmark', pytest_benchmark.__version__)" || return 1
+  $PY -c "import triton; print('triton', triton.__version__)" || echo "no triton: its backend will be skipped"
+}
+
+build() {
+  # --no-build-isolation: compile against this torch instead of fetching another one.
+  TBK_BUILD_CUDA=1 $PY -m pip install --no-build-isolation -v . >"$OUT/build.log" 2>&1
+  local rc=$?
+  grep -E "^tbkernels:|^Successfully installed" "$OUT/build.log"
+  [ $rc -eq 0 ] || tail -40 "$OUT/build.log"
+  return $rc
+}
+
+backends() {
+  # From /tmp, so the installed package is what runs, not anything in the checkout.
+  (cd /tmp && $PY -m tbkernels) || return 1
+  (cd /tmp && $PY -c "import tbkernels; s = tbkernels.backends('cuda')['cuda']; print('cuda backend:', s);
+assert s.available, 'the CUDA backend did not build or load'")
+}
+
+tests() {
+  $PY -m pytest -q -rs tests --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+  local rc=$?
+  tail -25 "$OUT/tests.log"
+  return $rc
+}
+
+benchmarks() {
+  TBK_RESULTS_CSV="$OUT/results.csv" $PY -m pytest benchmarks --benchmark-only -q -rs \
+    >"$OUT/benchmarks.log" 2>&1
+  local rc=$?
+  tail -60 "$OUT/benchmarks.log"
+  return $rc
+}
+
+plot() {
+  [ -s "$OUT/results.csv" ] || { echo "no results.csv to plot"; return 1; }
+  $PY benchmarks/plot_results.py "$OUT/results.csv" --out-dir "$OUT"
+}
+
+step "environment" environment
+step "test tools" tools
+step "build tbkernels with CUDA" build
+step "backend table" backends
+step "test suite on the GPU" tests
+step "benchmark suite" benchmarks
+step "plot" plot
+
+printf '\n=== summary (t=%ss): outputs in %s\n' "$SECONDS" "$OUT"
+ls -l "$OUT"
+finish() {  # let tee flush the log before the caller reads it
+  exec 1>&- 2>&-
+  wait "$TEE_PID" 2>/dev/null
+  exit "$1"
+}
+if [ ${#FAILED[@]} -gt 0 ]; then
+  printf 'FAILED: %s\n' "${FAILED[@]}"
+  finish 1
+fi
+echo "all steps passed"
+finish 0
