@@ -1,0 +1,306 @@
+"""Flow-GRPO loss step: eager PyTorch (as Flow-GRPO writes it), torch.compile of that code, and each
+tbkernels backend — forward, backward, forward+backward — with bytes moved, achieved bandwidth
+against the measured device copy bandwidth, and peak extra memory.
+
+    python benchmarks/bench_flow_grpo.py                 # CPU: Wan 480p latent [4,16,21,60,104] fp32
+    python benchmarks/bench_flow_grpo.py --quick         # small shape, for a smoke run
+    python benchmarks/bench_flow_grpo.py --gpu           # GPU shapes: bf16 [8,16,21,60,104] and 720p
+
+Rows go to the results CSV (benchmarks/results/results.csv, or $TBK_RESULTS_CSV) with op
+``flow_grpo_loss``. Peak extra memory: on a GPU ``max_memory_allocated`` minus what was allocated
+before the step; on a CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) minus
+the resident set before the step, each variant in its own process so one cannot inflate another's
+peak. "Extra" includes the gradient the step must produce, so the floor is one latent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import Recorder, device_name, git_commit  # noqa: E402
+
+import tbkernels  # noqa: E402
+from tbkernels.ops import flow_grpo as fg  # noqa: E402
+
+OP = "flow_grpo_loss"
+BETA, CLIP = 0.04, 1e-4
+
+
+def make_inputs(shape, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    def rnd():
+        return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    v, x = rnd(), rnd()
+    prev = (x + 0.05 * rnd()).contiguous()
+    ref = (v + 0.01 * rnd()).contiguous()
+    b = shape[0]
+    sigma = torch.full((b,), 0.8, device=device)
+    sigma_next = torch.full((b,), 0.7, device=device)
+    old = torch.full((b,), -1.0, device=device)
+    adv = torch.linspace(-1.5, 1.5, b, device=device)
+    return dict(v=v, x=x, prev=prev, ref=ref, sigma=sigma, sigma_next=sigma_next, old=old, adv=adv)
+
+
+def eager_loss(vv, d):
+    """Flow-GRPO's training-step math, written as its code writes it (fp32 casts included)."""
+    model_output, sample, prev_sample = vv.float(), d["x"].float(), d["prev"].float()
+    sigma = d["sigma"].view(-1, *([1] * (vv.ndim - 1)))
+    sigma_prev = d["sigma_next"].view(-1, *([1] * (vv.ndim - 1)))
+    dt = sigma_prev - sigma
+    std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_prev, sigma))) * 0.7
+    mean = (sample * (1 + std_dev_t ** 2 / (2 * sigma) * dt)
+            + model_output * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt)
+    log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * ((std_dev_t * torch.sqrt(-1 * dt)) ** 2))
+                - torch.log(std_dev_t * torch.sqrt(-1 * dt))
+                - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi))))
+    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    with torch.no_grad():
+        ref = d["ref"].float()
+        mean_ref = (sample * (1 + std_dev_t ** 2 / (2 * sigma) * dt)
+                    + ref * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt)
+    kl = ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, vv.ndim)), keepdim=True) / (2 * std_dev_t ** 2)
+    advantages = torch.clamp(d["adv"], -5.0, 5.0)
+    ratio = torch.exp(log_prob - d["old"])
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - CLIP, 1.0 + CLIP)
+    return torch.mean(torch.maximum(unclipped, clipped)) + BETA * torch.mean(kl)
+
+
+def tbk_loss(backend):
+    def fn(vv, d):
+        loss, _ = tbkernels.flow_grpo_loss(vv, d["x"], d["prev"], d["sigma"], d["sigma_next"],
+                                           d["old"], d["adv"], ref_model_output=d["ref"],
+                                           beta=BETA, clip_range=CLIP, backend=backend)
+        return loss
+    return fn
+
+
+def variants(device):
+    out = {"eager": eager_loss, "torch_compile": None}
+    status = tbkernels.backends(device)
+    for name in fg.IMPLEMENTED:
+        if status[name].available and not (name == "triton" and device.type == "cpu"):
+            out[f"tbkernels_{name}"] = tbk_loss(name)
+    return out
+
+
+def build(name, device):
+    if name == "torch_compile":
+        return torch.compile(eager_loss)
+    return variants(device)[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device, reps):
+    """Median seconds of fn() over reps after two warm-ups (CUDA events on a GPU)."""
+    for _ in range(2):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(shape, dtype, device, reps):
+    src = torch.randn(shape, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    seconds = time_call(lambda: dst.copy_(src), device, reps)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def time_backward(loss_fn, vv, d, device, reps):
+    """Median seconds of backward alone: each repetition builds a fresh graph untimed."""
+    times = []
+    for i in range(reps + 2):
+        vv.grad = None
+        loss = loss_fn(vv, d)
+        sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss.backward()
+            end.record()
+            torch.cuda.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            loss.backward()
+            seconds = time.perf_counter() - t0
+        if i >= 2:                                 # two warm-ups, as time_call
+            times.append(seconds)
+    return statistics.median(times)
+
+
+def time_phases(loss_fn, d, device, reps):
+    vv = d["v"].clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            return loss_fn(vv, d)
+
+    def fwd_bwd():
+        vv.grad = None
+        loss_fn(vv, d).backward()
+
+    return {"forward": time_call(fwd, device, reps),
+            "backward": time_backward(loss_fn, vv, d, device, reps),
+            "forward_backward": time_call(fwd_bwd, device, reps)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Peak extra memory, one process per variant
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def peak_extra_bytes(name, shape, dtype, device):
+    d = make_inputs(shape, dtype, device)
+    fn = build(name, device)
+    vv = d["v"].clone().requires_grad_(True)
+    fn(vv, d).backward()                       # warm-up: compilation, allocator growth
+    vv.grad = None
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(vv, d).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                           # reset VmHWM to the current RSS
+    base = _rss_kib("VmRSS")
+    fn(vv, d).backward()
+    return (_rss_kib("VmHWM") - base) * 1024
+
+
+def measure_memory_in_child(name, shape, dtype, device):
+    cmd = [sys.executable, __file__, "--child-memory", name, "--shape", ",".join(map(str, shape)),
+           "--dtype", str(dtype).replace("torch.", ""), "--device", device.type]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1200)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+# ------------------------------------------------------------------------------------------------
+
+def run(shapes, dtypes, device, reps, recorder, memory=True):
+    for shape in shapes:
+        for dtype in dtypes:
+            shape_s = "x".join(map(str, shape))
+            dtype_s = str(dtype).replace("torch.", "")
+            numel = math.prod(shape)
+            elt = torch.empty((), dtype=dtype).element_size()
+            # Bytes the fused step must move: forward reads v, x, prev, ref; backward reads them
+            # again and writes grad_v. Eager moves far more; the same count is its useful work.
+            bytes_moved = {"forward": 4 * numel * elt, "backward": 5 * numel * elt,
+                           "forward_backward": 9 * numel * elt}
+            bw = copy_bandwidth(shape, dtype, device, reps)
+            recorder.add("device_copy", "torch", shape_s, dtype_s, "copy_gb_per_s", bw / 1e9)
+            print(f"\n{shape_s} {dtype_s}: device copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+            d = make_inputs(shape, dtype, device)
+            medians = {}
+            for name in variants(device):
+                fn = build(name, device)
+                print(f"  {name:<20}", end="", flush=True)
+                phases = time_phases(fn, d, device, reps)
+                medians[name] = phases
+                for phase, seconds in phases.items():
+                    op = f"{OP}.{phase}"
+                    recorder.add(op, name, shape_s, dtype_s, "median_us", seconds * 1e6)
+                    achieved = bytes_moved[phase] / seconds
+                    recorder.add(op, name, shape_s, dtype_s, "bytes_moved", bytes_moved[phase])
+                    recorder.add(op, name, shape_s, dtype_s, "achieved_gb_per_s", achieved / 1e9)
+                    recorder.add(op, name, shape_s, dtype_s, "fraction_of_copy_bw", achieved / bw)
+                line = "  ".join(f"{p} {s * 1e3:8.2f} ms" for p, s in phases.items())
+                if memory:
+                    extra = measure_memory_in_child(name, shape, dtype, device)
+                    recorder.add(f"{OP}.forward_backward", name, shape_s, dtype_s,
+                                 "peak_extra_bytes", extra)
+                    line += f"  peak extra {extra / 2**20:8.1f} MiB"
+                print(line, flush=True)
+            for name, phases in medians.items():
+                if not name.startswith("tbkernels"):
+                    continue
+                for base in ("eager", "torch_compile"):
+                    if base in medians:
+                        ratio = medians[base]["forward_backward"] / phases["forward_backward"]
+                        recorder.add(f"{OP}.forward_backward", name, shape_s, dtype_s,
+                                     f"speedup_vs_{base}", ratio)
+                        print(f"  {name} forward+backward speedup vs {base}: {ratio:.2f}x")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small shape, 3 repetitions, no memory")
+    p.add_argument("--gpu", action="store_true", help="GPU shapes (bf16 480p and 720p, B=8)")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--no-record", action="store_true", help="print only, write no CSV rows")
+    p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--shape", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--device", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child_memory:
+        shape = tuple(int(s) for s in args.shape.split(","))
+        extra = peak_extra_bytes(args.child_memory, shape, getattr(torch, args.dtype),
+                                 torch.device(args.device))
+        print(json.dumps({"peak_extra_bytes": extra}))
+        return
+
+    device = torch.device("cuda" if args.gpu else "cpu")
+    if args.gpu and not torch.cuda.is_available():
+        sys.exit("--gpu: no CUDA device visible")
+    if args.quick:
+        shapes, dtypes, reps = [(2, 16, 3, 24, 40)], [torch.float32], args.reps or 3
+    elif args.gpu:
+        shapes = [(8, 16, 21, 60, 104), (8, 16, 21, 90, 160)]
+        dtypes, reps = [torch.bfloat16], args.reps or 20
+    else:
+        shapes, dtypes, reps = [(4, 16, 21, 60, 104)], [torch.float32], args.reps or 7
+    command = "python benchmarks/bench_flow_grpo.py " + " ".join(sys.argv[1:])
+    recorder = Recorder(enabled=not args.no_record, device=device_name(device),
+                        commit=git_commit(), command=command.strip())
+    print(f"{OP} on {recorder.device}, commit {recorder.commit}")
+    run(shapes, dtypes, device, reps, recorder, memory=not args.quick)
+    path = recorder.finish()
+    if path:
+        print(f"\nrows appended to {path}")
+
+
+if __name__ == "__main__":
+    main()
