@@ -1,0 +1,738 @@
+// Flow-matching GRPO step, CUDA kernels (contract: csrc/cpu/flow_step.cpp, ops.cpp; API:
+// flow_step_kernels.h).
+//
+// The op is purely bandwidth-bound (a few FLOPs per element, 3-5 latent tensors streamed once),
+// so every kernel is built around wide, coalesced memory traffic:
+//
+//   * every thread owns a fragment of VEC = 16 / sizeof(T) elements (8 for bf16/fp16, 4 for fp32,
+//     2 for fp64). Where the rows allow it (pointers 16-byte aligned, row length a multiple of
+//     VEC) the fragment is VEC consecutive elements read with one 128-bit load per tensor;
+//     otherwise ("scalar" instantiation) it is VEC elements strided by the block width, read
+//     with coalesced scalar loads and masked at the tail. Both cover the same index ranges, so
+//     the launch geometry (and the workspace size) never depends on alignment.
+//   * accumulation in float (double for fp64), per-sample sums combined deterministically: each
+//     block writes its partial sum into a workspace [B, nblk] array, and a tiny finalize kernel
+//     adds a sample's partials in a fixed order (in double) and applies alpha, gamma and 1/D.
+//     No atomics: results are bitwise reproducible.
+//
+// Launch structure (B samples, latent [B, C, S], D = C*S, VEC as above):
+//   forward, reduction mean / none:  fwd_flat_kernel     grid B*nblk x 256 threads; block
+//                                     (b, k) handles elements [k*chunk, (k+1)*chunk) of sample b
+//                                  -> fwd_finalize_kernel grid B (logp for mean, ref_sq)
+//   forward, reduction channel_sum:  fwd_channel_kernel  grid B*nblk, block (TX, G), TX*G = 256:
+//                                     a tile of TX*VEC spatial positions, the C channels split
+//                                     over the G thread rows (c = ty, ty+G, ...) and combined in
+//                                     shared memory
+//                                  -> fwd_finalize_kernel grid B (ref_sq)
+//   backward (any reduction):        bwd_kernel          grid B*nblk x 256, like fwd_flat_kernel
+//                                     (no workspace, no reduction)
+// Sizes (plan_flat / plan_forward), step = 256*VEC:
+//   flat:    chunk = min(clamp(ceil(ceil(B*D / 4096) / step), 1, 16) * step, ceil(D/step)*step),
+//            nblk = ceil(D / chunk)       (bf16 [8,16,21,60,104]: chunk 4096, 4096 blocks;
+//                                          B = 1: chunk 2048, 1024 blocks)
+//   channel: G doubles from 1 while 2G <= C, G < 8 and B*ceil(S/VEC)*G < 262144; TX = 256/G,
+//            nblk = ceil(S / (TX*VEC))
+//   workspace bytes = (reduction == mean ? 2 : 1) * round_up(B*nblk*sizeof(Acc), 256), or 0 when
+//            nblk == 0 (D == 0, or S == 0 for channel_sum).
+#include "flow_step_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace tbk {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;  // block size of the main kernels
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+// Flat kernels: a block's chunk is a whole number of "steps" of kThreads*VEC elements, between
+// kMinSteps and kMaxSteps of them, aiming at ~kTargetBlocks blocks over the whole batch (several
+// waves on 132 SMs, so the tail wave is cheap; bigger problems get longer chunks instead of more
+// partials).
+constexpr int64_t kTargetBlocks = 4096;
+constexpr int64_t kMinSteps = 1;
+constexpr int64_t kMaxSteps = 16;
+// channel_sum kernel: the channel split G grows (1, 2, 4, 8, never above C) until the grid has
+// at least this many threads, so a small batch still fills the GPU.
+constexpr int64_t kTargetThreads = 262144;
+constexpr int kMaxChannelSplit = 8;
+constexpr int kFinalizeThreads = 256;
+constexpr int64_t kMaxGrid = 2147483647;
+constexpr size_t kAlign = 256;
+
+// ------------------------------------------------------------------------------------------
+// Element types.
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  using Acc = float;
+  __device__ static __forceinline__ float to_acc(float v) { return v; }
+  __device__ static __forceinline__ float from_acc(float v) { return v; }
+};
+template <>
+struct Elem<double> {
+  using Acc = double;
+  __device__ static __forceinline__ double to_acc(double v) { return v; }
+  __device__ static __forceinline__ double from_acc(double v) { return v; }
+};
+template <>
+struct Elem<__half> {
+  using Acc = float;
+  __device__ static __forceinline__ float to_acc(__half v) { return __half2float(v); }
+  __device__ static __forceinline__ __half from_acc(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  using Acc = float;
+  __device__ static __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __forceinline__ __nv_bfloat16 from_acc(float v) {
+    return __float2bfloat16_rn(v);
+  }
+};
+
+// Elements per 128-bit word.
+template <typename T>
+constexpr int kVecOf = static_cast<int>(16 / sizeof(T));
+
+// Products and sums that must not be contracted into FMAs: the mean and the sampled prev are
+// rounded to the latent dtype (mean_out, prev_out), and the reference / CPU kernels compute them
+// as separately rounded products and sums. Everything else may use FMAs.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+// ------------------------------------------------------------------------------------------
+// Fragment access. A fragment is N values of type E: with kVec, N consecutive elements at p
+// (16-byte aligned, N*sizeof(E) a multiple of 16; always fully valid); otherwise elements
+// p[j*stride], j < nvalid (the rest read as 0 / not written).
+
+template <bool kVec, typename T, int N>
+__device__ __forceinline__ void load_frag(const T* __restrict__ p, int64_t stride, int nvalid,
+                                          typename Elem<T>::Acc (&out)[N]) {
+  using Acc = typename Elem<T>::Acc;
+  if constexpr (kVec) {
+    static_assert((N * sizeof(T)) % 16 == 0, "vector fragment must be whole 16-byte words");
+    constexpr int kPer = static_cast<int>(16 / sizeof(T));
+    T raw[N];
+#pragma unroll
+    for (int k = 0; k < N / kPer; ++k) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(p) + k);
+      memcpy(&raw[k * kPer], &u, 16);
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = Elem<T>::to_acc(raw[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = j < nvalid ? Elem<T>::to_acc(p[j * stride]) : Acc(0);
+  }
+}
+
+template <bool kVec, typename T, int N>
+__device__ __forceinline__ void store_frag(T* __restrict__ p, int64_t stride, int nvalid,
+                                           const T (&in)[N]) {
+  if constexpr (kVec) {
+    static_assert((N * sizeof(T)) % 16 == 0, "vector fragment must be whole 16-byte words");
+    constexpr int kPer = static_cast<int>(16 / sizeof(T));
+#pragma unroll
+    for (int k = 0; k < N / kPer; ++k) {
+      uint4 u;
+      memcpy(&u, &in[k * kPer], 16);
+      reinterpret_cast<uint4*>(p)[k] = u;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (j < nvalid) p[j * stride] = in[j];
+  }
+}
+
+// Sum of a and b over the whole block (blockDim a multiple of 32, at most 1024 threads); the
+// result is valid in thread 0. A fixed shuffle tree: deterministic. One call per kernel (no
+// trailing barrier).
+template <typename A>
+__device__ __forceinline__ void block_sum2(A& a, A& b) {
+  __shared__ A sm[2 * kWarp];
+  const int t = static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x);
+  const int nwarps = static_cast<int>(blockDim.x * blockDim.y) / kWarp;
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) {
+    a += __shfl_xor_sync(kFullMask, a, off);
+    b += __shfl_xor_sync(kFullMask, b, off);
+  }
+  const int lane = t & (kWarp - 1), warp = t / kWarp;
+  if (lane == 0) {
+    sm[warp] = a;
+    sm[kWarp + warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < nwarps ? sm[lane] : A(0);
+    b = lane < nwarps ? sm[kWarp + lane] : A(0);
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off >>= 1) {
+      a += __shfl_xor_sync(kFullMask, a, off);
+      b += __shfl_xor_sync(kFullMask, b, off);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename T>
+struct FwdParams {
+  using Acc = typename Elem<T>::Acc;
+  const T* v;
+  const T* x;
+  const T* pn;   // prev_sample or noise, may be null
+  const T* ref;  // may be null
+  const Acc* coefs;
+  Acc* logp;
+  Acc* ref_sq;
+  T* mean_out;  // may be null
+  T* prev_out;  // sampling only
+  Acc* part_sq;   // [B, nblk], reduction mean only
+  Acc* part_ref;  // [B, nblk], with a reference only
+  int64_t B, C, S, D;
+  int64_t chunk;  // flat kernel: elements per block (a multiple of kThreads*VEC)
+  int64_t nblk;   // blocks per sample
+};
+
+// The per-element transition shared by both forward kernels: returns d^2 and stores the mean /
+// sampled prev of element j into the fragments.
+template <typename T, bool kSampling>
+struct Transition {
+  using Acc = typename Elem<T>::Acc;
+  Acc cx, cv, sd;
+  bool has_pn;
+  __device__ __forceinline__ Acc d2(Acc v, Acc x, Acc pn, T& mean_t, T& prev_t) const {
+    const Acc mean = add_rn(mul_rn(cx, x), mul_rn(cv, v));
+    Acc prev;
+    if constexpr (kSampling) {
+      prev = has_pn ? add_rn(mean, mul_rn(sd, pn)) : mean;
+      prev_t = Elem<T>::from_acc(prev);
+      // The log-prob is of the sample actually stored: round-trip through the latent dtype.
+      prev = Elem<T>::to_acc(prev_t);
+    } else {
+      prev = has_pn ? pn : mean;
+    }
+    mean_t = Elem<T>::from_acc(mean);
+    const Acc d = prev - mean;
+    return d * d;
+  }
+};
+
+template <typename T, bool kVec, int kRed, bool kSampling>
+__global__ void __launch_bounds__(kThreads) fwd_flat_kernel(const FwdParams<T> p) {
+  using Acc = typename Elem<T>::Acc;
+  constexpr int V = kVecOf<T>;
+  constexpr int64_t kStep = static_cast<int64_t>(kThreads) * V;
+  const int64_t blk = blockIdx.x;
+  const int64_t b = blk / p.nblk, k = blk - b * p.nblk;
+  const Acc* cf = p.coefs + b * 5;
+  const Transition<T, kSampling> tr{cf[0], cf[1], cf[4], p.pn != nullptr};
+  const Acc alpha = cf[2], gamma = cf[3];
+  const bool has_ref = p.ref != nullptr, has_mean = p.mean_out != nullptr;
+  const int64_t e1 = (k + 1) * p.chunk < p.D ? (k + 1) * p.chunk : p.D;
+  const int64_t base = b * p.D;
+  const int64_t stride = kVec ? 1 : kThreads;  // between the elements of one fragment
+  const int tx = static_cast<int>(threadIdx.x);
+
+  Acc sq = 0, rs = 0;
+  for (int64_t e = k * p.chunk + (kVec ? tx * V : tx); e < e1; e += kStep) {
+    const int nvalid =
+        kVec ? V : static_cast<int>((e1 - e + kThreads - 1) / kThreads < V
+                                        ? (e1 - e + kThreads - 1) / kThreads
+                                        : V);
+    const int64_t i = base + e;
+    Acc vv[V], xx[V], nn[V], rr[V];
+    load_frag<kVec>(p.v + i, stride, nvalid, vv);
+    load_frag<kVec>(p.x + i, stride, nvalid, xx);
+    if (tr.has_pn) load_frag<kVec>(p.pn + i, stride, nvalid, nn);
+    if (has_ref) load_frag<kVec>(p.ref + i, stride, nvalid, rr);
+    T mean_t[V], prev_t[V];
+    [[maybe_unused]] Acc lp[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const Acc d2 = tr.d2(vv[j], xx[j], tr.has_pn ? nn[j] : Acc(0), mean_t[j], prev_t[j]);
+      if constexpr (kRed == kFlowReduceMean) {
+        if (j < nvalid) sq += d2;
+      } else {
+        lp[j] = alpha * d2 + gamma;
+      }
+      if (has_ref && j < nvalid) {
+        const Acc dr = vv[j] - rr[j];
+        rs += dr * dr;
+      }
+    }
+    if constexpr (kRed == kFlowReduceNone) store_frag<kVec>(p.logp + i, stride, nvalid, lp);
+    if constexpr (kSampling) store_frag<kVec>(p.prev_out + i, stride, nvalid, prev_t);
+    if (has_mean) store_frag<kVec>(p.mean_out + i, stride, nvalid, mean_t);
+  }
+  if (kRed == kFlowReduceMean || has_ref) {  // uniform over the block
+    block_sum2(sq, rs);
+    if (tx == 0) {
+      if (kRed == kFlowReduceMean) p.part_sq[blk] = sq;
+      if (has_ref) p.part_ref[blk] = rs;
+    }
+  }
+}
+
+// Block (TX, G): thread (tx, ty) owns VEC spatial positions of tile k of sample b and channels
+// ty, ty+G, ...; the G per-position partial sums are combined in shared memory by row ty = 0.
+template <typename T, bool kVec, bool kSampling>
+__global__ void __launch_bounds__(kThreads) fwd_channel_kernel(const FwdParams<T> p) {
+  using Acc = typename Elem<T>::Acc;
+  constexpr int V = kVecOf<T>;
+  __shared__ Acc red[kThreads * V];
+  const int64_t blk = blockIdx.x;
+  const int64_t b = blk / p.nblk, k = blk - b * p.nblk;
+  const int TX = static_cast<int>(blockDim.x), G = static_cast<int>(blockDim.y);
+  const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
+  const Acc* cf = p.coefs + b * 5;
+  const Transition<T, kSampling> tr{cf[0], cf[1], cf[4], p.pn != nullptr};
+  const Acc alpha = cf[2], gamma = cf[3];
+  const bool has_ref = p.ref != nullptr, has_mean = p.mean_out != nullptr;
+  const int64_t stride = kVec ? 1 : TX;
+  const int64_t s0 = k * TX * V + (kVec ? tx * V : tx);  // first position of the fragment
+  int nvalid;
+  if (kVec) {
+    nvalid = s0 < p.S ? V : 0;
+  } else {
+    const int64_t n = s0 < p.S ? (p.S - s0 + TX - 1) / TX : 0;
+    nvalid = static_cast<int>(n < V ? n : V);
+  }
+
+  Acc acc[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = 0;
+  Acc rs = 0, dummy = 0;
+  if (nvalid > 0) {
+    for (int64_t c = ty; c < p.C; c += G) {
+      const int64_t i = (b * p.C + c) * p.S + s0;
+      Acc vv[V], xx[V], nn[V], rr[V];
+      load_frag<kVec>(p.v + i, stride, nvalid, vv);
+      load_frag<kVec>(p.x + i, stride, nvalid, xx);
+      if (tr.has_pn) load_frag<kVec>(p.pn + i, stride, nvalid, nn);
+      if (has_ref) load_frag<kVec>(p.ref + i, stride, nvalid, rr);
+      T mean_t[V], prev_t[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        acc[j] += tr.d2(vv[j], xx[j], tr.has_pn ? nn[j] : Acc(0), mean_t[j], prev_t[j]);
+        if (has_ref && j < nvalid) {
+          const Acc dr = vv[j] - rr[j];
+          rs += dr * dr;
+        }
+      }
+      if constexpr (kSampling) store_frag<kVec>(p.prev_out + i, stride, nvalid, prev_t);
+      if (has_mean) store_frag<kVec>(p.mean_out + i, stride, nvalid, mean_t);
+    }
+  }
+  if (G > 1) {  // uniform over the block
+    if (ty > 0) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) red[((ty - 1) * V + j) * TX + tx] = acc[j];
+    }
+    __syncthreads();
+    if (ty == 0) {
+      for (int g = 1; g < G; ++g) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] += red[((g - 1) * V + j) * TX + tx];
+      }
+    }
+  }
+  if (ty == 0 && nvalid > 0) {
+    const Acc gc = gamma * static_cast<Acc>(p.C);
+    Acc lp[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) lp[j] = alpha * acc[j] + gc;
+    store_frag<kVec>(p.logp + b * p.S + s0, stride, nvalid, lp);
+  }
+  if (has_ref) {  // uniform over the block
+    block_sum2(rs, dummy);
+    if (tx == 0 && ty == 0) p.part_ref[blk] = rs;
+  }
+}
+
+// One block per sample: adds the sample's partials in a fixed order (in double).
+template <typename Acc>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    fwd_finalize_kernel(const Acc* __restrict__ part_sq, const Acc* __restrict__ part_ref,
+                        const Acc* __restrict__ coefs, Acc* __restrict__ logp,
+                        Acc* __restrict__ ref_sq, int64_t nblk, double D, int do_mean,
+                        int has_ref) {
+  const int64_t b = blockIdx.x;
+  double s = 0.0, r = 0.0;
+  for (int64_t k = threadIdx.x; k < nblk; k += blockDim.x) {
+    if (do_mean) s += static_cast<double>(part_sq[b * nblk + k]);
+    if (has_ref) r += static_cast<double>(part_ref[b * nblk + k]);
+  }
+  block_sum2(s, r);
+  if (threadIdx.x == 0) {
+    if (do_mean) {
+      logp[b] = static_cast<Acc>(static_cast<double>(coefs[b * 5 + 2]) * s / D +
+                                 static_cast<double>(coefs[b * 5 + 3]));
+    }
+    ref_sq[b] = has_ref ? static_cast<Acc>(r) : Acc(0);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward: grad_v = cv gm - 2 alpha cv gl d + 2 gq (v - vref), one elementwise pass.
+
+template <typename T>
+struct BwdParams {
+  using Acc = typename Elem<T>::Acc;
+  const T* v;
+  const T* x;
+  const T* prev;  // may be null (prev = mean)
+  const T* ref;
+  const Acc* coefs;
+  const Acc* grad_logp;  // may be null
+  const T* grad_mean;    // may be null
+  const Acc* grad_ref_sq;  // null unless a reference is given too
+  T* grad_v;
+  int64_t B, C, S, D;
+  int64_t chunk, nblk;
+};
+
+template <typename T, bool kVec, int kRed>
+__global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams<T> p) {
+  using Acc = typename Elem<T>::Acc;
+  constexpr int V = kVecOf<T>;
+  constexpr int64_t kStep = static_cast<int64_t>(kThreads) * V;
+  const int64_t blk = blockIdx.x;
+  const int64_t b = blk / p.nblk, k = blk - b * p.nblk;
+  const Acc* cf = p.coefs + b * 5;
+  const Acc cx = cf[0], cv = cf[1], alpha = cf[2];
+  const bool has_gl = p.grad_logp != nullptr, has_gm = p.grad_mean != nullptr;
+  const bool has_gq = p.grad_ref_sq != nullptr;
+  const bool has_prev = p.prev != nullptr;
+  // d logp_e / d v_e = -2 alpha cv d_e; the per-sample factors folded once (as the CPU kernel).
+  const Acc lp_scale = Acc(-2) * alpha * cv;
+  const Acc inv_d = Acc(1) / static_cast<Acc>(p.C * p.S);
+  const Acc gl_sample = (has_gl && kRed == kFlowReduceMean) ? p.grad_logp[b] * inv_d : Acc(0);
+  const Acc gq2 = has_gq ? Acc(2) * p.grad_ref_sq[b] : Acc(0);
+  const int64_t e1 = (k + 1) * p.chunk < p.D ? (k + 1) * p.chunk : p.D;
+  const int64_t base = b * p.D;
+  const int64_t stride = kVec ? 1 : kThreads;
+  const int tx = static_cast<int>(threadIdx.x);
+
+  for (int64_t e = k * p.chunk + (kVec ? tx * V : tx); e < e1; e += kStep) {
+    const int nvalid =
+        kVec ? V : static_cast<int>((e1 - e + kThreads - 1) / kThreads < V
+                                        ? (e1 - e + kThreads - 1) / kThreads
+                                        : V);
+    const int64_t i = base + e;
+    // Every load of the step is issued before any arithmetic, so one thread keeps all its
+    // streams in flight at once.
+    Acc vv[V], xx[V], pp[V], gl[V], gm[V], rr[V];
+    load_frag<kVec>(p.v + i, stride, nvalid, vv);
+    if (has_gl) {
+      load_frag<kVec>(p.x + i, stride, nvalid, xx);
+      if (has_prev) load_frag<kVec>(p.prev + i, stride, nvalid, pp);
+      if constexpr (kRed == kFlowReduceChannelSum) {
+        // With kVec, S % VEC == 0, so the fragment lies in one channel row. Otherwise each
+        // element finds its own spatial position.
+        if constexpr (kVec) {
+          load_frag<true>(p.grad_logp + b * p.S + e % p.S, 1, V, gl);
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            gl[j] = j < nvalid ? p.grad_logp[b * p.S + (e + j * stride) % p.S] : Acc(0);
+        }
+      } else if constexpr (kRed == kFlowReduceNone) {
+        load_frag<kVec>(p.grad_logp + i, stride, nvalid, gl);
+      }
+    }
+    if (has_gm) load_frag<kVec>(p.grad_mean + i, stride, nvalid, gm);
+    if (has_gq) load_frag<kVec>(p.ref + i, stride, nvalid, rr);
+
+    Acc g[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      g[j] = 0;  // same order of terms as the CPU kernel
+      if (has_gl) {
+        const Acc mean = add_rn(mul_rn(cx, xx[j]), mul_rn(cv, vv[j]));
+        const Acc d = (has_prev ? pp[j] : mean) - mean;
+        g[j] += lp_scale * (kRed == kFlowReduceMean ? gl_sample : gl[j]) * d;
+      }
+      if (has_gm) g[j] += cv * gm[j];
+      if (has_gq) g[j] += gq2 * (vv[j] - rr[j]);
+    }
+    T out[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = Elem<T>::from_acc(g[j]);
+    store_frag<kVec>(p.grad_v + i, stride, nvalid, out);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Host side: plans and launchers.
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+int elem_size(DType t) {
+  switch (t) {
+    case DType::kFloat32: return 4;
+    case DType::kFloat64: return 8;
+    case DType::kFloat16: return 2;
+    case DType::kBFloat16: return 2;
+  }
+  return 0;
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+// Blocks per sample and chunk (elements) of the flat kernels; depends on sizes only.
+struct FlatPlan {
+  int64_t chunk = 0, nblk = 0;
+};
+
+FlatPlan plan_flat(int64_t B, int64_t D, int esize) {
+  FlatPlan f;
+  if (B <= 0 || D <= 0) return f;
+  const int64_t step = static_cast<int64_t>(kThreads) * (16 / esize);
+  const int64_t steps = clamp64(ceil_div(ceil_div(B * D, kTargetBlocks), step), kMinSteps,
+                                kMaxSteps);
+  f.chunk = steps * step;
+  if (f.chunk > ceil_div(D, step) * step) f.chunk = ceil_div(D, step) * step;
+  f.nblk = ceil_div(D, f.chunk);
+  return f;
+}
+
+struct FwdPlan {
+  bool ok = false;
+  bool channel = false;
+  int64_t chunk = 0, nblk = 0;  // nblk: main-kernel blocks per sample (0: no main launch)
+  int G = 1, TX = kThreads;     // channel kernel block shape
+  size_t off_sq = 0, off_ref = 0, bytes = 0;
+  int launches = 0;
+};
+
+FwdPlan plan_forward(const FlowStepForwardArgs& a) {
+  FwdPlan pl;
+  const int es = elem_size(a.dtype);
+  if (es == 0 || a.batch < 0 || a.channels < 0 || a.spatial < 0) return pl;
+  if (a.reduction < kFlowReduceMean || a.reduction > kFlowReduceNone) return pl;
+  const int64_t B = a.batch, C = a.channels, S = a.spatial;
+  if (C > 0 && S > INT64_MAX / C) return pl;
+  const int64_t D = C * S;
+  if (B > 0 && D > INT64_MAX / B) return pl;
+  pl.ok = true;
+  if (B == 0) return pl;
+  const int vec = 16 / es;
+  if (a.reduction == kFlowReduceChannelSum) {
+    pl.channel = true;
+    int G = 1;
+    const int64_t frag_threads = B * ceil_div(S, vec);
+    while (G < kMaxChannelSplit && 2 * G <= C && frag_threads * G < kTargetThreads) G *= 2;
+    pl.G = G;
+    pl.TX = kThreads / G;
+    pl.nblk = S > 0 ? ceil_div(S, static_cast<int64_t>(pl.TX) * vec) : 0;
+  } else {
+    const FlatPlan f = plan_flat(B, D, es);
+    pl.chunk = f.chunk;
+    pl.nblk = f.nblk;
+  }
+  if (B * pl.nblk > kMaxGrid || B > kMaxGrid) {
+    pl.ok = false;
+    return pl;
+  }
+  const size_t acc = a.dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
+  const size_t part = round_up(static_cast<size_t>(B * pl.nblk) * acc, kAlign);
+  size_t cur = 0;
+  if (a.reduction == kFlowReduceMean) {
+    pl.off_sq = cur;
+    cur += part;
+  }
+  pl.off_ref = cur;
+  cur += part;
+  pl.bytes = pl.nblk > 0 ? cur : 0;
+  pl.launches = (pl.nblk > 0 ? 1 : 0) + 1;
+  return pl;
+}
+
+template <typename T>
+cudaError_t run_forward(const FlowStepForwardArgs& a, const FwdPlan& pl, cudaStream_t stream) {
+  using Acc = typename Elem<T>::Acc;
+  constexpr int V = kVecOf<T>;
+  FwdParams<T> p{};
+  p.v = static_cast<const T*>(a.model_output);
+  p.x = static_cast<const T*>(a.sample);
+  p.pn = static_cast<const T*>(a.prev_or_noise);
+  p.ref = static_cast<const T*>(a.ref_model_output);
+  p.coefs = static_cast<const Acc*>(a.coefs);
+  p.logp = static_cast<Acc*>(a.logp);
+  p.ref_sq = static_cast<Acc*>(a.ref_sq);
+  p.mean_out = static_cast<T*>(a.mean_out);
+  p.prev_out = a.sampling ? static_cast<T*>(a.prev_out) : nullptr;
+  char* ws = static_cast<char*>(a.workspace);
+  p.part_sq = pl.bytes > 0 && a.reduction == kFlowReduceMean
+                  ? reinterpret_cast<Acc*>(ws + pl.off_sq)
+                  : nullptr;
+  p.part_ref = pl.bytes > 0 ? reinterpret_cast<Acc*>(ws + pl.off_ref) : nullptr;
+  p.B = a.batch;
+  p.C = a.channels;
+  p.S = a.spatial;
+  p.D = a.channels * a.spatial;
+  p.chunk = pl.chunk;
+  p.nblk = pl.nblk;
+
+  if (pl.nblk > 0) {
+    // 128-bit fragments need every streamed pointer 16-byte aligned and whole vectors per row.
+    const int64_t row = pl.channel ? p.S : p.D;
+    bool vec = row % V == 0 && aligned16(p.v) && aligned16(p.x) && aligned16(p.pn) &&
+               aligned16(p.ref) && aligned16(p.mean_out) && aligned16(p.prev_out);
+    if (a.reduction != kFlowReduceMean) vec = vec && aligned16(p.logp);
+    const dim3 grid(static_cast<unsigned>(p.B * pl.nblk));
+    const int red = a.reduction;
+    const bool smp = a.sampling;
+#define TBK_FWD_FLAT(VEC, RED, SMP) fwd_flat_kernel<T, VEC, RED, SMP><<<grid, kThreads, 0, stream>>>(p)
+#define TBK_FWD_FLAT_R(VEC, SMP)                                 \
+  do {                                                           \
+    if (red == kFlowReduceMean) TBK_FWD_FLAT(VEC, kFlowReduceMean, SMP); \
+    else TBK_FWD_FLAT(VEC, kFlowReduceNone, SMP);                \
+  } while (0)
+    if (pl.channel) {
+      const dim3 block(static_cast<unsigned>(pl.TX), static_cast<unsigned>(pl.G));
+      if (vec) {
+        if (smp) fwd_channel_kernel<T, true, true><<<grid, block, 0, stream>>>(p);
+        else fwd_channel_kernel<T, true, false><<<grid, block, 0, stream>>>(p);
+      } else {
+        if (smp) fwd_channel_kernel<T, false, true><<<grid, block, 0, stream>>>(p);
+        else fwd_channel_kernel<T, false, false><<<grid, block, 0, stream>>>(p);
+      }
+    } else if (vec) {
+      if (smp) TBK_FWD_FLAT_R(true, true);
+      else TBK_FWD_FLAT_R(true, false);
+    } else {
+      if (smp) TBK_FWD_FLAT_R(false, true);
+      else TBK_FWD_FLAT_R(false, false);
+    }
+#undef TBK_FWD_FLAT_R
+#undef TBK_FWD_FLAT
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  // Finalize: per-sample mean log-prob and ref_sq (zeros without a reference). With nblk == 0
+  // (D == 0) the sums are empty: ref_sq = 0 and the mean is 0/0 = NaN, as on the CPU.
+  const int64_t need = pl.nblk < kFinalizeThreads ? pl.nblk : kFinalizeThreads;
+  const unsigned fin_threads =
+      static_cast<unsigned>(clamp64(ceil_div(need, kWarp) * kWarp, kWarp, kFinalizeThreads));
+  fwd_finalize_kernel<Acc><<<static_cast<unsigned>(p.B), fin_threads, 0, stream>>>(
+      p.part_sq, p.part_ref, p.coefs, p.logp, p.ref_sq, pl.nblk, static_cast<double>(p.D),
+      a.reduction == kFlowReduceMean ? 1 : 0, (p.ref != nullptr && pl.nblk > 0) ? 1 : 0);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t run_backward(const FlowStepBackwardArgs& a, cudaStream_t stream) {
+  using Acc = typename Elem<T>::Acc;
+  constexpr int V = kVecOf<T>;
+  BwdParams<T> p{};
+  p.v = static_cast<const T*>(a.model_output);
+  p.x = static_cast<const T*>(a.sample);
+  p.prev = static_cast<const T*>(a.prev_sample);
+  p.ref = static_cast<const T*>(a.ref_model_output);
+  p.coefs = static_cast<const Acc*>(a.coefs);
+  p.grad_logp = static_cast<const Acc*>(a.grad_logp);
+  p.grad_mean = static_cast<const T*>(a.grad_mean);
+  p.grad_ref_sq = a.ref_model_output != nullptr ? static_cast<const Acc*>(a.grad_ref_sq) : nullptr;
+  p.grad_v = static_cast<T*>(a.grad_v);
+  p.B = a.batch;
+  p.C = a.channels;
+  p.S = a.spatial;
+  p.D = a.channels * a.spatial;
+  const FlatPlan f = plan_flat(p.B, p.D, static_cast<int>(sizeof(T)));
+  if (f.nblk == 0) return cudaSuccess;
+  if (p.B * f.nblk > kMaxGrid) return cudaErrorInvalidValue;
+  p.chunk = f.chunk;
+  p.nblk = f.nblk;
+  const int red = a.reduction;
+  const int64_t row = red == kFlowReduceChannelSum ? p.S : p.D;
+  bool vec = row % V == 0 && aligned16(p.v) && aligned16(p.x) && aligned16(p.prev) &&
+             aligned16(p.ref) && aligned16(p.grad_mean) && aligned16(p.grad_v);
+  if (red != kFlowReduceMean) vec = vec && aligned16(p.grad_logp);
+  const dim3 grid(static_cast<unsigned>(p.B * f.nblk));
+#define TBK_BWD(VEC)                                                                         \
+  do {                                                                                       \
+    if (red == kFlowReduceMean) bwd_kernel<T, VEC, kFlowReduceMean><<<grid, kThreads, 0, stream>>>(p); \
+    else if (red == kFlowReduceChannelSum)                                                   \
+      bwd_kernel<T, VEC, kFlowReduceChannelSum><<<grid, kThreads, 0, stream>>>(p);           \
+    else bwd_kernel<T, VEC, kFlowReduceNone><<<grid, kThreads, 0, stream>>>(p);             \
+  } while (0)
+  if (vec) TBK_BWD(true);
+  else TBK_BWD(false);
+#undef TBK_BWD
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+size_t flow_step_forward_workspace_bytes(const FlowStepForwardArgs& args) {
+  const FwdPlan pl = plan_forward(args);
+  return pl.ok ? pl.bytes : 0;
+}
+
+int flow_step_forward_num_launches(const FlowStepForwardArgs& args) {
+  const FwdPlan pl = plan_forward(args);
+  return pl.ok ? pl.launches : -1;
+}
+
+int64_t flow_step_forward_num_blocks(const FlowStepForwardArgs& args) {
+  const FwdPlan pl = plan_forward(args);
+  return pl.ok ? args.batch * pl.nblk : -1;
+}
+
+cudaError_t flow_step_forward(const FlowStepForwardArgs& args, cudaStream_t stream) {
+  const FwdPlan pl = plan_forward(args);
+  if (!pl.ok) return cudaErrorInvalidValue;
+  if (args.batch == 0) return cudaSuccess;
+  // Pointers that must be set: the per-sample ones always, the latents only when the main pass
+  // runs (a latent with C*S == 0 may have no storage).
+  const bool main_pass = pl.nblk > 0;
+  if (args.coefs == nullptr || args.ref_sq == nullptr || (main_pass && args.logp == nullptr) ||
+      (args.reduction == kFlowReduceMean && args.logp == nullptr) ||
+      (main_pass && (args.model_output == nullptr || args.sample == nullptr ||
+                     (args.sampling && args.prev_out == nullptr) ||
+                     args.workspace == nullptr)))
+    return cudaErrorInvalidValue;
+  switch (args.dtype) {
+    case DType::kFloat32: return run_forward<float>(args, pl, stream);
+    case DType::kFloat64: return run_forward<double>(args, pl, stream);
+    case DType::kFloat16: return run_forward<__half>(args, pl, stream);
+    case DType::kBFloat16: return run_forward<__nv_bfloat16>(args, pl, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t flow_step_backward(const FlowStepBackwardArgs& args, cudaStream_t stream) {
+  if (elem_size(args.dtype) == 0 || args.batch < 0 || args.channels < 0 || args.spatial < 0 ||
+      args.reduction < kFlowReduceMean || args.reduction > kFlowReduceNone)
+    return cudaErrorInvalidValue;
+  if (args.channels > 0 && args.spatial > INT64_MAX / args.channels) return cudaErrorInvalidValue;
+  if (args.batch == 0 || args.channels * args.spatial == 0) return cudaSuccess;
+  if (args.model_output == nullptr || args.sample == nullptr || args.coefs == nullptr ||
+      args.grad_v == nullptr)
+    return cudaErrorInvalidValue;
+  switch (args.dtype) {
+    case DType::kFloat32: return run_backward<float>(args, stream);
+    case DType::kFloat64: return run_backward<double>(args, stream);
+    case DType::kFloat16: return run_backward<__half>(args, stream);
+    case DType::kBFloat16: return run_backward<__nv_bfloat16>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace tbk

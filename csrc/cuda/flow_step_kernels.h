@@ -1,0 +1,94 @@
+// Flow-matching GRPO step, CUDA kernels: plain C++ API over raw device pointers.
+//
+// Contract and math: csrc/ops.cpp (schemas), csrc/cpu/flow_step.cpp (the CPU kernels this
+// reproduces), python/tbkernels/ops/flow_grpo.py. This header and its .cu include no torch
+// header, so the kernels build with plain `nvcc -c`; the torch binding is flow_step_cuda.cpp.
+//
+// Latents are contiguous [B, C, S] (S = product of the dims after C), one element type. Per sample
+// b and element e, with coefs[b] = (cx, cv, alpha, gamma, s):
+//   mean_e = cx x_e + cv v_e,   d_e = prev_e - mean_e,   logp_e = alpha d_e^2 + gamma
+// Accumulation (and coefs, logp, ref_sq, grad_logp, grad_ref_sq) is double for kFloat64 latents
+// and float for the others ("Acc" below).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "group_advantages_kernels.h"  // tbk::cuda::DType (shared element-type enum)
+
+namespace tbk {
+namespace cuda {
+
+enum FlowReduction : int {
+  kFlowReduceMean = 0,        // logp [B]: mean over the C*S elements
+  kFlowReduceChannelSum = 1,  // logp [B, S]: sum over channels
+  kFlowReduceNone = 2,        // logp [B, C, S]
+};
+
+struct FlowStepForwardArgs {
+  DType dtype = DType::kFloat32;  // element type of every latent tensor
+  int64_t batch = 0;              // B
+  int64_t channels = 0;           // C
+  int64_t spatial = 0;            // S
+
+  // Inputs (device memory, contiguous [B, C, S] of `dtype` unless noted).
+  const void* model_output = nullptr;  // v
+  const void* sample = nullptr;        // x
+  // sampling: standard-normal noise (nullptr: prev = mean); otherwise the stored prev_sample
+  // (nullptr: prev = mean, d = 0).
+  const void* prev_or_noise = nullptr;
+  const void* ref_model_output = nullptr;  // v_ref; nullptr: ref_sq = 0
+  const void* coefs = nullptr;             // [B, 5] Acc
+  int reduction = kFlowReduceMean;         // FlowReduction
+  bool sampling = false;
+
+  // Outputs (device memory).
+  void* logp = nullptr;      // Acc, shaped by `reduction`
+  void* ref_sq = nullptr;    // [B] Acc, sum_e (v_e - vref_e)^2 (0 without a reference)
+  void* mean_out = nullptr;  // optional [B, C, S] `dtype`: the transition mean
+  // [B, C, S] `dtype`, required when sampling: prev = mean + s*noise rounded to `dtype`; that
+  // rounded value is the one whose log-prob is computed.
+  void* prev_out = nullptr;
+
+  // Scratch of flow_step_forward_workspace_bytes(args) bytes (any contents, 256-byte aligned;
+  // may be nullptr when that is 0). Holds the per-block partial sums; each sample's total is
+  // combined from them in a fixed order, so results are bitwise deterministic.
+  void* workspace = nullptr;
+};
+
+struct FlowStepBackwardArgs {
+  DType dtype = DType::kFloat32;
+  int64_t batch = 0, channels = 0, spatial = 0;  // B, C, S
+
+  const void* model_output = nullptr;      // v
+  const void* sample = nullptr;            // x
+  const void* prev_sample = nullptr;       // nullptr: prev = mean
+  const void* ref_model_output = nullptr;  // needed for the grad_ref_sq term
+  const void* coefs = nullptr;             // [B, 5] Acc
+  int reduction = kFlowReduceMean;         // shape of grad_logp
+  const void* grad_logp = nullptr;         // Acc, shaped like logp; nullptr: no log-prob term
+  const void* grad_mean = nullptr;         // [B, C, S] `dtype`; nullptr: no mean term
+  const void* grad_ref_sq = nullptr;       // [B] Acc; nullptr (or no reference): no KL term
+
+  void* grad_v = nullptr;  // [B, C, S] `dtype`, always fully written
+};
+
+// Bytes of scratch `flow_step_forward` needs (pointers are ignored, only sizes and modes count).
+// Returns 0 for inconsistent arguments (flow_step_forward then reports cudaErrorInvalidValue).
+size_t flow_step_forward_workspace_bytes(const FlowStepForwardArgs& args);
+
+// Kernel launches flow_step_forward will issue (0 for B == 0, -1 for inconsistent arguments),
+// and the number of blocks of its main pass. For tests and benchmarks of the launch structure.
+int flow_step_forward_num_launches(const FlowStepForwardArgs& args);
+int64_t flow_step_forward_num_blocks(const FlowStepForwardArgs& args);
+
+// Enqueue on `stream`; return the first launch error, or cudaErrorInvalidValue for inconsistent
+// arguments (negative sizes, unknown dtype/reduction, a missing required pointer).
+// Forward: main pass + per-sample finalize (2 launches). Backward: 1 elementwise launch, no
+// workspace.
+cudaError_t flow_step_forward(const FlowStepForwardArgs& args, cudaStream_t stream);
+cudaError_t flow_step_backward(const FlowStepBackwardArgs& args, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace tbk
