@@ -80,7 +80,7 @@ setup(
     description="Fused kernels and memory tools for RL post-training (GRPO/DPO) of video "
                 "diffusion and flow-matching models",
     python_requires=">=3.10",
-    packages=["tbkernels", "tbkernels.ops", "tbkernels.kernels"],
+    packages=["tbkernels", "tbkernels.ops", "tbkernels.mps", "tbkernels.kernels"],
     package_dir={"tbkernels": "python/tbkernels", "tbkernels.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},

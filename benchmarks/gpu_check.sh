@@ -102,6 +102,23 @@ benchmarks() {
   return $rc
 }
 
+flow_grpo_bench() {
+  TBK_RESULTS_CSV="$OUT/results.csv" $PY benchmarks/bench_flow_grpo.py --gpu \
+    >"$OUT/flow_grpo.log" 2>&1
+  local rc=$?
+  tail -40 "$OUT/flow_grpo.log"
+  return $rc
+}
+
+mps_bench() {
+  # Starts a private MPS daemon (own pipe/log directories) and stops it before returning.
+  $PY benchmarks/bench_mps.py --csv "$OUT/results.csv" --out-dir "$OUT/mps" \
+    >"$OUT/mps.log" 2>&1
+  local rc=$?
+  tail -40 "$OUT/mps.log"
+  return $rc
+}
+
 plot() {
   [ -s "$OUT/results.csv" ] || { echo "no results.csv to plot"; return 1; }
   $PY benchmarks/plot_results.py "$OUT/results.csv" --out-dir "$OUT"
@@ -113,6 +130,8 @@ step "build tbkernels with CUDA" build
 step "backend table" backends
 step "test suite on the GPU" tests
 step "benchmark suite" benchmarks
+step "flow-GRPO loss benchmark" flow_grpo_bench
+step "MPS reward-worker benchmark" mps_bench
 step "plot" plot
 
 printf '\n=== summary (t=%ss): outputs in %s\n' "$SECONDS" "$OUT"
