@@ -410,3 +410,18 @@ def test_torch_compile_fullgraph_forward_backward(map_kind):
         grads.append((loss.detach(), vv.grad))
     torch.testing.assert_close(grads[1][0], grads[0][0])
     torch.testing.assert_close(grads[1][1], grads[0][1])
+
+
+@pytest.mark.parametrize("sampling,write_mean", [(False, False), (True, True), (False, True)])
+def test_compiled_ops_pass_opcheck(sampling, write_mean):
+    if not tbkernels.backends("cpu")["cpu"].available:
+        pytest.skip("compiled extension not built")
+    from tbkernels.ops._flow_grpo_coefs import step_coefficients
+    v, x, pn, ref = latents((2, 3, 2, 4, 5), torch.float32, seed=21)
+    s, sn = sigmas(2)
+    coefs = step_coefficients(s.cpu(), sn.cpu(), "flow_grpo", 0.7)[0].float()
+    v, x, pn, ref = (t.cpu() for t in (v, x, pn, ref))
+    for reduction in (0, 1, 2):
+        torch.library.opcheck(torch.ops.tbkernels.flow_step_forward.default,
+                              (v.requires_grad_(True), x, pn, ref, coefs, reduction, sampling,
+                               write_mean))

@@ -25,7 +25,7 @@ from .._backend import resolve_backend
 from ._flow_grpo_coefs import step_coefficients
 from ._flow_grpo_reference import REDUCTIONS, SDE_TYPES
 
-IMPLEMENTED = ("reference", "cpu")
+IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 KL_FORMS = ("flow_grpo", "exact")
 VIPO_FORMS = ("clipped", "simple")
 _REDUCTION_CODE = {name: i for i, name in enumerate(REDUCTIONS)}
@@ -68,9 +68,8 @@ def _forward_reference(v, x, prev_or_noise, ref, coefs, reduction, sampling, wri
     red = tuple(range(1, v.ndim))
     ref_sq = (((vf - ref.to(acc)) ** 2).sum(red) if ref is not None
               else torch.zeros(v.shape[0], dtype=acc, device=v.device))
-    empty = v.new_empty((0,))
-    return (logp, ref_sq, mean.to(v.dtype) if write_mean else empty,
-            prev_out if sampling else empty)
+    return (logp, ref_sq, mean.to(v.dtype) if write_mean else v.new_empty((0,)),
+            prev_out if sampling else v.new_empty((0,)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,11 +77,11 @@ def _forward_reference(v, x, prev_or_noise, ref, coefs, reduction, sampling, wri
 
 def _fake_forward(v, x, prev_or_noise, ref, coefs, reduction, sampling, write_mean):
     acc = _acc(v.dtype)
-    empty = v.new_empty((0,))
+    # Two distinct empties: a custom op's outputs must not alias each other.
     return (v.new_empty(_logp_shape(v.shape, reduction), dtype=acc),
             v.new_empty((v.shape[0],), dtype=acc),
-            torch.empty_like(v) if write_mean else empty,
-            torch.empty_like(v) if sampling else empty)
+            torch.empty_like(v) if write_mean else v.new_empty((0,)),
+            torch.empty_like(v) if sampling else v.new_empty((0,)))
 
 
 def _setup_forward(ctx, inputs, output):
@@ -131,9 +130,46 @@ def _register_compiled():
 _register_compiled()
 
 
+# The Triton backend (kernels/flow_step.py, imported on first use): custom ops of the same
+# signatures as the C++ ones, with the same fake and autograd formula.
+
+@torch.library.custom_op("tbkernels::flow_step_forward_triton", mutates_args=())
+def _flow_step_forward_triton(v: torch.Tensor, x: torch.Tensor, prev_or_noise: torch.Tensor | None,
+                              ref: torch.Tensor | None, coefs: torch.Tensor, reduction: int,
+                              sampling: bool, write_mean: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from tbkernels.kernels.flow_step import flow_step_forward_triton
+    return flow_step_forward_triton(v, x, prev_or_noise, ref, coefs, reduction, sampling,
+                                    write_mean)
+
+
+@torch.library.custom_op("tbkernels::flow_step_backward_triton", mutates_args=())
+def _flow_step_backward_triton(v: torch.Tensor, x: torch.Tensor, prev: torch.Tensor | None,
+                               ref: torch.Tensor | None, coefs: torch.Tensor, reduction: int,
+                               grad_logp: torch.Tensor | None, grad_mean: torch.Tensor | None,
+                               grad_ref_sq: torch.Tensor | None) -> torch.Tensor:
+    from tbkernels.kernels.flow_step import flow_step_backward_triton
+    return flow_step_backward_triton(v, x, prev, ref, coefs, reduction, grad_logp, grad_mean,
+                                     grad_ref_sq)
+
+
+_flow_step_forward_triton.register_fake(_fake_forward)
+
+
+@_flow_step_backward_triton.register_fake
+def _(v, x, prev, ref, coefs, reduction, grad_logp, grad_mean, grad_ref_sq):
+    return torch.empty_like(v)
+
+
+_flow_step_forward_triton.register_autograd(_make_backward(_flow_step_backward_triton),
+                                            setup_context=_setup_forward)
+
+
 def _forward_op(name):
     if name == "reference":
         return _forward_reference
+    if name == "triton":
+        return _flow_step_forward_triton
     return torch.ops.tbkernels.flow_step_forward
 
 

@@ -1,0 +1,421 @@
+"""Triton backend of the fused flow-matching GRPO step (``tbkernels::flow_step_forward`` /
+``tbkernels::flow_step_backward``).
+
+The contract (arguments, outputs, math) is that of the C++ ops: ``csrc/ops.cpp`` (schemas),
+``csrc/cpu/flow_step.cpp`` (exact math) and ``_forward_reference`` in
+``python/tbkernels/ops/flow_grpo.py``; this module imports nothing from tbkernels. Per sample b and
+element e of a contiguous latent ``[B, C, S]`` (S = (T*)H*W), with ``coefs[b] = (cx, cv, alpha,
+gamma, s)``:
+
+    mean_e = cx x_e + cv v_e,   d_e = prev_e - mean_e,   logp_e = alpha d_e^2 + gamma
+    forward:  logp reduced (0: mean -> [B], 1: channel sum -> [B, S...], 2: none),
+              ref_sq[b] = sum_e (v_e - vref_e)^2, optionally mean, and (sampling)
+              prev = mean + s*noise rounded to the latent dtype (the log-prob is that of the
+              rounded sample)
+    backward: grad_v_e = cv gm_e - 2 alpha cv gl(e) d_e + 2 gq_b (v_e - vref_e)
+
+Everything is accumulated in float32 (float64 for float64 latents); the per-sample totals are
+combined in float64.
+
+Launch structure
+----------------
+Forward, two launches:
+
+1. ``_forward_kernel``, grid ``B * n_tiles`` (1-D, program -> (sample b, spatial tile)). A program
+   owns one spatial tile of BLOCK_S positions of one sample and loops over the C channels: each
+   input element is read exactly once, ``mean`` / ``prev`` are written only when requested, and
+   logp is written per element (reduction none), per position after the channel loop (channel
+   sum, accumulated over C in registers), or reduced: the tile's sum of d^2 and of (v - v_ref)^2
+   go to a small float64 buffer ``partials[2, B * n_tiles]`` (no atomics, so deterministic).
+2. ``_finalize_kernel``, grid ``B``: sums each sample's partials in a fixed order in float64 and
+   writes ``logp[b] = alpha * sum / D + gamma`` (reduction mean) and ``ref_sq[b]``.
+
+Backward, one elementwise launch: ``_backward_kernel``, grid ``B * C * n_tiles`` (program ->
+(channel row, spatial tile)), recomputing the mean from v and x.
+
+Tiles are sized for the machine that runs them: under the interpreter (TRITON_INTERPRET=1) each
+program runs as numpy in Python, so tiles are large (64K-128K elements, a handful of programs even
+for a Wan latent); on a GPU the forward tile (256..2048 positions) shrinks until there are a few
+programs per SM and the backward uses 2048-element tiles; warps are chosen so that every thread
+moves 16-byte vectors. Offsets are int32 unless the latent has 2**31 elements or more. Row lengths
+divisible by 16 (every Wan/SD latent) let Triton prove alignment: compiled for sm_90, every
+latent load/store is then a 128-bit ``ld/st.global.v4.b32`` (``v2.b64`` for float64) with an
+evict-first hint (each element is touched once).
+
+Low-precision outputs are rounded to nearest even by hand for bfloat16 (``_to_output``): the
+interpreter's float32 -> bfloat16 cast truncates, and this way the interpreter and the GPU produce
+identical, correctly rounded bits.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INT32_OFFSET_LIMIT = 2**31
+
+# Tile sizes per execution mode.
+#   fwd_max / fwd_min   range of the forward's spatial tile (positions; the program loops over C)
+#   fwd_programs_per_sm the forward tile halves (down to fwd_min) while fewer programs than this
+#                       times the SM count would be launched
+#   bwd                 the backward's elementwise tile
+_CONFIGS = {
+    "interpreter": dict(fwd_max=1 << 16, fwd_min=1 << 16, fwd_programs_per_sm=0, bwd=1 << 17),
+    "gpu": dict(fwd_max=2048, fwd_min=256, fwd_programs_per_sm=4, bwd=2048),
+}
+_FINALIZE_BLOCK = 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _to_output(v, out_ty: tl.constexpr):
+    """Round the float32/float64 values to the output dtype, to nearest even."""
+    if out_ty == tl.bfloat16:
+        # Round-to-nearest-even by hand (as PyTorch does): the interpreter's float32 -> bfloat16
+        # cast truncates. NaN -> quiet NaN; +-inf and overflow round to +-inf as on the GPU.
+        bits = tl.where(v != v, 0x7FC00000, v.to(tl.uint32, bitcast=True))
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(out_ty)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _forward_kernel(v_ptr, x_ptr, pn_ptr, ref_ptr, coefs_ptr, logp_ptr, part_ptr, mean_ptr,
+                    prev_ptr, C, S, NT, NP,
+                    REDUCTION: tl.constexpr, SAMPLING: tl.constexpr, WRITE_MEAN: tl.constexpr,
+                    HAS_PN: tl.constexpr, HAS_REF: tl.constexpr, IDX64: tl.constexpr,
+                    BLOCK_S: tl.constexpr):
+    """One (sample, spatial tile) per program, looping over the channels."""
+    acc_ty = coefs_ptr.dtype.element_ty
+    lat_ty = v_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    if IDX64:
+        pid = pid.to(tl.int64)
+    b = pid // NT
+    t = pid - b * NT
+    s = t * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = s < S
+
+    cx = tl.load(coefs_ptr + b * 5 + 0)
+    cv = tl.load(coefs_ptr + b * 5 + 1)
+    alpha = tl.load(coefs_ptr + b * 5 + 2)
+    gamma = tl.load(coefs_ptr + b * 5 + 3)
+    sd = tl.load(coefs_ptr + b * 5 + 4)
+
+    sq_acc = tl.zeros([BLOCK_S], dtype=acc_ty)     # sum over channels of d^2, per position
+    ref_acc = tl.zeros([BLOCK_S], dtype=acc_ty)    # sum over channels of (v - v_ref)^2
+    row0 = b * C
+    for c in range(C):
+        offs = (row0 + c) * S + s
+        v = tl.load(v_ptr + offs, mask=smask, other=0.0, eviction_policy="evict_first").to(acc_ty)
+        x = tl.load(x_ptr + offs, mask=smask, other=0.0, eviction_policy="evict_first").to(acc_ty)
+        mean = cx * x + cv * v
+        if SAMPLING:
+            if HAS_PN:
+                noise = tl.load(pn_ptr + offs, mask=smask, other=0.0,
+                                eviction_policy="evict_first").to(acc_ty)
+                p = mean + sd * noise
+            else:
+                p = mean
+            p_out = _to_output(p, lat_ty)
+            tl.store(prev_ptr + offs, p_out, mask=smask, eviction_policy="evict_first")
+            # The log-prob is of the sample actually stored: round-trip through its dtype.
+            prev = p_out.to(acc_ty)
+        else:
+            if HAS_PN:
+                prev = tl.load(pn_ptr + offs, mask=smask, other=0.0,
+                               eviction_policy="evict_first").to(acc_ty)
+            else:
+                prev = mean
+        if WRITE_MEAN:
+            tl.store(mean_ptr + offs, _to_output(mean, lat_ty), mask=smask,
+                     eviction_policy="evict_first")
+        d = prev - mean
+        d2 = d * d
+        if REDUCTION == 2:
+            tl.store(logp_ptr + offs, alpha * d2 + gamma, mask=smask,
+                     eviction_policy="evict_first")
+        else:
+            sq_acc += d2                            # masked positions: v = x = prev = 0 -> d = 0
+        if HAS_REF:
+            r = tl.load(ref_ptr + offs, mask=smask, other=0.0,
+                        eviction_policy="evict_first").to(acc_ty)
+            dr = v - r
+            ref_acc += dr * dr
+
+    if REDUCTION == 1:
+        tl.store(logp_ptr + b * S + s, alpha * sq_acc + gamma * tl.cast(C, acc_ty), mask=smask)
+    if REDUCTION == 0:
+        tl.store(part_ptr + pid, tl.sum(sq_acc, axis=0).to(tl.float64))
+    if HAS_REF:
+        tl.store(part_ptr + NP + pid, tl.sum(ref_acc, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _finalize_kernel(part_ptr, coefs_ptr, logp_ptr, refsq_ptr, C, S, NT, NP,
+                     REDUCTION: tl.constexpr, HAS_REF: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Per sample: the partials of its tiles summed in float64, in a fixed order."""
+    acc_ty = coefs_ptr.dtype.element_ty
+    b = tl.program_id(0).to(tl.int64)
+    sq = tl.zeros([BLOCK_T], dtype=tl.float64)
+    rs = tl.zeros([BLOCK_T], dtype=tl.float64)
+    for t0 in range(0, NT, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        m = t < NT
+        if REDUCTION == 0:
+            sq += tl.load(part_ptr + b * NT + t, mask=m, other=0.0)
+        if HAS_REF:
+            rs += tl.load(part_ptr + NP + b * NT + t, mask=m, other=0.0)
+    if REDUCTION == 0:
+        alpha = tl.load(coefs_ptr + b * 5 + 2).to(tl.float64)
+        gamma = tl.load(coefs_ptr + b * 5 + 3).to(tl.float64)
+        D = tl.cast(C, tl.float64) * tl.cast(S, tl.float64)
+        tl.store(logp_ptr + b, (alpha * tl.sum(sq, axis=0) / D + gamma).to(acc_ty))
+    tl.store(refsq_ptr + b, tl.sum(rs, axis=0).to(acc_ty))
+
+
+@triton.jit
+def _backward_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, gl_ptr, gm_ptr, gq_ptr, out_ptr,
+                     C, S, NT,
+                     REDUCTION: tl.constexpr, NEED_D: tl.constexpr, HAS_GM: tl.constexpr,
+                     HAS_GQ: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr):
+    """grad_v for one (channel row, spatial tile) per program. NEED_D: grad_logp and prev are
+    given (without prev the log-prob's d is identically 0, so grad_logp contributes nothing)."""
+    acc_ty = coefs_ptr.dtype.element_ty
+    lat_ty = v_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    if IDX64:
+        pid = pid.to(tl.int64)
+    row = pid // NT
+    t = pid - row * NT
+    b = row // C
+    s = t * BLOCK + tl.arange(0, BLOCK)
+    smask = s < S
+    offs = row * S + s
+
+    cv = tl.load(coefs_ptr + b * 5 + 1)
+    g = tl.zeros([BLOCK], dtype=acc_ty)
+    if NEED_D or HAS_GQ:
+        v = tl.load(v_ptr + offs, mask=smask, other=0.0, eviction_policy="evict_first").to(acc_ty)
+    if NEED_D:
+        cx = tl.load(coefs_ptr + b * 5 + 0)
+        alpha = tl.load(coefs_ptr + b * 5 + 2)
+        x = tl.load(x_ptr + offs, mask=smask, other=0.0, eviction_policy="evict_first").to(acc_ty)
+        prev = tl.load(prev_ptr + offs, mask=smask, other=0.0,
+                       eviction_policy="evict_first").to(acc_ty)
+        d = prev - (cx * x + cv * v)
+        lp_scale = -2.0 * alpha * cv                # d logp_e / d v_e = -2 alpha cv d_e
+        if REDUCTION == 0:
+            # grad of a mean: grad_logp[b] / D, divided in float64 (exactly rounded everywhere)
+            D = tl.cast(C, tl.float64) * tl.cast(S, tl.float64)
+            gl = (tl.load(gl_ptr + b).to(tl.float64) / D).to(acc_ty)
+            g += (lp_scale * gl) * d
+        elif REDUCTION == 1:
+            gl = tl.load(gl_ptr + b * S + s, mask=smask, other=0.0)
+            g += lp_scale * gl * d
+        else:
+            gl = tl.load(gl_ptr + offs, mask=smask, other=0.0, eviction_policy="evict_first")
+            g += lp_scale * gl * d
+    if HAS_GM:
+        gm = tl.load(gm_ptr + offs, mask=smask, other=0.0, eviction_policy="evict_first")
+        g += cv * gm.to(acc_ty)
+    if HAS_GQ:
+        gq2 = 2.0 * tl.load(gq_ptr + b)
+        r = tl.load(ref_ptr + offs, mask=smask, other=0.0, eviction_policy="evict_first")
+        g += gq2 * (v - r.to(acc_ty))
+    tl.store(out_ptr + offs, _to_output(g, lat_ty), mask=smask, eviction_policy="evict_first")
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _num_warps(elements: int, element_size: int) -> int:
+    # at least one 16-byte vector per thread and load (8 bf16, 4 fp32, 2 fp64 elements), 1-8 warps
+    return max(1, min(8, elements * element_size // (16 * 32)))
+
+
+def _interpreted(t: torch.Tensor) -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" or t.device.type != "cuda"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _layout(v: torch.Tensor, x: torch.Tensor, op: str):
+    if v.dim() < 3:
+        raise RuntimeError(f"{op}: model_output must be [B, C, (T,) H, W], got {list(v.shape)}")
+    if x.shape != v.shape:
+        raise RuntimeError(f"{op}: sample {list(x.shape)} must match model_output {list(v.shape)}")
+    if x.dtype != v.dtype:
+        raise RuntimeError(f"{op}: sample and model_output dtypes differ ({x.dtype}, {v.dtype})")
+    if v.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise RuntimeError(f"{op}: latents must be float32/float64/float16/bfloat16, got {v.dtype}")
+    if not (v.is_contiguous() and x.is_contiguous()):
+        raise RuntimeError(f"{op}: latents must be contiguous")
+    if x.device != v.device:
+        raise RuntimeError(f"{op}: sample is on {x.device} but model_output on {v.device}")
+    if v.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(f"{op} (triton): tensors are on {v.device}; Triton needs CUDA tensors, "
+                           "or TRITON_INTERPRET=1 (set before triton is imported) for CPU tensors")
+    B, C = v.shape[0], v.shape[1]
+    S = v.numel() // max(1, B * C)
+    return B, C, S
+
+
+def _check_like(t, v, what, op):
+    if t is None:
+        return
+    if not (t.shape == v.shape and t.dtype == v.dtype and t.is_contiguous()
+            and t.device == v.device):
+        raise RuntimeError(f"{op}: {what} must be a contiguous tensor like model_output "
+                           f"{list(v.shape)} {v.dtype}, got {list(t.shape)} {t.dtype}"
+                           f"{'' if t.is_contiguous() else ' (non-contiguous)'} on {t.device}")
+
+
+def _check_coefs(coefs, v, op):
+    acc = _acc_dtype(v.dtype)
+    if not (coefs.dim() == 2 and coefs.shape[0] == v.shape[0] and coefs.shape[1] == 5
+            and coefs.is_contiguous() and coefs.dtype == acc):
+        raise RuntimeError(f"{op}: coefs must be a contiguous [B, 5] {acc} tensor, got "
+                           f"{list(coefs.shape)} {coefs.dtype}")
+    if coefs.device != v.device:
+        raise RuntimeError(f"{op}: coefs must be on the latents' device")
+
+
+def _logp_shape(shape, reduction):
+    if reduction == 0:
+        return (shape[0],)
+    if reduction == 1:
+        return (shape[0],) + tuple(shape[2:])
+    return tuple(shape)
+
+
+def _idx64(numel: int, block: int) -> bool:
+    # int32 offsets unless a (padded) tile could reach 2**31
+    return numel + 2 * block >= _INT32_OFFSET_LIMIT
+
+
+def flow_step_forward_triton(v, x, prev_or_noise, ref, coefs, reduction, sampling, write_mean):
+    """``(logp, ref_sq, mean_or_empty, prev_or_empty)``, as ``tbkernels::flow_step_forward``.
+
+    v, x, prev_or_noise (optional), ref (optional): contiguous latents ``[B, C, S...]`` of one
+    dtype; coefs ``[B, 5]`` float32 (float64 for float64 latents). ``prev_or_noise`` is the stored
+    prev_sample, or with ``sampling`` the noise (None: the deterministic step, prev = mean).
+    """
+    op = "flow_step_forward"
+    reduction, sampling, write_mean = int(reduction), bool(sampling), bool(write_mean)
+    B, C, S = _layout(v, x, op)
+    _check_like(prev_or_noise, v, "noise" if sampling else "prev_sample", op)
+    _check_like(ref, v, "ref_model_output", op)
+    _check_coefs(coefs, v, op)
+    if reduction not in (0, 1, 2):
+        raise RuntimeError(f"{op}: reduction must be 0, 1 or 2, got {reduction}")
+    acc = _acc_dtype(v.dtype)
+    dev = v.device
+    logp = torch.empty(_logp_shape(v.shape, reduction), dtype=acc, device=dev)
+    ref_sq = torch.empty((B,), dtype=acc, device=dev)
+    # distinct empties: a custom op's outputs must not alias each other
+    mean = torch.empty_like(v) if write_mean else v.new_empty((0,))
+    prev = torch.empty_like(v) if sampling else v.new_empty((0,))
+    if B == 0:
+        return logp, ref_sq, mean, prev
+    if v.numel() == 0:                         # C or S is 0: the C++ op's values, no launch
+        if reduction == 0:
+            logp.fill_(float("nan"))            # a mean over no elements
+        else:
+            logp.zero_()
+        ref_sq.zero_()
+        return logp, ref_sq, mean, prev
+
+    cfg = _CONFIGS["interpreter" if _interpreted(v) else "gpu"]
+    block = min(_next_pow2(S), cfg["fwd_max"])
+    if cfg["fwd_programs_per_sm"]:
+        target = cfg["fwd_programs_per_sm"] * _sm_count(dev)
+        while block > cfg["fwd_min"] and B * triton.cdiv(S, block) < target:
+            block //= 2
+    nt = triton.cdiv(S, block)
+    n_programs = B * nt
+    partials = torch.empty((2, n_programs), dtype=torch.float64, device=dev)
+    has_pn, has_ref = prev_or_noise is not None, ref is not None
+    _forward_kernel[(n_programs,)](
+        v, x, prev_or_noise if has_pn else v, ref if has_ref else v, coefs, logp, partials,
+        mean if write_mean else v, prev if sampling else v, C, S, nt, n_programs,
+        REDUCTION=reduction, SAMPLING=sampling, WRITE_MEAN=write_mean, HAS_PN=has_pn,
+        HAS_REF=has_ref, IDX64=_idx64(v.numel(), block), BLOCK_S=block,
+        num_warps=_num_warps(block, v.element_size()))
+    _finalize_kernel[(B,)](
+        partials, coefs, logp, ref_sq, C, S, nt, n_programs,
+        REDUCTION=reduction, HAS_REF=has_ref, BLOCK_T=min(_next_pow2(nt), _FINALIZE_BLOCK),
+        num_warps=4)
+    return logp, ref_sq, mean, prev
+
+
+def flow_step_backward_triton(v, x, prev, ref, coefs, reduction, grad_logp, grad_mean,
+                              grad_ref_sq):
+    """``grad_v`` (like v); semantics of ``tbkernels::flow_step_backward``.
+
+    grad_logp: contiguous, shaped like the reduced log-prob, float32 (float64 for float64
+    latents); grad_mean: like v; grad_ref_sq: ``[B]`` accumulation dtype, needs ``ref``. Each
+    of them may be None (no contribution).
+    """
+    op = "flow_step_backward"
+    reduction = int(reduction)
+    B, C, S = _layout(v, x, op)
+    _check_like(prev, v, "prev_sample", op)
+    _check_like(ref, v, "ref_model_output", op)
+    _check_like(grad_mean, v, "grad_mean", op)
+    _check_coefs(coefs, v, op)
+    if reduction not in (0, 1, 2):
+        raise RuntimeError(f"{op}: reduction must be 0, 1 or 2, got {reduction}")
+    acc = _acc_dtype(v.dtype)
+    if grad_logp is not None:
+        expect = _logp_shape(v.shape, reduction)
+        if not (tuple(grad_logp.shape) == expect and grad_logp.is_contiguous()
+                and grad_logp.dtype == acc and grad_logp.device == v.device):
+            raise RuntimeError(f"{op}: grad_logp must be a contiguous {list(expect)} {acc} tensor, "
+                               f"got {list(grad_logp.shape)} {grad_logp.dtype}")
+    if grad_ref_sq is not None:
+        if ref is None:
+            raise RuntimeError(f"{op}: grad_ref_sq given without ref_model_output")
+        if not (grad_ref_sq.numel() == B and grad_ref_sq.is_contiguous()
+                and grad_ref_sq.dtype == acc and grad_ref_sq.device == v.device):
+            raise RuntimeError(f"{op}: grad_ref_sq must be a contiguous [B] {acc} tensor")
+    grad_v = torch.empty_like(v)
+    if v.numel() == 0:
+        return grad_v
+
+    cfg = _CONFIGS["interpreter" if _interpreted(v) else "gpu"]
+    block = min(_next_pow2(S), cfg["bwd"])
+    nt = triton.cdiv(S, block)
+    has_gl, has_gm, has_gq = grad_logp is not None, grad_mean is not None, grad_ref_sq is not None
+    _backward_kernel[(B * C * nt,)](
+        v, x, prev if prev is not None else v, ref if ref is not None else v, coefs,
+        grad_logp if has_gl else coefs, grad_mean if has_gm else v,
+        grad_ref_sq if has_gq else coefs, grad_v, C, S, nt,
+        REDUCTION=reduction, NEED_D=has_gl and prev is not None, HAS_GM=has_gm, HAS_GQ=has_gq,
+        IDX64=_idx64(v.numel(), block), BLOCK=block,
+        num_warps=_num_warps(block, v.element_size()))
+    return grad_v

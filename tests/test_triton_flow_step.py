@@ -1,0 +1,493 @@
+"""Triton backend of the flow-matching GRPO step (kernels/flow_step.py) against the reference.
+
+``flow_step_forward_triton`` / ``flow_step_backward_triton`` are called directly and compared
+with ``_forward_reference`` of ``tbkernels.ops.flow_grpo`` (and, for the backward, with autograd
+through it): float64 to rounding, float32/bfloat16/float16 under the numerics rule (error vs
+float64 at most 2x that of eager PyTorch computing in that dtype, plus one output ulp).
+
+The kernels run under the Triton interpreter (pytest with TRITON_INTERPRET=1 in the environment;
+it has to be set before triton is imported, so this file does not set it) on CPU tensors, or
+natively on CUDA tensors when a GPU is present.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import pathlib
+import sys
+import time
+
+import pytest
+import torch
+
+try:
+    import triton  # noqa: F401
+except Exception as exc:  # pragma: no cover - depends on the environment
+    pytest.skip(f"triton cannot be imported ({exc!r})", allow_module_level=True)
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not HAS_CUDA:
+    pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1 set before triton is "
+                "imported", allow_module_level=True)
+
+import tbkernels  # noqa: E402
+from tbkernels.ops import flow_grpo  # noqa: E402
+from tbkernels.ops._flow_grpo_coefs import step_coefficients  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_by_path(name: str, path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+try:
+    from tbkernels.kernels import flow_step as fs
+except Exception:  # package installed without the kernels subpackage
+    fs = _load_by_path("_tbkernels_triton_flow_step", ROOT / "kernels" / "flow_step.py")
+
+forward = fs.flow_step_forward_triton
+backward = fs.flow_step_backward_triton
+reference = flow_grpo._forward_reference
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+SHAPES = {"video_odd": (3, 5, 3, 7, 9), "image_odd": (2, 3, 11, 13), "b1": (1, 4, 2, 5, 6)}
+# (sampling, prev_or_noise given, ref given, write_mean)
+MODES = {
+    "train": (False, True, True, False),        # flow_grpo_loss with a reference policy
+    "train_mean": (False, True, False, True),
+    "no_prev": (False, False, True, False),     # prev defaults to the mean: d = 0
+    "sample": (True, True, False, True),        # sde_step_with_logprob sampling
+    "sample_ref": (True, True, True, False),
+    "ode": (True, False, False, True),          # deterministic sampling: prev = mean
+}
+
+# Worst error vs float64 per (dtype, output), printed at the end of the module (visible with -s).
+MAX_ERR: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_errors():
+    yield
+    if MAX_ERR:
+        print("\nmax |triton - float64| (and of eager PyTorch computing in that dtype):")
+        for k, (err, eager) in sorted(MAX_ERR.items()):
+            print(f"  {k}: {err:.3g} (eager {eager:.3g})")
+
+
+def _record(key, err, eager):
+    old = MAX_ERR.get(key, (0.0, 0.0))
+    MAX_ERR[key] = (max(old[0], err), max(old[1], eager))
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+
+def acc_of(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make_coefs(batch, dtype, seed=1, sde_type="flow_grpo"):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(batch, generator=g, dtype=torch.float64) * 0.8 + 0.15
+    s[0] = 1.0                                                      # the first step
+    coefs, _ = step_coefficients(s, s - 0.07, sde_type, 0.7)
+    return coefs.to(acc_of(dtype)).contiguous().to(DEVICE)
+
+
+def make_inputs(shape, dtype, seed=0):
+    """v, x, noise, ref in dtype; prev = a plausible stored sample (mean + s * noise)."""
+    g = torch.Generator().manual_seed(seed)
+    v, x, noise, dref = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(4))
+    coefs = make_coefs(shape[0], dtype, seed + 1)
+    c = coefs.double().cpu()
+    shp = (-1,) + (1,) * (len(shape) - 1)
+    prev = c[:, 0].view(shp) * x + c[:, 1].view(shp) * v + c[:, 4].view(shp) * noise
+    ref = v + 0.1 * dref
+    out = [t.to(dtype).to(DEVICE) for t in (v, x, prev, noise, ref)]
+    return (*out, coefs)
+
+
+def up(t):
+    return None if t is None else t.double()
+
+
+def eager_forward(v, x, pn, ref, coefs, reduction, sampling):
+    """The op's math done by eager PyTorch entirely in v.dtype (no float32 upcast)."""
+    dt = v.dtype
+    shp = (-1,) + (1,) * (v.ndim - 1)
+    cx, cv, alpha, gamma, s = (coefs[:, i].to(dt).reshape(shp) for i in range(5))
+    mean = cx * x + cv * v
+    if sampling:
+        prev = mean + s * pn if pn is not None else mean
+    else:
+        prev = pn if pn is not None else mean
+    d = prev.detach() - mean
+    logp = alpha * d * d + gamma
+    red = tuple(range(1, v.ndim))
+    if reduction == 0:
+        logp = logp.mean(dim=red)
+    elif reduction == 1:
+        logp = logp.sum(dim=1)
+    ref_sq = ((v - ref) ** 2).sum(red) if ref is not None else torch.zeros(
+        v.shape[0], dtype=dt, device=v.device)
+    return logp, ref_sq, mean, prev
+
+
+def max_err(got, exact):
+    if exact.numel() == 0:
+        return 0.0
+    return (got.double() - exact.double()).abs().max().item()
+
+
+def ulp(dtype, exact):
+    return torch.finfo(dtype).eps * (exact.double().abs().max().item() if exact.numel() else 0.0)
+
+
+def assert_rule(key, got, eager, exact):
+    """Error vs float64 at most 2x that of eager PyTorch in the input dtype, plus one output ulp."""
+    err, err_eager = max_err(got, exact), max_err(eager, exact)
+    _record(key, err, err_eager)
+    assert err <= 2 * err_eager + ulp(got.dtype, exact), (key, err, err_eager)
+
+
+def close(got, exp, tol):
+    if exp.numel() == 0:
+        return
+    err = max_err(got, exp)
+    scale = max(1.0, exp.double().abs().max().item())
+    assert err <= tol * scale, (err, scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------
+
+def check_forward(shape, dtype, reduction, mode, seed=0):
+    sampling, has_pn, has_ref, write_mean = MODES[mode]
+    v, x, prev, noise, ref, coefs = make_inputs(shape, dtype, seed)
+    pn = (noise if sampling else prev) if has_pn else None
+    r = ref if has_ref else None
+    got = forward(v, x, pn, r, coefs, reduction, sampling, write_mean)
+    logp, ref_sq, mean, new_prev = got
+    acc = acc_of(dtype)
+
+    # contract: shapes and dtypes, empties where not requested
+    assert logp.shape == flow_grpo._logp_shape(shape, reduction) and logp.dtype == acc
+    assert ref_sq.shape == (shape[0],) and ref_sq.dtype == acc
+    for out, on in ((mean, write_mean), (new_prev, sampling)):
+        assert out.dtype == dtype and out.device == v.device
+        assert out.shape == (shape if on else (0,))
+    if not has_ref:
+        assert torch.all(ref_sq == 0)
+
+    # float64 truth on the exactly upcast inputs
+    exact = reference(up(v), up(x), up(pn), up(r), coefs.double(), reduction, sampling, True)
+    # the log-prob is that of the returned sample
+    exact_logp = exact[0] if not sampling else reference(
+        up(v), up(x), up(new_prev), None, coefs.double(), reduction, False, False)[0]
+
+    # the same-dtype reference (float32 math for half types): same rounding of mean / prev
+    same = reference(v, x, pn, r, coefs, reduction, sampling, write_mean)
+    if dtype == torch.float64:
+        close(logp, exact_logp, 1e-12)
+        close(ref_sq, exact[1], 1e-12)
+        close(mean, same[2], 1e-12)
+        close(new_prev, same[3], 1e-12)
+        close(logp, same[0], 1e-12)
+        return
+    if not HAS_CUDA:
+        # interpreter: numpy float32 math in the reference's order, round-to-nearest-even output
+        for g_out, s_out in ((mean, same[2]), (new_prev, same[3])):
+            assert torch.equal(g_out, s_out)
+    else:
+        # a GPU may contract mean = cx*x + cv*v into an FMA: at most one output ulp apart
+        for g_out, s_out in ((mean, same[2]), (new_prev, same[3])):
+            if s_out.numel():
+                assert max_err(g_out, s_out) <= ulp(dtype, s_out)
+
+    eager = eager_forward(v, x, pn, r, coefs, reduction, sampling)
+    eager_logp_exact = exact[0] if not sampling else reference(
+        up(v), up(x), up(eager[3]), None, coefs.double(), reduction, False, False)[0]
+    name = str(dtype).replace("torch.", "")
+    err, err_eager = max_err(logp, exact_logp), max_err(eager[0], eager_logp_exact)
+    _record(f"{name} logp", err, err_eager)
+    assert err <= 2 * err_eager + ulp(logp.dtype, exact_logp), (err, err_eager)
+    if has_ref:
+        assert_rule(f"{name} ref_sq", ref_sq, eager[1], exact[1])
+    if write_mean:
+        assert_rule(f"{name} mean", mean, eager[2], exact[2])
+    if sampling:
+        assert_rule(f"{name} prev", new_prev, eager[3], exact[3])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["mean", "channel_sum", "none"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_forward(dtype, shape, reduction, mode):
+    check_forward(shape, dtype, reduction, mode, seed=sum(shape) + reduction)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------------------
+
+# (grad_logp, grad_mean, grad_ref_sq, prev given)
+GRADS = {
+    "all": (True, True, True, True),
+    "logp": (True, False, False, True),
+    "mean_ref": (False, True, True, True),
+    "logp_no_prev": (True, False, False, False),   # d = 0: grad_logp contributes nothing
+    "none": (False, False, False, True),           # grad_v = 0
+}
+
+
+def autograd_grad(v, x, prev, ref, coefs, reduction, gl, gm, gq, fn):
+    vv = v.detach().clone().requires_grad_(True)
+    logp, ref_sq, mean, _ = fn(vv, x, prev, ref, coefs, reduction, False)
+    total = vv.sum() * 0
+    if gl is not None:
+        total = total + (logp * gl.to(logp.dtype)).sum()
+    if gm is not None:
+        total = total + (mean * gm.to(mean.dtype)).sum()
+    if gq is not None:
+        total = total + (ref_sq * gq.to(ref_sq.dtype)).sum()
+    total.backward()
+    return vv.grad
+
+
+def _reference_fn(v, x, prev, ref, coefs, reduction, sampling):
+    return reference(v, x, prev, ref, coefs, reduction, sampling, True)
+
+
+def check_backward(shape, dtype, reduction, grads, seed=0):
+    want_gl, want_gm, want_gq, has_prev = GRADS[grads]
+    v, x, prev, _, ref, coefs = make_inputs(shape, dtype, seed)
+    acc = acc_of(dtype)
+    g = torch.Generator().manual_seed(seed + 7)
+    lshape = flow_grpo._logp_shape(shape, reduction)
+
+    def rand(shp, dt, want):
+        if not want:
+            return None
+        return torch.randn(shp, generator=g, dtype=torch.float64).to(dt).to(DEVICE)
+
+    gl = rand(lshape, acc, want_gl)
+    gm = rand(shape, dtype, want_gm)
+    gq = rand(shape[0], acc, want_gq)
+    p = prev if has_prev else None
+    got = backward(v, x, p, ref, coefs, reduction, gl, gm, gq)
+    assert got.shape == v.shape and got.dtype == dtype
+    exact = autograd_grad(up(v), up(x), up(p), up(ref), coefs.double(), reduction, up(gl), up(gm),
+                          up(gq), _reference_fn)
+    if grads == "none":
+        assert torch.all(got == 0)
+    if dtype == torch.float64:
+        close(got, exact, 1e-12)
+        return
+    eager = autograd_grad(v, x, p, ref, coefs, reduction, gl, gm, gq, eager_forward)
+    assert_rule(f"{str(dtype).replace('torch.', '')} grad_v", got, eager, exact)
+
+
+@pytest.mark.parametrize("grads", list(GRADS))
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["mean", "channel_sum", "none"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_backward(dtype, shape, reduction, grads):
+    check_backward(shape, dtype, reduction, grads, seed=sum(shape) + 3 * reduction)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiling, offsets, sizes
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiny tiles so that small latents span many programs: masked tail tiles, several partials
+    per sample, and the finalize kernel's loop over more partials than its block."""
+    small = dict(fwd_max=32, fwd_min=32, fwd_programs_per_sm=0, bwd=64)
+    for name in list(fs._CONFIGS):
+        monkeypatch.setitem(fs._CONFIGS, name, small)
+    monkeypatch.setattr(fs, "_FINALIZE_BLOCK", 4)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5, 3, 7, 9), torch.float64),
+                                         ((2, 3, 11, 13), torch.bfloat16)],
+                         ids=["video-float64", "image-bfloat16"])
+def test_multi_tile(small_tiles, shape, dtype):
+    for reduction, mode in itertools.product((0, 1, 2), ("train", "sample")):
+        check_forward(shape, dtype, reduction, mode, seed=5)
+    for reduction in (0, 1, 2):
+        check_backward(shape, dtype, reduction, "all", seed=6)
+
+
+def test_gpu_tile_configuration(monkeypatch):
+    """The tiles chosen for an H100 (132 SMs), also run under the interpreter when there is no
+    GPU: the forward tile shrinks towards 256 positions to fill the SMs."""
+    monkeypatch.setattr(fs, "_interpreted", lambda t: False)
+    monkeypatch.setattr(fs, "_sm_count", lambda device: 132)
+    for shape in [(1, 2, 3, 30, 30), (2, 3, 11, 13)]:     # S = 2700: two backward tiles
+        for reduction in (0, 1, 2):
+            check_forward(shape, torch.float32, reduction, "train", seed=8)
+            check_forward(shape, torch.float64, reduction, "sample_ref", seed=8)
+            check_backward(shape, torch.float64, reduction, "all", seed=9)
+
+
+def test_int64_offsets(monkeypatch):
+    """The int64 offset variant (used from 2**31 elements on) on small inputs."""
+    monkeypatch.setattr(fs, "_INT32_OFFSET_LIMIT", 0)
+    for reduction in (0, 1, 2):
+        check_forward((2, 3, 11, 13), torch.float64, reduction, "sample_ref", seed=10)
+        check_backward((2, 3, 11, 13), torch.float64, reduction, "all", seed=11)
+
+
+def test_wan_latent_fast():
+    """A Wan 2.1 latent [2, 16, 21, 60, 104] (4.2M elements), fp32: forward (training form: prev
+    and reference given, mean-reduced) and backward, against the float32 reference."""
+    shape = (2, 16, 21, 60, 104)
+    g = torch.Generator().manual_seed(21)
+    v, x, noise, dref = (torch.randn(shape, generator=g) for _ in range(4))
+    coefs = make_coefs(2, torch.float32, 22)
+    v, x = v.to(DEVICE), x.to(DEVICE)
+    prev = (coefs[:, 0].view(-1, 1, 1, 1, 1) * x + coefs[:, 1].view(-1, 1, 1, 1, 1) * v
+            + coefs[:, 4].view(-1, 1, 1, 1, 1) * noise.to(DEVICE))
+    ref = v + 0.1 * dref.to(DEVICE)
+    gl = torch.tensor([0.5, -1.5], device=DEVICE)
+    gq = torch.tensor([0.01, 0.02], device=DEVICE)
+
+    t0 = time.perf_counter()
+    logp, ref_sq, mean, new_prev = forward(v, x, prev, ref, coefs, 0, False, False)
+    t1 = time.perf_counter()
+    grad_v = backward(v, x, prev, ref, coefs, 0, gl, None, gq)
+    t2 = time.perf_counter()
+    print(f"\nWan {list(shape)} fp32: forward {t1 - t0:.2f}s, backward {t2 - t1:.2f}s")
+    assert mean.numel() == 0 and new_prev.numel() == 0
+    if INTERPRET:
+        # A few seconds with interpreter-sized tiles; GPU-sized tiles would take minutes.
+        assert t2 - t0 < 60, (t1 - t0, t2 - t1)
+
+    exact = reference(v.double(), x.double(), prev.double(), ref.double(), coefs.double(), 0,
+                      False, False)
+    torch.testing.assert_close(logp.double(), exact[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(ref_sq.double(), exact[1], rtol=1e-6, atol=0)
+    # grad_v = -2 alpha cv (gl / D) d + 2 gq (v - ref), computed here in float64
+    c = coefs.double()
+    shp = (-1, 1, 1, 1, 1)
+    D = v[0].numel()
+    d = prev.double() - (c[:, 0].view(shp) * x.double() + c[:, 1].view(shp) * v.double())
+    exp_grad = (-2 * c[:, 2] * c[:, 1] * gl.double() / D).view(shp) * d \
+        + (2 * gq.double()).view(shp) * (v.double() - ref.double())
+    err = max_err(grad_v, exp_grad)
+    assert err <= 4 * ulp(torch.float32, exp_grad), err
+
+
+def test_empty_and_single_element_dims():
+    """C = 1 and S = 1 (Triton specialises integer arguments equal to 1), and zero elements."""
+    for shape in [(2, 1, 1, 5, 3), (3, 4, 1, 1), (1, 1, 1, 1)]:
+        for reduction in (0, 1, 2):
+            check_forward(shape, torch.float64, reduction, "sample_ref", seed=12)
+            check_backward(shape, torch.float64, reduction, "all", seed=13)
+    v = torch.zeros(2, 0, 3, 4, device=DEVICE)
+    coefs = make_coefs(2, torch.float32)
+    logp, ref_sq, mean, prev = forward(v, v, v, v, coefs, 1, True, True)
+    assert logp.shape == (2, 3, 4) and torch.all(logp == 0) and torch.all(ref_sq == 0)
+    assert mean.shape == prev.shape == v.shape
+    assert backward(v, v, v, v, coefs, 0, torch.ones(2, device=DEVICE), v,
+                    torch.ones(2, device=DEVICE)).shape == v.shape
+
+
+def test_bad_arguments():
+    v, x, prev, _, ref, coefs = make_inputs((2, 3, 4, 5), torch.float32)
+    with pytest.raises(RuntimeError, match="coefs must be"):
+        forward(v, x, prev, None, coefs.double(), 0, False, False)
+    with pytest.raises(RuntimeError, match="sample and model_output dtypes differ"):
+        forward(v, x.double(), prev, None, coefs, 0, False, False)
+    with pytest.raises(RuntimeError, match="prev_sample must be a contiguous"):
+        forward(v, x, prev.transpose(2, 3).contiguous().transpose(2, 3), None, coefs, 0, False,
+                False)
+    with pytest.raises(RuntimeError, match="reduction must be"):
+        forward(v, x, prev, None, coefs, 3, False, False)
+    with pytest.raises(RuntimeError, match="grad_ref_sq given without ref_model_output"):
+        backward(v, x, prev, None, coefs, 0, None, None, torch.ones(2, device=DEVICE))
+    with pytest.raises(RuntimeError, match="grad_logp must be"):
+        backward(v, x, prev, ref, coefs, 1, torch.ones(2, device=DEVICE), None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the registered custom ops
+# ------------------------------------------------------------------------------------------------
+
+def test_registered_in_flow_grpo():
+    assert "triton" in flow_grpo.IMPLEMENTED
+    assert flow_grpo._forward_op("triton") is torch.ops.tbkernels.flow_step_forward_triton.default \
+        or flow_grpo._forward_op("triton") is flow_grpo._flow_step_forward_triton
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_custom_op_autograd_through_sampled_prev(reduction):
+    """Sampling: gradient through the returned prev_sample (mean + s*noise) and the log-prob."""
+    shape = (2, 3, 2, 5, 7)
+    v, x, _, noise, ref, coefs = make_inputs(shape, torch.float64, seed=14)
+    g = torch.Generator().manual_seed(15)
+    lshape = flow_grpo._logp_shape(shape, reduction)
+    wl, wp, wm = (torch.randn(s, generator=g, dtype=torch.float64).to(DEVICE)
+                  for s in (lshape, shape, shape))
+    grads = []
+    for fn in (flow_grpo._forward_reference, torch.ops.tbkernels.flow_step_forward_triton):
+        vv = v.clone().requires_grad_(True)
+        logp, ref_sq, mean, prev = fn(vv, x, noise, ref, coefs, reduction, True, True)
+        ((logp * wl).sum() + (prev * wp).sum() + (mean * wm).sum() + 0.3 * ref_sq.sum()).backward()
+        grads.append(vv.grad)
+    close(grads[1], grads[0], 1e-12)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_opcheck(mode):
+    """Schema, fake (shapes, dtypes, no aliasing between outputs), autograd registration."""
+    sampling, has_pn, has_ref, write_mean = MODES[mode]
+    shape = (2, 3, 4, 5)
+    v, x, prev, noise, ref, coefs = make_inputs(shape, torch.float32, seed=18)
+    pn = (noise if sampling else prev) if has_pn else None
+    r = ref if has_ref else None
+    for reduction in (0, 1, 2):
+        torch.library.opcheck(torch.ops.tbkernels.flow_step_forward_triton,
+                              (v, x, pn, r, coefs, reduction, sampling, write_mean))
+        gl = torch.ones(flow_grpo._logp_shape(shape, reduction), device=DEVICE)
+        torch.library.opcheck(torch.ops.tbkernels.flow_step_backward_triton,
+                              (v, x, prev, r, coefs, reduction, gl, v * 0.5,
+                               torch.ones(2, device=DEVICE) if has_ref else None))
+
+
+def test_public_api_compiled_fullgraph():
+    """flow_grpo_loss with backend='triton' under torch.compile(fullgraph=True), fwd + bwd."""
+    torch._dynamo.reset()
+    shape = (2, 4, 2, 5, 6)
+    v, x, prev, _, ref, _ = make_inputs(shape, torch.float32, seed=16)
+    s, sn = torch.tensor([0.9, 0.6], device=DEVICE), torch.tensor([0.8, 0.5], device=DEVICE)
+    old = torch.full((2, 2, 5, 6), -3.0, device=DEVICE)
+    adv = torch.tensor([1.0, -1.0], device=DEVICE)
+    amap = torch.rand(2, 2, 5, 6, generator=torch.Generator().manual_seed(17)).to(DEVICE)
+
+    def step(vv, backend):
+        loss, _ = tbkernels.flow_grpo_loss(vv, x, prev, s, sn, old, adv, ref_model_output=ref,
+                                           beta=0.01, advantage_map=amap, clip_range=0.3,
+                                           backend=backend)
+        return loss
+
+    results = []
+    for fn, backend in ((step, "reference"), (torch.compile(step, fullgraph=True), "triton")):
+        vv = v.clone().requires_grad_(True)
+        loss = fn(vv, backend)
+        loss.backward()
+        results.append((loss.detach(), vv.grad))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
