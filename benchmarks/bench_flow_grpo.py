@@ -9,8 +9,8 @@ against the measured device copy bandwidth, and peak extra memory.
 Rows go to the results CSV (benchmarks/results/results.csv, or $TBK_RESULTS_CSV) with op
 ``flow_grpo_loss``. Peak extra memory: on a GPU ``max_memory_allocated`` minus what was allocated
 before the step; on a CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) minus
-the resident set before the step, each variant in its own process so one cannot inflate another's
-peak. "Extra" includes the gradient the step must produce, so the floor is one latent.
+the resident set before the step, each variant in its own process (with a fixed glibc mmap
+threshold, so freed tensors leave the resident set) so one cannot inflate another's peak. "Extra" includes the gradient the step must produce, so the floor is one latent.
 """
 from __future__ import annotations
 
@@ -211,7 +211,11 @@ def peak_extra_bytes(name, shape, dtype, device):
 def measure_memory_in_child(name, shape, dtype, device):
     cmd = [sys.executable, __file__, "--child-memory", name, "--shape", ",".join(map(str, shape)),
            "--dtype", str(dtype).replace("torch.", ""), "--device", device.type]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1200)
+    # A fixed mmap threshold makes glibc return every large block to the OS when it is freed
+    # (its default threshold grows after the first free, and freed blocks then stay resident),
+    # so the resident set tracks live tensors and its peak is the step's peak.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1200, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
 
 
