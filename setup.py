@@ -56,7 +56,9 @@ def _cuda_decision():
 def _extension():
     cpu_sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")]
                        + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # -fopenmp-simd: honour `#pragma omp simd` (vectorised float reductions) without the OpenMP
+    # runtime; threads come from at::parallel_for.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp-simd"]
     build_cuda, reason = _cuda_decision()
     if not build_cuda:
         print(f"tbkernels: building C++ CPU kernels only; CUDA kernels OFF ({reason})")

@@ -333,6 +333,9 @@ def test_workers_get_the_mps_client_environment(fake_control, monkeypatch):
 _SIGNAL_SCRIPT = r'''
 import os, signal, sys, time
 import tbkernels.mps as mps
+# A shell that starts us in the background (CI runners do) leaves SIGINT ignored; an interactive
+# Python has the KeyboardInterrupt handler, which is the case under test.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 d = mps.MpsDaemon(binary=sys.argv[1], check_gpu=False)
 mode = sys.argv[2]
 if mode == "atexit":

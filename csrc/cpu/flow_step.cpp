@@ -53,6 +53,112 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
+// One channel row [i0, i0 + n) of sample b. The hot case (a stored prev_sample, no mean output:
+// flow_grpo_loss) is compiled branch-free per reduction and reference flag, so the reductions
+// vectorise (omp simd lets the compiler reassociate the float sums); the sde_step case with its
+// optional outputs keeps runtime branches.
+template <typename scalar_t, typename acc_t>
+struct ForwardRow {
+  const scalar_t *v, *x, *pn, *ref;
+  acc_t cx, cv, alpha, gamma, sd;
+  bool sampling;
+  scalar_t *mean_out, *prev_out;
+};
+
+template <int kRed, bool kHasRef, bool kGeneric, typename scalar_t, typename acc_t>
+inline void forward_row(const ForwardRow<scalar_t, acc_t>& a, int64_t i0, int64_t n,
+                        acc_t* chan_acc, acc_t* logp, acc_t& row_sq, acc_t& row_ref) {
+  acc_t sq = 0, rf = 0;
+  const acc_t cx = a.cx, cv = a.cv, alpha = a.alpha, gamma = a.gamma;
+  if constexpr (!kGeneric) {
+#pragma omp simd reduction(+ : sq, rf)
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = i0 + j;
+      const acc_t vi = static_cast<acc_t>(a.v[i]);
+      const acc_t d = static_cast<acc_t>(a.pn[i]) - (cx * static_cast<acc_t>(a.x[i]) + cv * vi);
+      const acc_t d2 = d * d;
+      if constexpr (kRed == kReduceMean) sq += d2;
+      if constexpr (kRed == kReduceChannelSum) chan_acc[j] += d2;
+      if constexpr (kRed == kReduceNone) logp[i] = alpha * d2 + gamma;
+      if constexpr (kHasRef) {
+        const acc_t dr = vi - static_cast<acc_t>(a.ref[i]);
+        rf += dr * dr;
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = i0 + j;
+      const acc_t vi = static_cast<acc_t>(a.v[i]);
+      const acc_t mean = cx * static_cast<acc_t>(a.x[i]) + cv * vi;
+      acc_t prev;
+      if (a.sampling) {
+        prev = a.pn ? mean + a.sd * static_cast<acc_t>(a.pn[i]) : mean;
+        a.prev_out[i] = static_cast<scalar_t>(prev);
+        // The log-prob is of the sample actually stored, so round-trip through its dtype.
+        prev = static_cast<acc_t>(a.prev_out[i]);
+      } else {
+        prev = a.pn ? static_cast<acc_t>(a.pn[i]) : mean;
+      }
+      if (a.mean_out) a.mean_out[i] = static_cast<scalar_t>(mean);
+      const acc_t d = prev - mean, d2 = d * d;
+      if constexpr (kRed == kReduceMean) sq += d2;
+      if constexpr (kRed == kReduceChannelSum) chan_acc[j] += d2;
+      if constexpr (kRed == kReduceNone) logp[i] = alpha * d2 + gamma;
+      if constexpr (kHasRef) {
+        const acc_t dr = vi - static_cast<acc_t>(a.ref[i]);
+        rf += dr * dr;
+      }
+    }
+  }
+  row_sq += sq;
+  row_ref += rf;
+}
+
+template <int kRed, bool kHasRef, bool kGeneric, typename scalar_t, typename acc_t>
+void forward_tasks(const Layout L, const ForwardRow<scalar_t, acc_t> proto, const acc_t* coefs,
+                   acc_t* logp, std::vector<double>& part_sq, std::vector<double>& part_ref) {
+  const int64_t nchunk = L.chunks(), tasks = L.B * nchunk;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> chan_acc(kRed == kReduceChannelSum ? kChunk : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nchunk, s0 = (t % nchunk) * kChunk;
+      const int64_t n = std::min(kChunk, L.S - s0);
+      ForwardRow<scalar_t, acc_t> a = proto;
+      const acc_t* cf = coefs + b * 5;
+      a.cx = cf[0], a.cv = cf[1], a.alpha = cf[2], a.gamma = cf[3], a.sd = cf[4];
+      if constexpr (kRed == kReduceChannelSum) std::fill(chan_acc.begin(), chan_acc.begin() + n, acc_t(0));
+      double sq_sum = 0.0, ref_sum = 0.0;
+      for (int64_t c = 0; c < L.C; ++c) {
+        acc_t row_sq = 0, row_ref = 0;
+        forward_row<kRed, kHasRef, kGeneric>(a, (b * L.C + c) * L.S + s0, n, chan_acc.data(),
+                                             logp, row_sq, row_ref);
+        sq_sum += row_sq;
+        ref_sum += row_ref;
+      }
+      if constexpr (kRed == kReduceChannelSum) {
+        acc_t* out = logp + b * L.S + s0;
+        for (int64_t j = 0; j < n; ++j) out[j] = a.alpha * chan_acc[j] + a.gamma * L.C;
+      }
+      part_sq[t] = sq_sum;
+      part_ref[t] = ref_sum;
+    }
+  });
+}
+
+// Turns the runtime flags into one of the compiled variants above.
+template <int kRed, typename scalar_t, typename acc_t>
+void forward_dispatch_ref(bool has_ref, bool generic, const Layout L,
+                          const ForwardRow<scalar_t, acc_t>& a, const acc_t* coefs, acc_t* logp,
+                          std::vector<double>& ps, std::vector<double>& pr) {
+  if (has_ref) {
+    generic ? forward_tasks<kRed, true, true>(L, a, coefs, logp, ps, pr)
+            : forward_tasks<kRed, true, false>(L, a, coefs, logp, ps, pr);
+  } else {
+    generic ? forward_tasks<kRed, false, true>(L, a, coefs, logp, ps, pr)
+            : forward_tasks<kRed, false, false>(L, a, coefs, logp, ps, pr);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Layout L, const scalar_t* v, const scalar_t* x, const scalar_t* pn,
                     const scalar_t* ref, const acc_t* coefs, int64_t reduction, bool sampling,
@@ -60,56 +166,15 @@ void forward_kernel(const Layout L, const scalar_t* v, const scalar_t* x, const 
   const int64_t nchunk = L.chunks(), tasks = L.B * nchunk;
   // Per-task partial sums, combined per sample afterwards in a fixed order (deterministic).
   std::vector<double> part_sq(tasks, 0.0), part_ref(tasks, 0.0);
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> chan_acc(kChunk);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nchunk, s0 = (t % nchunk) * kChunk;
-      const int64_t n = std::min(kChunk, L.S - s0);
-      const acc_t* cf = coefs + b * 5;
-      const acc_t cx = cf[0], cv = cf[1], alpha = cf[2], gamma = cf[3], sd = cf[4];
-      if (reduction == kReduceChannelSum) std::fill(chan_acc.begin(), chan_acc.begin() + n, acc_t(0));
-      double sq_sum = 0.0, ref_sum = 0.0;
-      for (int64_t c = 0; c < L.C; ++c) {
-        const int64_t base = (b * L.C + c) * L.S + s0;
-        acc_t row_sq = 0, row_ref = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t i = base + j;
-          const acc_t vi = static_cast<acc_t>(v[i]);
-          const acc_t mean = cx * static_cast<acc_t>(x[i]) + cv * vi;
-          acc_t prev;
-          if (sampling) {
-            prev = pn ? mean + sd * static_cast<acc_t>(pn[i]) : mean;
-            prev_out[i] = static_cast<scalar_t>(prev);
-            // The log-prob is of the sample actually stored, so round-trip through its dtype.
-            prev = static_cast<acc_t>(prev_out[i]);
-          } else {
-            prev = pn ? static_cast<acc_t>(pn[i]) : mean;
-          }
-          if (mean_out) mean_out[i] = static_cast<scalar_t>(mean);
-          const acc_t d = prev - mean, d2 = d * d;
-          if (reduction == kReduceMean) {
-            row_sq += d2;
-          } else if (reduction == kReduceChannelSum) {
-            chan_acc[j] += d2;
-          } else {
-            logp[i] = alpha * d2 + gamma;
-          }
-          if (ref) {
-            const acc_t dr = vi - static_cast<acc_t>(ref[i]);
-            row_ref += dr * dr;
-          }
-        }
-        sq_sum += row_sq;
-        ref_sum += row_ref;
-      }
-      if (reduction == kReduceChannelSum) {
-        acc_t* out = logp + b * L.S + s0;
-        for (int64_t j = 0; j < n; ++j) out[j] = alpha * chan_acc[j] + gamma * L.C;
-      }
-      part_sq[t] = sq_sum;
-      part_ref[t] = ref_sum;
-    }
-  });
+  const ForwardRow<scalar_t, acc_t> a{v, x, pn, ref, 0, 0, 0, 0, 0, sampling, mean_out, prev_out};
+  const bool generic = sampling || pn == nullptr || mean_out != nullptr;
+  const bool has_ref = ref != nullptr;
+  if (reduction == kReduceMean)
+    forward_dispatch_ref<kReduceMean>(has_ref, generic, L, a, coefs, logp, part_sq, part_ref);
+  else if (reduction == kReduceChannelSum)
+    forward_dispatch_ref<kReduceChannelSum>(has_ref, generic, L, a, coefs, logp, part_sq, part_ref);
+  else
+    forward_dispatch_ref<kReduceNone>(has_ref, generic, L, a, coefs, logp, part_sq, part_ref);
   const double D = static_cast<double>(L.C * L.S);
   for (int64_t b = 0; b < L.B; ++b) {
     double sq = 0.0, rs = 0.0;
@@ -122,6 +187,28 @@ void forward_kernel(const Layout L, const scalar_t* v, const scalar_t* x, const 
                                    static_cast<double>(coefs[b * 5 + 3]));
     }
     ref_sq[b] = static_cast<acc_t>(rs);
+  }
+}
+
+// Backward over one channel row when grad_logp and prev are given and grad_mean is not (the
+// loss path): no branches in the loop, so it vectorises. kReducePerElement covers channel_sum and
+// none, whose grad_logp row is indexed by j (gl_row points at this row's first entry).
+constexpr int kReducePerElement = 3;
+
+template <int kRed, bool kHasRef, typename scalar_t, typename acc_t>
+inline void backward_row(const scalar_t* v, const scalar_t* x, const scalar_t* prev,
+                         const scalar_t* ref, int64_t i0, int64_t n, acc_t cx, acc_t cv,
+                         acc_t lp_scale, acc_t gl_sample, const acc_t* gl_row, acc_t gq2,
+                         scalar_t* grad_v) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = i0 + j;
+    const acc_t vi = static_cast<acc_t>(v[i]);
+    const acc_t d = static_cast<acc_t>(prev[i]) - (cx * static_cast<acc_t>(x[i]) + cv * vi);
+    const acc_t gl = kRed == kReduceMean ? gl_sample : gl_row[j];
+    acc_t g = lp_scale * gl * d;
+    if constexpr (kHasRef) g += gq2 * (vi - static_cast<acc_t>(ref[i]));
+    grad_v[i] = static_cast<scalar_t>(g);
   }
 }
 
@@ -144,6 +231,19 @@ void backward_kernel(const Layout L, const scalar_t* v, const scalar_t* x, const
       const acc_t gq2 = grad_ref_sq ? acc_t(2) * grad_ref_sq[b] : 0;
       for (int64_t c = 0; c < L.C; ++c) {
         const int64_t base = (b * L.C + c) * L.S + s0;
+        if (grad_logp && prev && !grad_mean) {  // flow_grpo_loss: the branch-free variants
+          const acc_t* gl_row = reduction == kReduceChannelSum ? grad_logp + b * L.S + s0
+                                : reduction == kReduceNone     ? grad_logp + base
+                                                               : nullptr;
+          const bool with_ref = grad_ref_sq && ref;
+          if (reduction == kReduceMean)
+            with_ref ? backward_row<kReduceMean, true>(v, x, prev, ref, base, n, cx, cv, lp_scale, gl_sample, gl_row, gq2, grad_v)
+                     : backward_row<kReduceMean, false>(v, x, prev, ref, base, n, cx, cv, lp_scale, gl_sample, gl_row, gq2, grad_v);
+          else
+            with_ref ? backward_row<kReducePerElement, true>(v, x, prev, ref, base, n, cx, cv, lp_scale, gl_sample, gl_row, gq2, grad_v)
+                     : backward_row<kReducePerElement, false>(v, x, prev, ref, base, n, cx, cv, lp_scale, gl_sample, gl_row, gq2, grad_v);
+          continue;
+        }
         for (int64_t j = 0; j < n; ++j) {
           const int64_t i = base + j;
           const acc_t vi = static_cast<acc_t>(v[i]);
