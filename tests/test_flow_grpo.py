@@ -453,3 +453,51 @@ def test_wan_480p_latent_loss_and_gradient(backend):
         # Relative to the largest value: gradients of a mean over 2M elements are ~1e-7.
         err = (got.double() - exp).abs().max().item()
         assert err <= 1e-5 * exp.abs().max().item(), (err, exp.abs().max().item())
+
+
+_MEMORY_SCRIPT = r'''
+import gc, json, sys, torch, tbkernels
+backend, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+shape = (2, 16, 9, 32, 32)
+g = torch.Generator().manual_seed(0)
+v, x, noise, ref = (torch.randn(shape, generator=g).to(dtype) for _ in range(4))
+prev = (x + 0.05 * noise).contiguous()
+s, sn, old, adv = torch.tensor([0.9, 0.5]), torch.tensor([0.8, 0.4]), torch.zeros(2), torch.ones(2)
+vv = v.clone().requires_grad_(True)
+def step():
+    loss, _ = tbkernels.flow_grpo_loss(vv, x, prev, s, sn, old, adv, ref_model_output=ref,
+                                       beta=0.04, backend=backend)
+    loss.backward()
+step(); vv.grad = None; gc.collect()
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+open("/proc/self/clear_refs", "w").write("5")
+base = kib("VmRSS")
+step()
+print(json.dumps({"extra": (kib("VmHWM") - base) * 1024, "latent": vv.numel() * vv.element_size()}))
+'''
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"),
+                    reason="needs Linux /proc/self/clear_refs to reset the peak resident set")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_step_allocates_only_the_gradient(dtype, tmp_path):
+    """Peak extra memory of forward+backward on the C++ backend: the gradient plus O(B) scalars."""
+    if not tbkernels.backends("cpu")["cpu"].available:
+        pytest.skip("compiled extension not built")
+    import json
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "mem.py"
+    script.write_text(_MEMORY_SCRIPT)
+    # A fixed mmap threshold returns freed blocks to the OS, so the resident set tracks tensors.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    runs = {}
+    for backend in ("cpu", "reference"):
+        out = subprocess.run([sys.executable, str(script), backend, dtype], capture_output=True,
+                             text=True, env=env, timeout=300, check=True)
+        runs[backend] = json.loads(out.stdout.strip().splitlines()[-1])
+    latent = runs["cpu"]["latent"]
+    assert runs["cpu"]["extra"] <= latent + (1 << 20), runs          # grad + < 1 MiB
+    assert runs["reference"]["extra"] >= 3 * latent, runs           # the check can tell
