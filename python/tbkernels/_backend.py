@@ -60,6 +60,8 @@ def _interpreting() -> bool:
 def _status(name: str, device_type: str | None) -> BackendStatus:
     """Availability of one backend for tensors on ``device_type`` (None: on any device here)."""
     if name == "reference":
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return BackendStatus(False, "plain PyTorch, but no CUDA device is visible")
         return BackendStatus(True, "plain PyTorch, any device and dtype")
     if name == "cpu":
         mod, why = _compiled()
