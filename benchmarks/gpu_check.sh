@@ -119,6 +119,14 @@ mps_bench() {
   return $rc
 }
 
+dpo_memory_bench() {
+  TBK_RESULTS_CSV="$OUT/results.csv" $PY benchmarks/dpo_memory.py --gpu --latent 480p_2s \
+    >"$OUT/dpo_memory.log" 2>&1
+  local rc=$?
+  tail -40 "$OUT/dpo_memory.log"
+  return $rc
+}
+
 plot() {
   [ -s "$OUT/results.csv" ] || { echo "no results.csv to plot"; return 1; }
   $PY benchmarks/plot_results.py "$OUT/results.csv" --out-dir "$OUT"
@@ -132,6 +140,7 @@ step "test suite on the GPU" tests
 step "benchmark suite" benchmarks
 step "flow-GRPO loss benchmark" flow_grpo_bench
 step "MPS reward-worker benchmark" mps_bench
+step "DPO peak-memory benchmark" dpo_memory_bench
 step "plot" plot
 
 printf '\n=== summary (t=%ss): outputs in %s\n' "$SECONDS" "$OUT"
