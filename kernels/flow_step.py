@@ -55,6 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tbkernels.kernels._rounding import to_output as _to_output  # shared bf16 rounding
+
 _INT32_OFFSET_LIMIT = 2**31
 
 # Tile sizes per execution mode.
@@ -72,18 +74,6 @@ _FINALIZE_BLOCK = 1024
 # ----------------------------------------------------------------------------------------------
 # Device helpers
 # ----------------------------------------------------------------------------------------------
-
-@triton.jit
-def _to_output(v, out_ty: tl.constexpr):
-    """Round the float32/float64 values to the output dtype, to nearest even."""
-    if out_ty == tl.bfloat16:
-        # Round-to-nearest-even by hand (as PyTorch does): the interpreter's float32 -> bfloat16
-        # cast truncates. NaN -> quiet NaN; +-inf and overflow round to +-inf as on the GPU.
-        bits = tl.where(v != v, 0x7FC00000, v.to(tl.uint32, bitcast=True))
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(out_ty)
 
 
 # ----------------------------------------------------------------------------------------------

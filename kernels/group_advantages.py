@@ -2,7 +2,7 @@
 
 The contract (arguments, outputs, math) is the docstring of
 ``python/tbkernels/ops/_group_advantages_reference.py``; this module reproduces it and imports
-nothing from tbkernels. ``rewards`` is [B, K] (K heads, each normalised independently) and all
+only the shared kernels/_rounding.py from tbkernels. ``rewards`` is [B, K] (K heads, each normalised independently) and all
 statistics are accumulated in float32 (float64 for float64 rewards).
 
 Launch structure
@@ -59,6 +59,8 @@ import struct
 import torch
 import triton
 import triton.language as tl
+
+from tbkernels.kernels._rounding import to_output as _to_output  # shared bf16 rounding
 
 _IMAX = tl.constexpr(2**63 - 1)
 _INT64_MAX = 2**63 - 1
@@ -136,18 +138,6 @@ def _finish(dev, denom, flat, clip_bits, STD_MODE: tl.constexpr, CLIP: tl.conste
         adv = tl.minimum(tl.maximum(adv, -clip), clip)
     return adv
 
-
-@triton.jit
-def _to_output(v, out_ty: tl.constexpr):
-    """Round the float32/float64 advantages to the output dtype, to nearest even."""
-    if out_ty == tl.bfloat16:
-        # Round-to-nearest-even by hand (as PyTorch does): the interpreter's float32 -> bfloat16
-        # cast truncates, and this way both backends give identical, correctly rounded bits.
-        bits = tl.where(v != v, 0x7FC00000, v.to(tl.uint32, bitcast=True))   # NaN -> quiet NaN
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(out_ty)
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 
 The contract is that of the C++ ops (``csrc/cpu/per_sample_mse.cpp``) and of
 ``per_sample_mse_reference`` in ``python/tbkernels/ops/_dpo_reference.py``; this module imports
-nothing from tbkernels. For contiguous ``pred``, ``target`` of shape ``[B, ...]`` (D = elements
+nothing from tbkernels but the shared kernels/_rounding.py. For contiguous ``pred``, ``target`` of shape ``[B, ...]`` (D = elements
 per sample; the two dtypes may differ):
 
     forward:  out[b]     = (1/D) sum_e (pred[b,e] - target[b,e])^2     -> [B] float32 (float64 if
@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tbkernels.kernels._rounding import to_output as _to_output  # shared bf16 rounding
+
 _INT32_OFFSET_LIMIT = 2**31
 # block: elements per program iteration; max_iters: forward blocks per program;
 # programs_per_sm: the forward shortens its chunk until this many programs per SM are launched.
@@ -49,17 +51,6 @@ _CONFIGS = {
 _FINALIZE_BLOCK = 1024
 _SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-
-@triton.jit
-def _to_output(v, out_ty: tl.constexpr):
-    """Round float32/float64 values to the output dtype, to nearest even."""
-    if out_ty == tl.bfloat16:
-        v32 = v.to(tl.float32)
-        bits = tl.where(v32 != v32, 0x7FC00000, v32.to(tl.uint32, bitcast=True))
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(out_ty)
 
 
 @triton.jit
