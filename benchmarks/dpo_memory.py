@@ -4,7 +4,7 @@ Flow-DPO steps on a video diffusion transformer in each memory mode of ``tbkerne
 (standard / decoupled / recompute), with and without activation checkpointing, full fine-tuning
 and LoRA (issue 4).
 
-    python benchmarks/dpo_memory.py --small            # CPU (~80 s): peak RSS, a process per mode
+    python benchmarks/dpo_memory.py --small            # CPU (~140 s): peak RSS, a process per mode
     python benchmarks/dpo_memory.py --small --sweep    # + peak memory vs layers and frames, plot
     python benchmarks/dpo_memory.py --small --sweep --no-grid  # the sweep and plot alone
     python benchmarks/dpo_memory.py --gpu              # Wan2.1-1.3B-like, 480p x 2 s and 720p
@@ -22,7 +22,11 @@ GPU runs use float32 master weights under bfloat16 autocast.
 One step: ``zero_grad(set_to_none=True)`` and ``dpo_backward`` with Flow-DPO (beta 100) on a
 chosen and a rejected latent sharing noise and t, reference errors given as constants (the
 reference forward is outside the step and the same for every mode). No optimizer step: its state
-is the same in every mode.
+is the same in every mode. Each configuration is also measured as the second micro-batch of a
+gradient-accumulation step (shape suffix ``|accum``; ``.grad`` already holds the first
+micro-batch's gradients): there standard DPO's single backward keeps one branch's whole parameter
+gradient in autograd's buffers until the other branch reaches each parameter, while the decoupled
+and recompute backwards add each branch into ``.grad`` in place (``--no-accum`` skips these runs).
 
 Memory: a fresh process per (mode, configuration) (three at a time on a CPU, sharing the cores;
 one after the other on a GPU): build, a warm-up step, then several measured steps through
@@ -241,7 +245,7 @@ def make_batch(latent, cfg, device, seed=0):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def dpo_step(model, batch, mode, autocast_dtype=None):
+def dpo_step(model, batch, mode, autocast_dtype=None, zero_grad=True):
     def branch(xt, target):
         def fn():
             ctx = (torch.autocast(xt.device.type, dtype=autocast_dtype) if autocast_dtype
@@ -252,7 +256,8 @@ def dpo_step(model, batch, mode, autocast_dtype=None):
             return tbkernels.per_sample_mse(pred, target)
         return fn
 
-    model.zero_grad(set_to_none=True)
+    if zero_grad:
+        model.zero_grad(set_to_none=True)
     loss, _ = tbkernels.dpo_backward(branch(batch["xt_w"], batch["target_w"]),
                                      branch(batch["xt_l"], batch["target_l"]), beta=BETA,
                                      loss="flow_dpo", ref_chosen=batch["ref_w"],
@@ -286,7 +291,9 @@ def child_memory(specs):
     """Peak memory of one step for each configuration, in this process (one per mode).
 
     Per configuration: build, one warm-up step, then ``measure`` measured steps; the reported
-    peak is the smallest of them. Every measured peak is an upper bound of the step's true
+    peak is the smallest of them. With ``spec["accum"]`` the measured step is the second
+    micro-batch of a gradient-accumulation step: one unmeasured micro-batch first fills ``.grad``
+    (in ``start_bytes``), and the measured one adds to it. Every measured peak is an upper bound of the step's true
     high-water mark (live tensors plus allocator overhead: on a CPU the heap keeps a few freed
     small blocks resident, on a GPU the caching allocator is exact and they agree), so the
     minimum is the tightest one; ``peak_extra_all`` keeps them all.
@@ -300,19 +307,25 @@ def child_memory(specs):
         runs = []
         try:
             dpo_step(model, batch, spec["mode"], amp)          # warm-up: allocator, lazy init
-            for _ in range(spec.get("measure", 4 if device.type == "cpu" else 2)):
+            accum = bool(spec.get("accum"))
+
+            def prepare():
                 model.zero_grad(set_to_none=True)
+                if accum:                                      # the first micro-batch
+                    dpo_step(model, batch, spec["mode"], amp, zero_grad=False)
                 gc.collect()
                 _sync(device)
+
+            for _ in range(spec.get("measure", 4 if device.type == "cpu" else 2)):
+                prepare()
                 with tbkernels.memory.peak_memory(device) as mem:
-                    dpo_step(model, batch, spec["mode"], amp)
+                    dpo_step(model, batch, spec["mode"], amp, zero_grad=False)
                 runs.append(mem)
             if device.type == "cpu":
                 # the allocator-free count: exact bytes of the tensors the step creates
-                model.zero_grad(set_to_none=True)
-                gc.collect()
+                prepare()
                 with tbkernels.memory.peak_tensor_memory() as tm:
-                    dpo_step(model, batch, spec["mode"], amp)
+                    dpo_step(model, batch, spec["mode"], amp, zero_grad=False)
                 out["peak_tensor_bytes"] = tm.peak_bytes
         except torch.OutOfMemoryError as e:
             out["oom"] = str(e).splitlines()[0]
@@ -391,6 +404,7 @@ def run_child(spec, timeout=3600):
 def shape_key(spec):
     return "|".join([spec["config"], spec["ft"], "ckpt" if spec["ckpt"] else "no_ckpt",
                      f"L{spec['layers']}", "x".join(map(str, spec["latent"]))]
+                    + (["accum"] if spec.get("accum") else [])
                     + (["sweep"] if spec.get("sweep") else []))
 
 
@@ -413,6 +427,8 @@ def suite(args, device):
         for ft in ("full", "lora"):
             for ckpt in (False, True):
                 grid.append(dict(base, latent=LATENTS[lat], ft=ft, ckpt=ckpt))
+                if args.accum:
+                    grid.append(dict(base, latent=LATENTS[lat], ft=ft, ckpt=ckpt, accum=True))
     sweep = []
     if args.sweep:
         lat0 = LATENTS[latents[0]]
@@ -439,6 +455,9 @@ def main():
     p.add_argument("--jobs", type=int, default=None,
                    help="memory processes run at once (default: 3 on CPU, 1 on GPU)")
     p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--no-accum", dest="accum", action="store_false",
+                   help="skip the gradient-accumulation micro-step (.grad already filled) memory "
+                        "runs")
     p.add_argument("--latent", action="append", choices=sorted(LATENTS), default=None,
                    help="latent size(s) to run (default: 480p_2s and 720p_2s with --gpu)")
     p.add_argument("--no-diffusers", dest="diffusers", action="store_false",
@@ -522,7 +541,8 @@ def main():
             print(line)
 
     # time: one process for every configuration, modes interleaved
-    timed = [s for s in grid if not any("oom" in r for r in mem[shape_key(s)].values())]
+    timed = [s for s in grid if not s.get("accum")       # the same step, timed once
+             and not any("oom" in r for r in mem[shape_key(s)].values())]
     if timed:
         print(f"\n{'configuration':<52} {'mode':<10} {'median':>9} {'vs std':>8}")
     timing = [dict(s, modes=list(MODES), rounds=rounds) for s in timed]

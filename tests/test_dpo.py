@@ -920,6 +920,54 @@ def test_peak_tensor_memory_counts_forward_and_backward():
     assert tm.allocations > 3
 
 
+def test_peak_tensor_memory_ignores_views_and_in_place_ops_on_older_tensors():
+    """A view (or an in-place update) of a tensor made before the block is not new memory:
+    ``weight.t()`` inside every nn.Linear once counted as a weight-sized allocation."""
+    w = torch.randn(512, 512)
+    with tbkernels.memory.peak_tensor_memory() as tm:
+        wt = w.t()
+        w.mul_(2.0)
+        flat = w.view(-1)
+        y = wt[:8].clone()                          # the only new storage: 8 x 512 float32
+    assert tm.peak_bytes == 8 * 512 * 4, tm
+    assert tm.allocations == 1
+    del wt, flat, y
+    lin = torch.nn.Linear(256, 256)
+    with tbkernels.memory.peak_tensor_memory() as tm:
+        lin(torch.ones(4, 256)).sum().backward()
+    # weight.grad and bias.grad, the [4,256] output and its gradient; not a second weight
+    assert tm.live_at_exit == (256 * 256 + 256) * 4, tm
+    assert tm.peak_bytes < 2 * 256 * 256 * 4, tm
+
+
+def test_decoupled_saves_a_parameter_gradient_when_accumulating():
+    """The second micro-batch of gradient accumulation (``.grad`` already filled): standard DPO's
+    one backward keeps the first-processed branch's gradient of every shared parameter in
+    autograd's input buffers until the other branch reaches it; the decoupled and recompute
+    backwards add each branch into ``.grad`` in place. Exact tensor accounting: standard holds
+    about one parameter-gradient copy (P bytes) more."""
+    torch.manual_seed(11)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    P = sum(p.numel() * p.element_size() for p in model.parameters())
+    xw, xl = torch.randn(4, 256), torch.randn(4, 256)
+
+    def fn(x):
+        return lambda: ((model(x) - x) ** 2).mean(dim=1)
+
+    peaks, grads = {}, {}
+    for mode in ("standard", "decoupled", "recompute"):
+        model.zero_grad(set_to_none=True)
+        tbkernels.dpo_backward(fn(xw), fn(xl), beta=2.0, mode=mode, atomic=False)
+        with tbkernels.memory.peak_tensor_memory() as tm:
+            tbkernels.dpo_backward(fn(xw), fn(xl), beta=2.0, mode=mode, atomic=False)
+        peaks[mode] = tm.peak_bytes
+        grads[mode] = [p.grad.clone() for p in model.parameters()]
+    for mode in ("decoupled", "recompute"):
+        for g, g_std in zip(grads[mode], grads["standard"]):
+            torch.testing.assert_close(g, g_std, rtol=1e-5, atol=1e-7)
+        assert peaks["standard"] - peaks[mode] >= 0.9 * P, (peaks, P)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_peak_memory_cuda():
     with tbkernels.memory.peak_memory("cuda") as mem:

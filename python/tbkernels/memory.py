@@ -258,13 +258,22 @@ def peak_tensor_memory():
     class _Counter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            # An output that shares storage with an input is a view of it or the input itself
+            # (in-place and out= ops): it is new memory only if it is not. Without this, a view
+            # made inside the block of a weight made before it (``weight.t()`` in every
+            # ``Linear``) would be counted as a new weight-sized allocation.
+            inputs = set()
+            for a in tree_flatten((args, kwargs))[0]:
+                if isinstance(a, torch.Tensor) and not a.is_meta:
+                    s = a.untyped_storage()
+                    inputs.add((s.device, s.data_ptr()))
             for t in tree_flatten(out)[0]:
                 if not isinstance(t, torch.Tensor) or t.is_meta:
                     continue
                 storage = t.untyped_storage()
                 nbytes = storage.nbytes()
                 key = (storage.device, storage.data_ptr())
-                if nbytes == 0:
+                if nbytes == 0 or key in inputs:
                     continue
                 with lock:
                     if key in live:

@@ -648,9 +648,13 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
     ``"decoupled"`` (TeleBoost's gradient-decoupled DPO)
         both forwards, the weights from the forward values, then ``(g_w * L_w).sum().backward()``
         and ``(g_l * L_l).sum().backward()``: no extra FLOPs. On one device the activations of
-        both branches exist after the forwards, so the peak is that of standard; the win is under
-        sharded data parallelism, where the first branch's gradients are reduced (and freed)
-        before the second backward.
+        both branches exist after the forwards, so in a first micro-batch the peak is that of
+        standard. When ``.grad`` is already filled (gradient accumulation) it is lower by up to
+        one copy of the parameter gradients: standard's single backward holds one branch's
+        gradient of each shared parameter in autograd's buffers until the other branch reaches
+        it, while each decoupled backward adds into ``.grad`` in place. Under sharded data
+        parallelism the first branch's gradients are reduced (and freed) before the second
+        backward.
     ``"recompute"``
         a no-grad forward of chosen for its values, then rejected forward+backward, then chosen
         forward+backward: only one branch's graph is ever alive (peak ~ max(A_w, A_l)), for one
