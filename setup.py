@@ -56,14 +56,18 @@ def _cuda_decision():
 def _extension():
     cpu_sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")]
                        + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    # -fopenmp-simd: honour `#pragma omp simd` (vectorised float reductions) without the OpenMP
-    # runtime; threads come from at::parallel_for.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp-simd"]
+    # -fopenmp: at::parallel_for is a header-inline `#pragma omp parallel` in torch's OpenMP
+    # builds, so without it the kernels silently run on one thread (they did until this flag;
+    # `tbkernels._C.built_with_openmp()` reports it). Linking with -fopenmp names libgomp.so.1,
+    # the soname torch's own wheel loads, so one OpenMP runtime (torch's) serves both.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     build_cuda, reason = _cuda_decision()
     if not build_cuda:
         print(f"tbkernels: building C++ CPU kernels only; CUDA kernels OFF ({reason})")
         return cpp_extension.CppExtension("tbkernels._C", cpu_sources,
-                                          extra_compile_args={"cxx": cxx_flags})
+                                          extra_compile_args={"cxx": cxx_flags},
+                                          extra_link_args=link_flags)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
                         + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_cuda.cpp")))
@@ -72,6 +76,7 @@ def _extension():
     return cpp_extension.CUDAExtension(
         "tbkernels._C", cpu_sources + cuda_sources,
         define_macros=[("TBK_WITH_CUDA", None)],
+        extra_link_args=link_flags,
         extra_compile_args={"cxx": cxx_flags,
                             "nvcc": ["-O3", "-std=c++17", "-lineinfo"]})
 

@@ -38,9 +38,18 @@ bool built_with_cuda() {
   return false;
 #endif
 }
+bool built_with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tbkernels compiled kernels (C++ CPU, and CUDA when built with it)";
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
+  m.def("built_with_openmp", &built_with_openmp,
+        "True when the C++ CPU kernels were compiled with OpenMP (at::parallel_for uses threads)");
 }

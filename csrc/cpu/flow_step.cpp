@@ -20,9 +20,13 @@ namespace tbk {
 namespace {
 
 constexpr int64_t kReduceMean = 0, kReduceChannelSum = 1, kReduceNone = 2;
-// Elements of one channel row handled by one task: large enough to amortise scheduling, small
-// enough that B = 1 still spreads over the threads.
-constexpr int64_t kChunk = 4096;
+// Elements of one channel row handled by one task. A task walks its C channel rows, so each row
+// segment is a separate stream for the hardware prefetcher: short segments restart it too often
+// (measured on an AMD EPYC, 4 streams of [4,16,21,60,104] fp32, one thread: 4096 -> 7.9 ms,
+// 32768 -> 5.9 ms, one contiguous sweep 5.3 ms). A Wan 480p frame set (S = 131040) still gives 4
+// tasks per sample, so B = 1 spreads over a few threads; channel_sum's per-task accumulator
+// (32768 floats, 128 KiB) stays in L2.
+constexpr int64_t kChunk = 32768;
 
 struct Layout {
   int64_t B, C, S;

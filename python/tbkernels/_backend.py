@@ -69,6 +69,8 @@ def _status(name: str, device_type: str | None) -> BackendStatus:
             return BackendStatus(False, why)
         if device_type not in (None, "cpu"):
             return BackendStatus(False, f"C++ CPU kernels take CPU tensors, not {device_type}")
+        if not getattr(mod, "built_with_openmp", lambda: False)():
+            return BackendStatus(True, "C++ kernels, 1 thread (built without OpenMP)")
         return BackendStatus(True, f"C++ kernels, {torch.get_num_threads()} threads")
     if name == "cuda":
         mod, why = _compiled()
