@@ -160,19 +160,49 @@ def time_backward(loss_fn, vv, d, device, reps):
 
 
 def time_phases(loss_fn, d, device, reps):
+    """Forward (no grad) and backward alone, for one variant."""
     vv = d["v"].clone().requires_grad_(True)
 
     def fwd():
         with torch.no_grad():
             return loss_fn(vv, d)
 
-    def fwd_bwd():
-        vv.grad = None
-        loss_fn(vv, d).backward()
-
     return {"forward": time_call(fwd, device, reps),
-            "backward": time_backward(loss_fn, vv, d, device, reps),
-            "forward_backward": time_call(fwd_bwd, device, reps)}
+            "backward": time_backward(loss_fn, vv, d, device, reps)}
+
+
+def time_forward_backward_interleaved(fns, d, device, reps):
+    """Median seconds of forward+backward per variant, the variants timed in rotating order
+    within each round: the headline ratios are then taken side by side, so a slow stretch of the
+    machine (or of the kernel's page-fault path, which on a CPU makes the full-size temporaries
+    of eager and compiled code cost 1x-3x from one minute to the next) hits every variant alike."""
+    names = list(fns)
+    vv = d["v"].clone().requires_grad_(True)
+
+    def step(name):
+        vv.grad = None
+        fns[name](vv, d).backward()
+
+    for name in names:                              # two warm-ups each
+        step(name)
+        step(name)
+    sync(device)
+    times = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if device.type == "cuda":
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                step(name)
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                step(name)
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,11 +266,15 @@ def run(shapes, dtypes, device, reps, recorder, memory=True):
             recorder.add("device_copy", "torch", shape_s, dtype_s, "copy_gb_per_s", bw / 1e9)
             print(f"\n{shape_s} {dtype_s}: device copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
             d = make_inputs(shape, dtype, device)
+            fns = {name: build(name, device) for name in variants(device)}
+            print(f"  forward+backward, {reps} rounds interleaved over {len(fns)} variants ...",
+                  flush=True)
+            fwd_bwd = time_forward_backward_interleaved(fns, d, device, reps)
             medians = {}
-            for name in variants(device):
-                fn = build(name, device)
+            for name, fn in fns.items():
                 print(f"  {name:<20}", end="", flush=True)
                 phases = time_phases(fn, d, device, reps)
+                phases["forward_backward"] = fwd_bwd[name]
                 medians[name] = phases
                 for phase, seconds in phases.items():
                     op = f"{OP}.{phase}"
@@ -295,7 +329,7 @@ def main():
         shapes = [(8, 16, 21, 60, 104), (8, 16, 21, 90, 160)]
         dtypes, reps = [torch.bfloat16], args.reps or 20
     else:
-        shapes, dtypes, reps = [(4, 16, 21, 60, 104)], [torch.float32], args.reps or 7
+        shapes, dtypes, reps = [(4, 16, 21, 60, 104)], [torch.float32], args.reps or 15
     command = "python benchmarks/bench_flow_grpo.py " + " ".join(sys.argv[1:])
     recorder = Recorder(enabled=not args.no_record, device=device_name(device),
                         commit=git_commit(), command=command.strip())
