@@ -1,0 +1,94 @@
+// C entry points into the emulated CUDA kernels, for tests/test_cuda_emulated.py (ctypes).
+// Each fills the kernel's argument struct from plain pointers (host memory stands in for device
+// memory under the emulator), gives it a workspace filled with garbage (as the caching allocator
+// would), launches, and returns the cudaError_t.
+#include <cstdint>
+#include <vector>
+
+#include "emu.h"
+#include "flow_step_kernels.h"
+#include "group_advantages_kernels.h"
+#include "per_sample_mse_kernels.h"
+
+namespace {
+struct Workspace {
+  std::vector<unsigned char> bytes;
+  void* aligned(size_t n) {
+    if (n == 0) return nullptr;
+    bytes.assign(n + 256, 0xAB);
+    return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(bytes.data()) + 255) &
+                                   ~static_cast<uintptr_t>(255));
+  }
+};
+}  // namespace
+
+extern "C" {
+
+long long emu_ops() { return ::emu::g_ops; }
+
+int emu_group_advantages(const void* rewards, int dtype, int64_t B, int64_t K,
+                         const int64_t* group_index, int64_t S, int64_t G, int mode, int ddof,
+                         double eps, double clip, void* adv, void* mean, void* std_out,
+                         int64_t* count, int64_t* first_bad, int* launches) {
+  tbk::cuda::GroupAdvantagesArgs a;
+  a.rewards = rewards; a.dtype = static_cast<tbk::cuda::DType>(dtype); a.batch = B; a.heads = K;
+  a.group_index = group_index; a.group_size = S; a.num_groups = G; a.std_mode = mode;
+  a.ddof = ddof; a.eps = eps; a.clip = clip; a.adv = adv; a.mean = mean; a.std_out = std_out;
+  a.count = count; a.first_bad = first_bad;
+  Workspace ws;
+  a.workspace = ws.aligned(tbk::cuda::group_advantages_workspace_bytes(a));
+  *launches = tbk::cuda::group_advantages_num_launches(a);
+  return static_cast<int>(tbk::cuda::group_advantages(a, nullptr));
+}
+
+int emu_flow_step_forward(int dtype, int64_t B, int64_t C, int64_t S, const void* v, const void* x,
+                          const void* prev_or_noise, const void* ref, const void* coefs,
+                          int reduction, int sampling, void* logp, void* ref_sq, void* mean_out,
+                          void* prev_out, int* launches) {
+  tbk::cuda::FlowStepForwardArgs a;
+  a.dtype = static_cast<tbk::cuda::DType>(dtype); a.batch = B; a.channels = C; a.spatial = S;
+  a.model_output = v; a.sample = x; a.prev_or_noise = prev_or_noise; a.ref_model_output = ref;
+  a.coefs = coefs; a.reduction = reduction; a.sampling = sampling != 0; a.logp = logp;
+  a.ref_sq = ref_sq; a.mean_out = mean_out; a.prev_out = prev_out;
+  Workspace ws;
+  a.workspace = ws.aligned(tbk::cuda::flow_step_forward_workspace_bytes(a));
+  *launches = tbk::cuda::flow_step_forward_num_launches(a);
+  return static_cast<int>(tbk::cuda::flow_step_forward(a, nullptr));
+}
+
+int emu_flow_step_backward(int dtype, int64_t B, int64_t C, int64_t S, const void* v,
+                           const void* x, const void* prev, const void* ref, const void* coefs,
+                           int reduction, const void* grad_logp, const void* grad_mean,
+                           const void* grad_ref_sq, void* grad_v) {
+  tbk::cuda::FlowStepBackwardArgs a;
+  a.dtype = static_cast<tbk::cuda::DType>(dtype); a.batch = B; a.channels = C; a.spatial = S;
+  a.model_output = v; a.sample = x; a.prev_sample = prev; a.ref_model_output = ref;
+  a.coefs = coefs; a.reduction = reduction; a.grad_logp = grad_logp; a.grad_mean = grad_mean;
+  a.grad_ref_sq = grad_ref_sq; a.grad_v = grad_v;
+  return static_cast<int>(tbk::cuda::flow_step_backward(a, nullptr));
+}
+
+int emu_per_sample_mse_forward(int pred_dtype, int target_dtype, int64_t B, int64_t D,
+                               const void* pred, const void* target, void* out, int* launches) {
+  tbk::cuda::PerSampleMseForwardArgs a;
+  a.pred_dtype = static_cast<tbk::cuda::DType>(pred_dtype);
+  a.target_dtype = static_cast<tbk::cuda::DType>(target_dtype);
+  a.batch = B; a.per_sample = D; a.pred = pred; a.target = target; a.out = out;
+  Workspace ws;
+  a.workspace = ws.aligned(tbk::cuda::per_sample_mse_forward_workspace_bytes(a));
+  *launches = tbk::cuda::per_sample_mse_forward_num_launches(a);
+  return static_cast<int>(tbk::cuda::per_sample_mse_forward(a, nullptr));
+}
+
+int emu_per_sample_mse_backward(int pred_dtype, int target_dtype, int64_t B, int64_t D,
+                                const void* grad_out, const void* pred, const void* target,
+                                void* grad_pred) {
+  tbk::cuda::PerSampleMseBackwardArgs a;
+  a.pred_dtype = static_cast<tbk::cuda::DType>(pred_dtype);
+  a.target_dtype = static_cast<tbk::cuda::DType>(target_dtype);
+  a.batch = B; a.per_sample = D; a.grad_out = grad_out; a.pred = pred; a.target = target;
+  a.grad_pred = grad_pred;
+  return static_cast<int>(tbk::cuda::per_sample_mse_backward(a, nullptr));
+}
+
+}  // extern "C"

@@ -1,0 +1,269 @@
+"""The CUDA kernels, run on the CPU under a SIMT emulator, against the C++ CPU kernels.
+
+The CUDA sources (csrc/cuda/*_kernels.cu) are torch-free, so they can be compiled as plain C++
+with tests/cuda_emu/: every CUDA thread is a fiber, a block's fibers run cooperatively, and
+``__syncthreads`` / warp shuffles / ballots are real barriers between them (a barrier that not
+every thread of a block or warp reaches aborts as a deadlock). ``<<<grid, block>>>`` launches
+are rewritten into emulator calls by tests/cuda_emu/transform.py. Host memory stands in for device
+memory. What this checks without a GPU: indexing, the launch plan (grid sizes, number of
+launches, workspace layout, tails), block and warp reductions and their synchronisation,
+dtype loads/stores and rounding. What it cannot: timing, memory coalescing, races between blocks
+that a real GPU would interleave, anything about the torch binding (*_cuda.cpp, type-checked in
+CI). Each result is compared with the C++ CPU kernel on the same inputs, which the other tests
+hold to the float64 reference.
+"""
+import ctypes
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tbkernels
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = ROOT / "tests" / "cuda_emu"
+KERNELS = ("group_advantages", "flow_step", "per_sample_mse")
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the emulator uses ucontext"),
+    pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is needed to build the emulator"),
+    pytest.mark.skipif(not tbkernels.backends("cpu")["cpu"].available,
+                       reason="the C++ CPU kernels (the comparison) are not built"),
+]
+P = ctypes.c_void_p
+I64 = ctypes.c_int64
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    sources = [ROOT / "csrc" / "cuda" / f"{k}_kernels.cu" for k in KERNELS]
+    sources += [ROOT / "csrc" / "cuda" / f"{k}_kernels.h" for k in KERNELS]
+    sources += sorted(EMU.rglob("*.h")) + [EMU / "emu.cpp", EMU / "capi.cpp", EMU / "transform.py"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    out = tmp_path_factory.mktemp("cuda_emu")
+    units = []
+    for k in KERNELS:
+        unit = out / f"{k}_emu.cpp"
+        subprocess.run([sys.executable, str(EMU / "transform.py"),
+                        str(ROOT / "csrc" / "cuda" / f"{k}_kernels.cu"), str(unit)], check=True)
+        units.append(str(unit))
+    lib = out / f"libtbk_emu_{digest}.so"
+    cmd = ["g++", "-std=c++17", "-O1", "-fPIC", "-shared", f"-I{EMU / 'inc'}",
+           f"-I{ROOT / 'csrc' / 'cuda'}", "-include", "emu.h", str(EMU / "emu.cpp"),
+           str(EMU / "capi.cpp"), *units, "-o", str(lib)]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
+    return ctypes.CDLL(str(lib))
+
+
+def ptr(t):
+    return None if t is None else P(t.data_ptr())
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def assert_elementwise(got, exp, dtype):
+    """Per-element results: the same math in the same order, so equal up to one rounding of the
+    output dtype (the C++ compiler may still keep an intermediate in a wider register)."""
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.double(), exp.double(), rtol=eps, atol=eps * 1e-3,
+                               equal_nan=True)
+
+
+def assert_reduction(got, exp, n_terms, dtype):
+    """Sums over n_terms elements in a different order: float32 accumulation error bound."""
+    tol = 1e-12 if dtype == torch.float64 else 4e-7 * max(1.0, n_terms ** 0.5)
+    torch.testing.assert_close(got.double(), exp.double(), rtol=tol, atol=tol, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------- group advantages
+GA_CASES = [  # (B, K, group size or None for ids, G, std_mode, ddof, eps, clip)
+    (64, 1, 8, 8, 0, 1, 1e-4, 0.0),
+    (96, 2, 24, 4, 0, 0, 1e-6, 5.0),
+    (1000, 1, 1000, 1, 1, 0, 1e-4, 0.0),
+    (777, 3, None, 50, 0, 1, 1e-4, 0.0),
+    (4096, 1, 16, 256, 2, 0, 0.0, 3.0),
+    (5000, 1, None, 7, 1, 1, 1e-8, 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GA_CASES)
+def test_group_advantages_cuda_kernel(emu, dtype, case):
+    B, K, S, G, mode, ddof, eps, clip = case
+    g = torch.Generator().manual_seed(B + K)
+    rewards = torch.randn(B, K, generator=g).to(dtype)
+    if S is not None:
+        rewards[:S] = 0.5                                   # a flat group: exactly zero
+        ids = None
+    else:
+        ids = torch.randint(0, G, (B,), generator=g)
+        ids[:G] = torch.arange(G)                           # every group present
+    sdt = acc_dtype(dtype)
+    adv = torch.full_like(rewards, float("nan"))
+    mean = torch.full((G, K), float("nan"), dtype=sdt)
+    std = torch.full((G, K), float("nan"), dtype=sdt)
+    count = torch.full((G,), -7, dtype=torch.int64)
+    first_bad = torch.tensor([2**63 - 1], dtype=torch.int64)
+    launches = ctypes.c_int(0)
+    rc = emu.emu_group_advantages(
+        ptr(rewards), DTYPE_CODE[dtype], I64(B), I64(K), ptr(ids), I64(S or 0), I64(G), mode,
+        ddof, ctypes.c_double(eps), ctypes.c_double(clip), ptr(adv), ptr(mean), ptr(std),
+        ptr(count), ptr(first_bad), ctypes.byref(launches))
+    assert rc == 0
+    exp = torch.ops.tbkernels.group_advantages(rewards, ids, S or 0, G, mode, ddof, eps, clip, False)
+    assert torch.equal(count, exp[3])
+    assert int(first_bad) == 2**63 - 1                     # all finite: untouched
+    assert_reduction(mean, exp[1], B // G, dtype)
+    assert_reduction(std, exp[2], B // G, dtype)
+    # advantages: (r - mean) / (std + eps) with mean/std from differently ordered sums
+    tol = 1e-10 if dtype == torch.float64 else 2 * torch.finfo(dtype).eps + 1e-5
+    torch.testing.assert_close(adv.double(), exp[0].double(), rtol=tol, atol=tol)
+    if S is not None:
+        assert torch.all(adv[:S] == 0)
+    if S is not None and K == 1 and B <= 65536 and mode == 0:
+        assert launches.value == 1                      # the single-launch path
+
+
+def test_group_advantages_cuda_kernel_reports_first_nonfinite(emu):
+    rewards = torch.randn(256, 1)
+    rewards[77, 0] = float("nan")
+    rewards[200, 0] = float("inf")
+    outs = [torch.empty(256, 1), torch.empty(16, 1), torch.empty(16, 1),
+            torch.empty(16, dtype=torch.int64)]
+    first_bad = torch.tensor([2**63 - 1], dtype=torch.int64)   # the caller's INT64_MAX
+    rc = emu.emu_group_advantages(ptr(rewards), 0, I64(256), I64(1), None, I64(16), I64(16), 0, 1,
+                                  ctypes.c_double(1e-4), ctypes.c_double(0.0), *map(ptr, outs),
+                                  ptr(first_bad), ctypes.byref(ctypes.c_int(0)))
+    assert rc == 0 and int(first_bad) == 77
+
+
+# -------------------------------------------------------------------------------------- flow step
+FLOW_SHAPES = [(2, 4, 1000), (1, 3, 37), (3, 16, 2 * 1024 + 17)]
+
+
+def flow_inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B = shape[0]
+    v, x, noise, ref = (torch.randn(shape, generator=g).to(dtype) for _ in range(4))
+    prev = (x.double() + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    sigma = torch.rand(B, generator=g, dtype=torch.float64) * 0.5 + 0.4
+    coefs, _ = tbkernels.ops._flow_grpo_coefs.step_coefficients(sigma, sigma - 0.05, "flow_grpo",
+                                                               0.7)
+    return v, x, prev, noise, ref, coefs.to(acc_dtype(dtype)).contiguous()
+
+
+def logp_shape(shape, reduction):
+    B, C, S = shape
+    return [(B,), (B, S), (B, C, S)][reduction]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", FLOW_SHAPES)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("variant", ["stored_prev", "stored_prev_ref", "sampling_mean", "no_prev"])
+def test_flow_step_forward_cuda_kernel(emu, dtype, shape, reduction, variant):
+    v, x, prev, noise, ref, coefs = flow_inputs(shape, dtype)
+    sampling = variant == "sampling_mean"
+    write_mean = variant == "sampling_mean"
+    pn = noise if sampling else (None if variant == "no_prev" else prev)
+    ref_in = ref if variant == "stored_prev_ref" else None
+    acc = acc_dtype(dtype)
+    logp = torch.full(logp_shape(shape, reduction), float("nan"), dtype=acc)
+    ref_sq = torch.full((shape[0],), float("nan"), dtype=acc)
+    mean = torch.full(shape, float("nan")).to(dtype) if write_mean else None
+    prev_out = torch.full(shape, float("nan")).to(dtype) if sampling else None
+    launches = ctypes.c_int(0)
+    rc = emu.emu_flow_step_forward(DTYPE_CODE[dtype], I64(shape[0]), I64(shape[1]),
+                                   I64(shape[2]), ptr(v), ptr(x), ptr(pn), ptr(ref_in),
+                                   ptr(coefs), reduction, int(sampling), ptr(logp), ptr(ref_sq),
+                                   ptr(mean), ptr(prev_out), ctypes.byref(launches))
+    assert rc == 0 and launches.value >= 1
+    e_logp, e_ref_sq, e_mean, e_prev = torch.ops.tbkernels.flow_step_forward(
+        v, x, pn, ref_in, coefs, reduction, sampling, write_mean)
+    if sampling:
+        assert_elementwise(prev_out, e_prev, dtype)
+        assert_elementwise(mean, e_mean, dtype)
+    n = shape[1] * shape[2]
+    if reduction == 2:
+        assert_elementwise(logp, e_logp, dtype)
+    else:
+        # logp = alpha * sum(d^2) + k * gamma: the two parts nearly cancel for a sampled prev, so
+        # the rounding error is relative to the parts' size, not to the result's
+        k = 1 if reduction == 0 else shape[1]
+        parts = (coefs[:, 3].double().abs() * k).view(-1, *[1] * (e_logp.dim() - 1))
+        parts = parts + e_logp.double().abs()
+        tol = 1e-12 if dtype == torch.float64 else 4e-7 * max(1.0, (n if k == 1 else k) ** 0.5)
+        assert torch.all((logp.double() - e_logp.double()).abs() <= tol * parts), \
+            (logp.double() - e_logp.double()).abs().max()
+    if ref_in is None:
+        assert torch.all(ref_sq == 0)
+    else:
+        assert_reduction(ref_sq, e_ref_sq, n, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", FLOW_SHAPES)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("terms", ["logp", "logp_ref", "mean", "all", "logp_no_prev"])
+def test_flow_step_backward_cuda_kernel(emu, dtype, shape, reduction, terms):
+    v, x, prev, noise, ref, coefs = flow_inputs(shape, dtype, seed=1)
+    g = torch.Generator().manual_seed(9)
+    acc = acc_dtype(dtype)
+    grad_logp = (torch.randn(logp_shape(shape, reduction), generator=g).to(acc)
+                 if terms in ("logp", "logp_ref", "all", "logp_no_prev") else None)
+    grad_mean = torch.randn(shape, generator=g).to(dtype) if terms in ("mean", "all") else None
+    grad_ref_sq = (torch.randn(shape[0], generator=g).to(acc)
+                   if terms in ("logp_ref", "all") else None)
+    ref_in = ref if grad_ref_sq is not None else None
+    prev_in = None if terms == "logp_no_prev" else prev
+    grad_v = torch.full(shape, float("nan")).to(dtype)
+    rc = emu.emu_flow_step_backward(DTYPE_CODE[dtype], I64(shape[0]), I64(shape[1]),
+                                    I64(shape[2]), ptr(v), ptr(x), ptr(prev_in), ptr(ref_in),
+                                    ptr(coefs), reduction, ptr(grad_logp), ptr(grad_mean),
+                                    ptr(grad_ref_sq), ptr(grad_v))
+    assert rc == 0
+    exp = torch.ops.tbkernels.flow_step_backward(v, x, prev_in, ref_in, coefs, reduction,
+                                                 grad_logp, grad_mean, grad_ref_sq)
+    assert not torch.isnan(grad_v).any(), "grad_v not fully written"
+    # a sum of up to three separately rounded terms: a few roundings of the accumulation type
+    eps = torch.finfo(dtype).eps
+    scale = exp.double().abs().max().item() + 1e-30
+    torch.testing.assert_close(grad_v.double(), exp.double(), rtol=2 * eps,
+                               atol=8 * torch.finfo(acc).eps * scale)
+
+
+# --------------------------------------------------------------------------------- per-sample MSE
+@pytest.mark.parametrize("pred_dtype,target_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+    (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64)])
+@pytest.mark.parametrize("B,D", [(1, 1), (3, 1000), (2, 70001), (5, 33)])
+def test_per_sample_mse_cuda_kernels(emu, pred_dtype, target_dtype, B, D):
+    g = torch.Generator().manual_seed(B * D)
+    pred = torch.randn(B, D, generator=g).to(pred_dtype)
+    target = torch.randn(B, D, generator=g).to(target_dtype)
+    acc = torch.float64 if torch.float64 in (pred_dtype, target_dtype) else torch.float32
+    out = torch.full((B,), float("nan"), dtype=acc)
+    launches = ctypes.c_int(0)
+    rc = emu.emu_per_sample_mse_forward(DTYPE_CODE[pred_dtype], DTYPE_CODE[target_dtype], I64(B),
+                                        I64(D), ptr(pred), ptr(target), ptr(out),
+                                        ctypes.byref(launches))
+    assert rc == 0 and launches.value >= 1
+    exp = torch.ops.tbkernels.per_sample_mse(pred, target)
+    assert_reduction(out, exp, D, torch.float64 if acc == torch.float64 else torch.float32)
+
+    grad_out = torch.randn(B, generator=g).to(acc)
+    grad = torch.full((B, D), float("nan")).to(pred_dtype)
+    rc = emu.emu_per_sample_mse_backward(DTYPE_CODE[pred_dtype], DTYPE_CODE[target_dtype], I64(B),
+                                         I64(D), ptr(grad_out), ptr(pred), ptr(target), ptr(grad))
+    assert rc == 0
+    assert_elementwise(grad, torch.ops.tbkernels.per_sample_mse_backward(grad_out, pred, target),
+                       pred_dtype)
