@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import queue as queue_module
 import sys
+import time
 import warnings
 
 import pytest
@@ -821,11 +823,17 @@ def test_recompute_warns_on_nondeterministic_chosen_fn():
 DDP_MODES = ("standard", "decoupled", "recompute", "decoupled+real")
 
 
-def _ddp_worker(rank, world, init_file, queue):
+def _ddp_worker(rank, world, init_file, queue, stack_file=None):
     import datetime
+    import faulthandler
     import traceback
 
     import torch.distributed as dist
+    if stack_file:
+        # a rank that hangs writes every thread's stack here and exits, so the test can say where
+        stacks = open(stack_file, "w")
+        faulthandler.dump_traceback_later(120, exit=True, file=stacks)
+        faulthandler.enable(file=stacks)                # and a rank that crashes, where it did
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=60))
@@ -861,7 +869,9 @@ def test_ddp_two_processes(tmp_path):
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "init"), queue))
+    stack_files = [tmp_path / f"rank{r}.stacks" for r in range(2)]
+    procs = [ctx.Process(target=_ddp_worker,
+                         args=(r, 2, str(tmp_path / "init"), queue, str(stack_files[r])))
              for r in range(2)]
     for p in procs:
         p.start()
@@ -880,7 +890,32 @@ def test_ddp_two_processes(tmp_path):
                                    nll_real_weight=0.1 if real else 0.0)
             per_rank.append(grads(model))
         expected[mode] = [(a + b) / 2 for a, b in zip(*per_rank)]
-    got = dict(queue.get(timeout=180) for _ in procs)
+    got = {}
+    deadline = time.monotonic() + 180
+    while len(got) < len(procs):
+        try:
+            rank, res = queue.get(timeout=1.0)
+            got[rank] = res
+            continue
+        except queue_module.Empty:
+            pass
+        dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in got]
+        if dead or time.monotonic() > deadline:
+            time.sleep(1.0)                             # a result may still be in flight
+            while not queue.empty():
+                rank, res = queue.get()
+                got[rank] = res
+            missing = [r for r in range(len(procs)) if r not in got]
+            if not missing:
+                break
+            for p in procs:
+                if p.exitcode is None:
+                    p.terminate()
+            report = "\n".join(
+                f"rank {r}: exit code {procs[r].exitcode}; stacks:\n"
+                + (stack_files[r].read_text() if stack_files[r].exists() else "(none)")
+                for r in missing)
+            pytest.fail(f"DDP ranks {missing} sent no result:\n{report}")
     for p in procs:
         p.join(timeout=60)
     for rank, res in got.items():
