@@ -826,6 +826,7 @@ DDP_MODES = ("standard", "decoupled", "recompute", "decoupled+real")
 def _ddp_worker(rank, world, init_file, queue, stack_file=None):
     import datetime
     import faulthandler
+    import os
     import traceback
 
     import torch.distributed as dist
@@ -856,10 +857,16 @@ def _ddp_worker(rank, world, init_file, queue, stack_file=None):
                     nll_real_weight=0.1 if real else 0.0)
             # numpy arrays pickle by value (tensors would travel as fds of an exiting process)
             out[mode] = [p.grad.double().numpy().copy() for p in model.parameters()]
-        queue.put((rank, out))
-        dist.destroy_process_group()
+        result, code = (rank, out), 0
     except BaseException:
-        queue.put((rank, traceback.format_exc()))
+        result, code = (rank, traceback.format_exc()), 1
+    # Flush the result to the pipe, then leave at once: every collective has completed on both
+    # ranks by now, and interpreter teardown (DDP reducer and gloo destructors, atexit hooks) was
+    # seen to hang a rank now and then on a loaded 2-core machine, with its result still unsent.
+    queue.put(result)
+    queue.close()
+    queue.join_thread()
+    os._exit(code)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
