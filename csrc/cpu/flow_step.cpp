@@ -16,10 +16,16 @@
 
 #include <vector>
 
+#include "../flow_step_checks.h"
+
 namespace tbk {
 namespace {
 
-constexpr int64_t kReduceMean = 0, kReduceChannelSum = 1, kReduceNone = 2;
+using flow_step::kReduceChannelSum;
+using flow_step::kReduceMean;
+using flow_step::kReduceNone;
+using flow_step::Layout;
+
 // Elements of one channel row handled by one task. A task walks its C channel rows, so each row
 // segment is a separate stream for the hardware prefetcher: short segments restart it too often
 // (measured on an AMD EPYC, 4 streams of [4,16,21,60,104] fp32, one thread: 4096 -> 7.9 ms,
@@ -28,29 +34,7 @@ constexpr int64_t kReduceMean = 0, kReduceChannelSum = 1, kReduceNone = 2;
 // (32768 floats, 128 KiB) stays in L2.
 constexpr int64_t kChunk = 32768;
 
-struct Layout {
-  int64_t B, C, S;
-  int64_t chunks() const { return (S + kChunk - 1) / kChunk; }
-};
-
-Layout check_latents(const at::Tensor& v, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(v.dim() >= 3, op, ": model_output must be [B, C, (T,) H, W], got ", v.sizes());
-  TORCH_CHECK(x.sizes() == v.sizes(), op, ": sample ", x.sizes(), " must match model_output ",
-              v.sizes());
-  TORCH_CHECK(x.scalar_type() == v.scalar_type(), op, ": sample and model_output dtypes differ");
-  TORCH_CHECK(v.is_contiguous() && x.is_contiguous(), op, ": latents must be contiguous");
-  TORCH_CHECK(v.device().is_cpu(), op, " (cpu): tensors must be on the CPU");
-  return {v.size(0), v.size(1), v.numel() / std::max<int64_t>(1, v.size(0) * v.size(1))};
-}
-
-void check_like(const std::optional<at::Tensor>& t, const at::Tensor& v, const char* what,
-                const char* op) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->sizes() == v.sizes() && t->scalar_type() == v.scalar_type() &&
-                  t->is_contiguous() && t->device() == v.device(),
-              op, ": ", what, " must be a contiguous tensor like model_output ", v.sizes(), " ",
-              v.scalar_type(), ", got ", t->sizes(), " ", t->scalar_type());
-}
+inline int64_t num_chunks(const Layout& L) { return (L.S + kChunk - 1) / kChunk; }
 
 template <typename T>
 const T* opt_ptr(const std::optional<at::Tensor>& t) {
@@ -121,7 +105,7 @@ inline void forward_row(const ForwardRow<scalar_t, acc_t>& a, int64_t i0, int64_
 template <int kRed, bool kHasRef, bool kGeneric, typename scalar_t, typename acc_t>
 void forward_tasks(const Layout L, const ForwardRow<scalar_t, acc_t> proto, const acc_t* coefs,
                    acc_t* logp, std::vector<double>& part_sq, std::vector<double>& part_ref) {
-  const int64_t nchunk = L.chunks(), tasks = L.B * nchunk;
+  const int64_t nchunk = num_chunks(L), tasks = L.B * nchunk;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> chan_acc(kRed == kReduceChannelSum ? kChunk : 0);
     for (int64_t t = t0; t < t1; ++t) {
@@ -167,7 +151,7 @@ template <typename scalar_t, typename acc_t>
 void forward_kernel(const Layout L, const scalar_t* v, const scalar_t* x, const scalar_t* pn,
                     const scalar_t* ref, const acc_t* coefs, int64_t reduction, bool sampling,
                     acc_t* logp, acc_t* ref_sq, scalar_t* mean_out, scalar_t* prev_out) {
-  const int64_t nchunk = L.chunks(), tasks = L.B * nchunk;
+  const int64_t nchunk = num_chunks(L), tasks = L.B * nchunk;
   // Per-task partial sums, combined per sample afterwards in a fixed order (deterministic).
   std::vector<double> part_sq(tasks, 0.0), part_ref(tasks, 0.0);
   const ForwardRow<scalar_t, acc_t> a{v, x, pn, ref, 0, 0, 0, 0, 0, sampling, mean_out, prev_out};
@@ -221,7 +205,7 @@ void backward_kernel(const Layout L, const scalar_t* v, const scalar_t* x, const
                      const scalar_t* ref, const acc_t* coefs, int64_t reduction,
                      const acc_t* grad_logp, const scalar_t* grad_mean, const acc_t* grad_ref_sq,
                      scalar_t* grad_v) {
-  const int64_t nchunk = L.chunks(), tasks = L.B * nchunk;
+  const int64_t nchunk = num_chunks(L), tasks = L.B * nchunk;
   const acc_t inv_d = acc_t(1) / static_cast<acc_t>(L.C * L.S);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -269,35 +253,18 @@ void backward_kernel(const Layout L, const scalar_t* v, const scalar_t* x, const
   });
 }
 
-std::vector<int64_t> logp_shape(const at::Tensor& v, int64_t reduction) {
-  if (reduction == kReduceMean) return {v.size(0)};
-  std::vector<int64_t> shape(v.sizes().begin(), v.sizes().end());
-  if (reduction == kReduceChannelSum) shape.erase(shape.begin() + 1);
-  return shape;
-}
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_coefs(const at::Tensor& coefs, const at::Tensor& v, const char* op) {
-  TORCH_CHECK(coefs.dim() == 2 && coefs.size(0) == v.size(0) && coefs.size(1) == 5 &&
-                  coefs.is_contiguous() && coefs.scalar_type() == acc_type(v.scalar_type()),
-              op, ": coefs must be a contiguous [B, 5] ", acc_type(v.scalar_type()),
-              " tensor, got ", coefs.sizes(), " ", coefs.scalar_type());
-  TORCH_CHECK(coefs.device() == v.device(), op, ": coefs must be on the latents' device");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flow_step_forward_cpu(
     const at::Tensor& v, const at::Tensor& x, const std::optional<at::Tensor>& prev_or_noise,
     const std::optional<at::Tensor>& ref, const at::Tensor& coefs, int64_t reduction,
     bool sampling, bool write_mean) {
   const char* op = "flow_step_forward";
-  const Layout L = check_latents(v, x, op);
-  check_like(prev_or_noise, v, sampling ? "noise" : "prev_sample", op);
-  check_like(ref, v, "ref_model_output", op);
-  check_coefs(coefs, v, op);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, op, ": reduction must be 0, 1 or 2");
-  const auto acc = acc_type(v.scalar_type());
-  at::Tensor logp = at::empty(logp_shape(v, reduction), v.options().dtype(acc));
+  const Layout L = flow_step::check_latents(v, x, op, c10::DeviceType::CPU);
+  flow_step::check_like(prev_or_noise, v, sampling ? "noise" : "prev_sample", op);
+  flow_step::check_like(ref, v, "ref_model_output", op);
+  flow_step::check_coefs(coefs, v, op);
+  flow_step::check_reduction(reduction, op);
+  const auto acc = flow_step::acc_type(v.scalar_type());
+  at::Tensor logp = at::empty(flow_step::logp_shape(v, reduction), v.options().dtype(acc));
   at::Tensor ref_sq = at::empty({L.B}, v.options().dtype(acc));
   at::Tensor mean = write_mean ? at::empty_like(v) : at::empty({0}, v.options());
   at::Tensor prev = sampling ? at::empty_like(v) : at::empty({0}, v.options());
@@ -320,25 +287,13 @@ at::Tensor flow_step_backward_cpu(const at::Tensor& v, const at::Tensor& x,
                                   const std::optional<at::Tensor>& grad_mean,
                                   const std::optional<at::Tensor>& grad_ref_sq) {
   const char* op = "flow_step_backward";
-  const Layout L = check_latents(v, x, op);
-  check_like(prev, v, "prev_sample", op);
-  check_like(ref, v, "ref_model_output", op);
-  check_like(grad_mean, v, "grad_mean", op);
-  check_coefs(coefs, v, op);
-  const auto acc = acc_type(v.scalar_type());
-  if (grad_logp.has_value()) {
-    const auto expect = logp_shape(v, reduction);
-    TORCH_CHECK(grad_logp->sizes() == at::IntArrayRef(expect) && grad_logp->is_contiguous() &&
-                    grad_logp->scalar_type() == acc,
-                op, ": grad_logp must be a contiguous ", at::IntArrayRef(expect), " ", acc,
-                " tensor, got ", grad_logp->sizes(), " ", grad_logp->scalar_type());
-  }
-  if (grad_ref_sq.has_value()) {
-    TORCH_CHECK(ref.has_value(), op, ": grad_ref_sq given without ref_model_output");
-    TORCH_CHECK(grad_ref_sq->numel() == L.B && grad_ref_sq->is_contiguous() &&
-                    grad_ref_sq->scalar_type() == acc,
-                op, ": grad_ref_sq must be a contiguous [B] ", acc, " tensor");
-  }
+  const Layout L = flow_step::check_latents(v, x, op, c10::DeviceType::CPU);
+  flow_step::check_like(prev, v, "prev_sample", op);
+  flow_step::check_like(ref, v, "ref_model_output", op);
+  flow_step::check_like(grad_mean, v, "grad_mean", op);
+  flow_step::check_coefs(coefs, v, op);
+  flow_step::check_reduction(reduction, op);
+  flow_step::check_backward_grads(v, ref, reduction, grad_logp, grad_ref_sq, op);
   at::Tensor grad_v = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "flow_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -1,0 +1,101 @@
+// Argument checks and output shapes of the flow-step ops, shared by the CPU kernels
+// (csrc/cpu/flow_step.cpp) and the CUDA binding (csrc/cuda/flow_step_cuda.cpp), so both backends
+// reject the same inputs with the same messages. Schema: csrc/ops.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace tbk {
+namespace flow_step {
+
+constexpr int64_t kReduceMean = 0, kReduceChannelSum = 1, kReduceNone = 2;
+
+// A latent [B, C, (T,) H, W] seen as [B, C, S], S the product of the dims after C.
+struct Layout {
+  int64_t B, C, S;
+};
+
+// The accumulation (and coefs / logp) dtype of a latent dtype.
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// model_output and sample: same shape and dtype, contiguous, on a device of `device_type`.
+inline Layout check_latents(const at::Tensor& v, const at::Tensor& x, const char* op,
+                            c10::DeviceType device_type) {
+  TORCH_CHECK(v.dim() >= 3, op, ": model_output must be [B, C, (T,) H, W], got ", v.sizes());
+  TORCH_CHECK(x.sizes() == v.sizes(), op, ": sample ", x.sizes(), " must match model_output ",
+              v.sizes());
+  TORCH_CHECK(x.scalar_type() == v.scalar_type(), op, ": sample and model_output dtypes differ");
+  TORCH_CHECK(v.is_contiguous() && x.is_contiguous(), op, ": latents must be contiguous");
+  TORCH_CHECK(v.device().type() == device_type, op, " (", c10::DeviceTypeName(device_type, true),
+              "): tensors must be on a ", c10::DeviceTypeName(device_type), " device, got ",
+              v.device());
+  TORCH_CHECK(x.device() == v.device(), op, ": sample must be on model_output's device ",
+              v.device(), ", got ", x.device());
+  int64_t S = 1;
+  for (int64_t d = 2; d < v.dim(); ++d) S *= v.size(d);
+  return {v.size(0), v.size(1), S};
+}
+
+// An optional latent-sized input (prev_sample, noise, ref_model_output, grad_mean).
+inline void check_like(const std::optional<at::Tensor>& t, const at::Tensor& v, const char* what,
+                       const char* op) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->sizes() == v.sizes() && t->scalar_type() == v.scalar_type() &&
+                  t->is_contiguous() && t->device() == v.device(),
+              op, ": ", what, " must be a contiguous tensor like model_output ", v.sizes(), " ",
+              v.scalar_type(), ", got ", t->sizes(), " ", t->scalar_type());
+}
+
+inline void check_coefs(const at::Tensor& coefs, const at::Tensor& v, const char* op) {
+  TORCH_CHECK(coefs.dim() == 2 && coefs.size(0) == v.size(0) && coefs.size(1) == 5 &&
+                  coefs.is_contiguous() && coefs.scalar_type() == acc_type(v.scalar_type()),
+              op, ": coefs must be a contiguous [B, 5] ", acc_type(v.scalar_type()),
+              " tensor, got ", coefs.sizes(), " ", coefs.scalar_type());
+  TORCH_CHECK(coefs.device() == v.device(), op, ": coefs must be on the latents' device");
+}
+
+inline void check_reduction(int64_t reduction, const char* op) {
+  TORCH_CHECK(reduction >= kReduceMean && reduction <= kReduceNone, op,
+              ": reduction must be 0, 1 or 2");
+}
+
+// logp's shape: [B] (mean), [B, (T,) H, W] (channel_sum), the latent's shape (none).
+inline std::vector<int64_t> logp_shape(const at::Tensor& v, int64_t reduction) {
+  if (reduction == kReduceMean) return {v.size(0)};
+  std::vector<int64_t> shape(v.sizes().begin(), v.sizes().end());
+  if (reduction == kReduceChannelSum) shape.erase(shape.begin() + 1);
+  return shape;
+}
+
+// The backward's incoming gradients: grad_logp shaped like logp, grad_ref_sq [B], both in the
+// accumulation dtype, contiguous, on the latents' device; grad_ref_sq needs the reference.
+inline void check_backward_grads(const at::Tensor& v, const std::optional<at::Tensor>& ref,
+                                 int64_t reduction, const std::optional<at::Tensor>& grad_logp,
+                                 const std::optional<at::Tensor>& grad_ref_sq, const char* op) {
+  const auto acc = acc_type(v.scalar_type());
+  if (grad_logp.has_value()) {
+    const auto expect = logp_shape(v, reduction);
+    TORCH_CHECK(grad_logp->sizes() == at::IntArrayRef(expect) && grad_logp->is_contiguous() &&
+                    grad_logp->scalar_type() == acc,
+                op, ": grad_logp must be a contiguous ", at::IntArrayRef(expect), " ", acc,
+                " tensor, got ", grad_logp->sizes(), " ", grad_logp->scalar_type());
+    TORCH_CHECK(grad_logp->device() == v.device(), op,
+                ": grad_logp must be on the latents' device");
+  }
+  if (grad_ref_sq.has_value()) {
+    TORCH_CHECK(ref.has_value(), op, ": grad_ref_sq given without ref_model_output");
+    TORCH_CHECK(grad_ref_sq->numel() == v.size(0) && grad_ref_sq->is_contiguous() &&
+                    grad_ref_sq->scalar_type() == acc,
+                op, ": grad_ref_sq must be a contiguous [B] ", acc, " tensor");
+    TORCH_CHECK(grad_ref_sq->device() == v.device(), op,
+                ": grad_ref_sq must be on the latents' device");
+  }
+}
+
+}  // namespace flow_step
+}  // namespace tbk
