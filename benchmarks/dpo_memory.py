@@ -7,6 +7,7 @@ and LoRA (issue 4).
     python benchmarks/dpo_memory.py --small            # CPU (~140 s): peak RSS, a process per mode
     python benchmarks/dpo_memory.py --small --sweep    # + peak memory vs layers and frames, plot
     python benchmarks/dpo_memory.py --small --sweep --no-grid  # the sweep and plot alone
+    python benchmarks/dpo_memory.py --wide             # CPU (~20 min): Wan2.1-1.3B width, 1-2 layers
     python benchmarks/dpo_memory.py --gpu              # Wan2.1-1.3B-like, 480p x 2 s and 720p
     python benchmarks/dpo_memory.py --gpu --sweep      # + the layers / frames sweep on the GPU
     python benchmarks/dpo_memory.py --plot             # only the plot, from the CSV
@@ -84,6 +85,7 @@ CONFIGS = {
 }
 LATENTS = {
     "480p_2s": (1, 16, 9, 60, 104),
+    "480p_1f": (1, 16, 1, 60, 104),     # one latent frame of 480p (1560 tokens): --wide on a CPU
     "720p_2s": (1, 16, 9, 90, 160),
     "small": (1, 16, 5, 16, 24),
     "tiny": (1, 16, 2, 4, 6),
@@ -415,6 +417,9 @@ def suite(args, device):
     elif args.tiny:
         config, latents = "wan-tiny", ["tiny"]
         sweep_layers, sweep_frames = [1, 2], [2, 3]
+    elif args.wide:
+        config, latents = "wan1.3b", ["480p_1f"]
+        sweep_layers, sweep_frames = [1, 2], [1, 2]
     else:
         config, latents = "wan1.3b", ["480p_2s", "720p_2s"]
         sweep_layers, sweep_frames = [5, 10, 20, 30], [3, 5, 9, 13]
@@ -423,12 +428,17 @@ def suite(args, device):
     base = dict(config=config, device=device.type, diffusers=args.diffusers,
                 layers=CONFIGS[config]["layers"], lora_rank=args.lora_rank)
     grid = []
+    # --wide: Wan2.1-1.3B's width at a CPU-sized depth and length, so no checkpointing runs
+    # (with it the modes are equal anyway) and each depth in --layers is a configuration
+    depths = (args.layers or [1, 2]) if args.wide else [base["layers"]]
     for lat in ([] if args.no_grid else latents):
-        for ft in ("full", "lora"):
-            for ckpt in (False, True):
-                grid.append(dict(base, latent=LATENTS[lat], ft=ft, ckpt=ckpt))
-                if args.accum:
-                    grid.append(dict(base, latent=LATENTS[lat], ft=ft, ckpt=ckpt, accum=True))
+        for layers in depths:
+            for ft in ("full", "lora"):
+                for ckpt in ((False,) if args.wide else (False, True)):
+                    cfg = dict(base, layers=layers, latent=LATENTS[lat], ft=ft, ckpt=ckpt)
+                    grid.append(cfg)
+                    if args.accum:
+                        grid.append(dict(cfg, accum=True))
     sweep = []
     if args.sweep:
         lat0 = LATENTS[latents[0]]
@@ -447,6 +457,9 @@ def main():
     size = p.add_mutually_exclusive_group()
     size.add_argument("--small", action="store_true", help="the CPU configuration (wan-small)")
     size.add_argument("--tiny", action="store_true", help="a smoke run (seconds)")
+    size.add_argument("--wide", action="store_true",
+                      help="CPU: Wan2.1-1.3B's width (dim 1536, FFN 8960, text 4096) with few "
+                           "layers (--layers, default 1 2) on one 480p latent frame")
     p.add_argument("--gpu", action="store_true", help="run on the CUDA device")
     p.add_argument("--sweep", action="store_true", help="also peak memory vs layers and frames")
     p.add_argument("--no-grid", action="store_true",
@@ -455,6 +468,8 @@ def main():
     p.add_argument("--jobs", type=int, default=None,
                    help="memory processes run at once (default: 3 on CPU, 1 on GPU)")
     p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="with --wide: the depths to run")
     p.add_argument("--no-accum", dest="accum", action="store_false",
                    help="skip the gradient-accumulation micro-step (.grad already filled) memory "
                         "runs")
@@ -479,10 +494,13 @@ def main():
         return
     if args.gpu and not torch.cuda.is_available():
         sys.exit("--gpu: no CUDA device visible")
-    if not (args.small or args.tiny or args.gpu):
-        sys.exit("choose --small (CPU), --tiny (smoke) or --gpu (Wan2.1-1.3B sizes)")
+    if not (args.small or args.tiny or args.wide or args.gpu):
+        sys.exit("choose --small (CPU), --wide (CPU, Wan width), --tiny (smoke) or --gpu "
+                 "(Wan2.1-1.3B sizes)")
+    if args.wide and args.gpu:
+        sys.exit("--wide is the CPU stand-in for --gpu's sizes; run --gpu alone on a GPU")
     args.diffusers = args.diffusers and diffusers_available()
-    rounds = args.rounds or (3 if args.tiny else 9 if args.small else 5)
+    rounds = args.rounds or (3 if args.tiny or args.wide else 9 if args.small else 5)
     # CPU: three memory processes at once, the cores shared out (peak memory does not depend on
     # the timing); GPU: one at a time (they share the device).
     jobs = args.jobs or (1 if args.gpu else len(MODES))

@@ -553,29 +553,53 @@ def _graph_leaves(*outputs):
 class _GradSnapshot:
     """Restores .grad of the given parameters after a failed step.
 
-    Parameters whose .grad was None go back to None (free); existing gradients (gradient
-    accumulation) are cloned once, so ``atomic=True`` costs one gradient copy only when
-    accumulating.
+    Parameters whose .grad was None go back to None (free). An existing gradient (gradient
+    accumulation) must be copied before this call first adds to it; with ``lazy`` the copy is
+    taken by a tensor hook just before the parameter's first accumulation (leaf hooks run before
+    AccumulateGrad), i.e. during the backward, while the activations are being freed, so it does
+    not add to the step's peak the way copying every gradient up front would (one full gradient
+    copy on top of both branches' activations). ``lazy=False`` (DDP, whose reducer also writes
+    gradients of parameters that received none, and tracing) copies up front.
     """
 
-    def __init__(self):
+    def __init__(self, lazy=True):
         self.saved = {}
+        self.lazy = lazy
+        self.handles = []
 
     def add(self, params):
         for p in params:
             if id(p) in self.saved or not p.requires_grad:
                 continue
             g = p.grad
-            self.saved[id(p)] = (p, g, None if g is None else g.detach().clone())
+            entry = [p, g, None]                   # parameter, .grad at entry, its copy
+            self.saved[id(p)] = entry
+            if g is None:
+                continue
+            if self.lazy and p.is_leaf:
+                def copy_before_first_accumulation(grad, entry=entry):
+                    if entry[2] is None:
+                        entry[2] = entry[1].detach().clone()
+                    return None
+                self.handles.append(p.register_hook(copy_before_first_accumulation))
+            else:
+                entry[2] = g.detach().clone()
 
     def restore(self):
         for p, g, copy in self.saved.values():
-            if copy is None:
+            if g is None:
                 p.grad = None
+            elif copy is None:
+                continue                            # never accumulated into by this call
             elif p.grad is g:
-                g.detach().copy_(copy)          # keeps DDP's gradient bucket views intact
+                g.detach().copy_(copy)              # keeps DDP's gradient bucket views intact
             else:
                 p.grad = copy
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
 
 
 class _RNG:
@@ -697,8 +721,9 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
     atomic : bool
         A failure in any forward or backward (including a NaN loss found after the first backward
         in recompute mode, or in the real branch) restores ``.grad`` to what it was before the
-        call, then re-raises. Costs one copy of the existing gradients when accumulating; free
-        when ``.grad`` is None.
+        call, then re-raises. When accumulating, each existing gradient is copied just before
+        this call first adds to it (during the backward, as activations are freed, so the copy
+        mostly does not raise the peak; with DDP, all up front); free when ``.grad`` is None.
     check_finite : bool
         Raise :class:`NonFiniteLossError` for a non-finite loss before any backward.
     **loss_options
@@ -728,7 +753,7 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
     loss_fn = _loss_fn(loss, beta, loss_options, check_finite)
     pair = not callable(loss) and loss != "kto"      # KTO's halves are unpaired
     ddp = model if _is_ddp(model) else None
-    snapshot = _GradSnapshot() if atomic else None
+    snapshot = _GradSnapshot(lazy=ddp is None and not _compiling()) if atomic else None
     if snapshot is not None:
         if params is not None:
             snapshot.add(list(params))
@@ -839,3 +864,6 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
         if snapshot is not None:
             snapshot.restore()
         raise
+    finally:
+        if snapshot is not None:
+            snapshot.close()
