@@ -258,10 +258,10 @@ def peak_tensor_memory():
     class _Counter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            # An output that shares storage with an input is a view of it or the input itself
-            # (in-place and out= ops): it is new memory only if it is not. Without this, a view
-            # made inside the block of a weight made before it (``weight.t()`` in every
-            # ``Linear``) would be counted as a new weight-sized allocation.
+            # An output that shares storage with an input (a view of it, or the input itself
+            # after an in-place or out= op) is not new memory. Without this check a view, made
+            # inside the block, of a weight made before it (``weight.t()`` in every ``Linear``)
+            # would count as a new weight-sized allocation.
             inputs = set()
             for a in tree_flatten((args, kwargs))[0]:
                 if isinstance(a, torch.Tensor) and not a.is_meta:
