@@ -97,5 +97,38 @@ inline void check_backward_grads(const at::Tensor& v, const std::optional<at::Te
   }
 }
 
+// Every check of flow_step_forward's arguments, in the order both backends ran them.
+inline Layout check_forward_args(const at::Tensor& v, const at::Tensor& x,
+                                 const std::optional<at::Tensor>& prev_or_noise,
+                                 const std::optional<at::Tensor>& ref, const at::Tensor& coefs,
+                                 int64_t reduction, bool sampling, c10::DeviceType device_type) {
+  const char* op = "flow_step_forward";
+  const Layout L = check_latents(v, x, op, device_type);
+  check_like(prev_or_noise, v, sampling ? "noise" : "prev_sample", op);
+  check_like(ref, v, "ref_model_output", op);
+  check_coefs(coefs, v, op);
+  check_reduction(reduction, op);
+  return L;
+}
+
+// Every check of flow_step_backward's arguments.
+inline Layout check_backward_args(const at::Tensor& v, const at::Tensor& x,
+                                  const std::optional<at::Tensor>& prev,
+                                  const std::optional<at::Tensor>& ref, const at::Tensor& coefs,
+                                  int64_t reduction, const std::optional<at::Tensor>& grad_logp,
+                                  const std::optional<at::Tensor>& grad_mean,
+                                  const std::optional<at::Tensor>& grad_ref_sq,
+                                  c10::DeviceType device_type) {
+  const char* op = "flow_step_backward";
+  const Layout L = check_latents(v, x, op, device_type);
+  check_like(prev, v, "prev_sample", op);
+  check_like(ref, v, "ref_model_output", op);
+  check_like(grad_mean, v, "grad_mean", op);
+  check_coefs(coefs, v, op);
+  check_reduction(reduction, op);
+  check_backward_grads(v, ref, reduction, grad_logp, grad_ref_sq, op);
+  return L;
+}
+
 }  // namespace flow_step
 }  // namespace tbk

@@ -257,12 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flow_step_forward_cpu
     const at::Tensor& v, const at::Tensor& x, const std::optional<at::Tensor>& prev_or_noise,
     const std::optional<at::Tensor>& ref, const at::Tensor& coefs, int64_t reduction,
     bool sampling, bool write_mean) {
-  const char* op = "flow_step_forward";
-  const Layout L = flow_step::check_latents(v, x, op, c10::DeviceType::CPU);
-  flow_step::check_like(prev_or_noise, v, sampling ? "noise" : "prev_sample", op);
-  flow_step::check_like(ref, v, "ref_model_output", op);
-  flow_step::check_coefs(coefs, v, op);
-  flow_step::check_reduction(reduction, op);
+  const Layout L = flow_step::check_forward_args(v, x, prev_or_noise, ref, coefs, reduction,
+                                                 sampling, c10::DeviceType::CPU);
   const auto acc = flow_step::acc_type(v.scalar_type());
   at::Tensor logp = at::empty(flow_step::logp_shape(v, reduction), v.options().dtype(acc));
   at::Tensor ref_sq = at::empty({L.B}, v.options().dtype(acc));
@@ -286,14 +282,8 @@ at::Tensor flow_step_backward_cpu(const at::Tensor& v, const at::Tensor& x,
                                   int64_t reduction, const std::optional<at::Tensor>& grad_logp,
                                   const std::optional<at::Tensor>& grad_mean,
                                   const std::optional<at::Tensor>& grad_ref_sq) {
-  const char* op = "flow_step_backward";
-  const Layout L = flow_step::check_latents(v, x, op, c10::DeviceType::CPU);
-  flow_step::check_like(prev, v, "prev_sample", op);
-  flow_step::check_like(ref, v, "ref_model_output", op);
-  flow_step::check_like(grad_mean, v, "grad_mean", op);
-  flow_step::check_coefs(coefs, v, op);
-  flow_step::check_reduction(reduction, op);
-  flow_step::check_backward_grads(v, ref, reduction, grad_logp, grad_ref_sq, op);
+  const Layout L = flow_step::check_backward_args(v, x, prev, ref, coefs, reduction, grad_logp,
+                                                  grad_mean, grad_ref_sq, c10::DeviceType::CPU);
   at::Tensor grad_v = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "flow_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -47,11 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flow_step_forward_cud
     const std::optional<at::Tensor>& ref, const at::Tensor& coefs, int64_t reduction,
     bool sampling, bool write_mean) {
   const char* op = "flow_step_forward";
-  const Layout L = flow_step::check_latents(v, x, op, c10::DeviceType::CUDA);
-  flow_step::check_like(prev_or_noise, v, sampling ? "noise" : "prev_sample", op);
-  flow_step::check_like(ref, v, "ref_model_output", op);
-  flow_step::check_coefs(coefs, v, op);
-  flow_step::check_reduction(reduction, op);
+  const Layout L = flow_step::check_forward_args(v, x, prev_or_noise, ref, coefs, reduction,
+                                                 sampling, c10::DeviceType::CUDA);
   const cuda::DType dtype = kernel_dtype(v.scalar_type(), op);
   const c10::cuda::CUDAGuard guard(v.device());
 
@@ -94,13 +91,8 @@ at::Tensor flow_step_backward_cuda(const at::Tensor& v, const at::Tensor& x,
                                    const std::optional<at::Tensor>& grad_mean,
                                    const std::optional<at::Tensor>& grad_ref_sq) {
   const char* op = "flow_step_backward";
-  const Layout L = flow_step::check_latents(v, x, op, c10::DeviceType::CUDA);
-  flow_step::check_like(prev, v, "prev_sample", op);
-  flow_step::check_like(ref, v, "ref_model_output", op);
-  flow_step::check_like(grad_mean, v, "grad_mean", op);
-  flow_step::check_coefs(coefs, v, op);
-  flow_step::check_reduction(reduction, op);
-  flow_step::check_backward_grads(v, ref, reduction, grad_logp, grad_ref_sq, op);
+  const Layout L = flow_step::check_backward_args(v, x, prev, ref, coefs, reduction, grad_logp,
+                                                  grad_mean, grad_ref_sq, c10::DeviceType::CUDA);
   const cuda::DType dtype = kernel_dtype(v.scalar_type(), op);
   const c10::cuda::CUDAGuard guard(v.device());
   at::Tensor grad_v = at::empty_like(v);
