@@ -48,13 +48,12 @@ identical, correctly rounded bits.
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from tbkernels.kernels import _launch
+from tbkernels.kernels._launch import next_pow2 as _next_pow2
 from tbkernels.kernels._rounding import to_output as _to_output  # shared bf16 rounding
 
 _INT32_OFFSET_LIMIT = 2**31
@@ -231,23 +230,9 @@ def _backward_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, gl_ptr, gm_ptr,
 # Host side
 # ----------------------------------------------------------------------------------------------
 
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
 def _num_warps(elements: int, element_size: int) -> int:
     # at least one 16-byte vector per thread and load (8 bf16, 4 fp32, 2 fp64 elements), 1-8 warps
     return max(1, min(8, elements * element_size // (16 * 32)))
-
-
-def _interpreted(t: torch.Tensor) -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1" or t.device.type != "cuda"
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -267,9 +252,7 @@ def _layout(v: torch.Tensor, x: torch.Tensor, op: str):
         raise RuntimeError(f"{op}: latents must be contiguous")
     if x.device != v.device:
         raise RuntimeError(f"{op}: sample is on {x.device} but model_output on {v.device}")
-    if v.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(f"{op} (triton): tensors are on {v.device}; Triton needs CUDA tensors, "
-                           "or TRITON_INTERPRET=1 (set before triton is imported) for CPU tensors")
+    _launch.require_launchable(v, op)
     B, C = v.shape[0], v.shape[1]
     S = v.numel() // max(1, B * C)
     return B, C, S
@@ -340,10 +323,10 @@ def flow_step_forward_triton(v, x, prev_or_noise, ref, coefs, reduction, samplin
         ref_sq.zero_()
         return logp, ref_sq, mean, prev
 
-    cfg = _CONFIGS["interpreter" if _interpreted(v) else "gpu"]
+    cfg = _CONFIGS["gpu" if _launch.gpu_tiles(v) else "interpreter"]
     block = min(_next_pow2(S), cfg["fwd_max"])
     if cfg["fwd_programs_per_sm"]:
-        target = cfg["fwd_programs_per_sm"] * _sm_count(dev)
+        target = cfg["fwd_programs_per_sm"] * _launch.sm_count(dev)
         while block > cfg["fwd_min"] and B * triton.cdiv(S, block) < target:
             block //= 2
     nt = triton.cdiv(S, block)
@@ -397,7 +380,7 @@ def flow_step_backward_triton(v, x, prev, ref, coefs, reduction, grad_logp, grad
     if v.numel() == 0:
         return grad_v
 
-    cfg = _CONFIGS["interpreter" if _interpreted(v) else "gpu"]
+    cfg = _CONFIGS["gpu" if _launch.gpu_tiles(v) else "interpreter"]
     block = min(_next_pow2(S), cfg["bwd"])
     nt = triton.cdiv(S, block)
     has_gl, has_gm, has_gq = grad_logp is not None, grad_mean is not None, grad_ref_sq is not None

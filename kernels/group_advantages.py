@@ -53,13 +53,14 @@ floats as float32, which would perturb float64 results (clip = 0.2 is not a floa
 """
 from __future__ import annotations
 
-import os
 import struct
 
 import torch
 import triton
 import triton.language as tl
 
+from tbkernels.kernels import _launch
+from tbkernels.kernels._launch import next_pow2 as _next_pow2
 from tbkernels.kernels._rounding import to_output as _to_output  # shared bf16 rounding
 
 _IMAX = tl.constexpr(2**63 - 1)
@@ -397,13 +398,8 @@ def _f64_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
 def _config(t: torch.Tensor) -> dict:
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1" or t.device.type != "cuda"
-    return _CONFIGS["interpreter" if interpreted else "gpu"]
+    return _CONFIGS["gpu" if _launch.gpu_tiles(t) else "interpreter"]
 
 
 def _num_warps(elements: int) -> int:
@@ -429,6 +425,7 @@ def group_advantages_triton(rewards, group_index, group_size, num_groups, std_mo
     """
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [B, K], got shape {tuple(rewards.shape)}")
+    _launch.require_launchable(rewards, "group_advantages")
     std_mode, ddof = int(std_mode), int(ddof)      # they become compile-time constants
     if std_mode not in (0, 1, 2):
         raise ValueError(f"std_mode must be 0, 1 or 2, got {std_mode}")

@@ -32,13 +32,12 @@ interpreter and the GPU write identical bits.
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from tbkernels.kernels import _launch
+from tbkernels.kernels._launch import next_pow2 as _next_pow2
 from tbkernels.kernels._rounding import to_output as _to_output  # shared bf16 rounding
 
 _INT32_OFFSET_LIMIT = 2**31
@@ -109,20 +108,6 @@ def _backward_kernel(g_ptr, p_ptr, t_ptr, out_ptr, D, NT, ACC_F64: tl.constexpr,
 # ----------------------------------------------------------------------------------------------
 # Host side
 
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def _interpreted(t: torch.Tensor) -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1" or t.device.type != "cuda"
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _acc(pred, target):
     return torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
 
@@ -140,9 +125,7 @@ def _check(pred, target, op):
         raise RuntimeError(f"{op}: pred and target must be contiguous")
     if target.device != pred.device:
         raise RuntimeError(f"{op}: target is on {target.device} but pred on {pred.device}")
-    if pred.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(f"{op} (triton): tensors are on {pred.device}; Triton needs CUDA "
-                           "tensors, or TRITON_INTERPRET=1 (set before triton is imported)")
+    _launch.require_launchable(pred, op)
     B = pred.shape[0]
     return B, (pred.numel() // B if B else 0)
 
@@ -164,12 +147,12 @@ def per_sample_mse_forward_triton(pred: torch.Tensor, target: torch.Tensor) -> t
         return out
     if D == 0:
         return out.fill_(float("nan"))          # a mean over no elements, as torch's mean
-    cfg = _CONFIGS["interpreter" if _interpreted(pred) else "gpu"]
+    cfg = _CONFIGS["gpu" if _launch.gpu_tiles(pred) else "interpreter"]
     block = min(_next_pow2(D), cfg["block"])
     blocks = triton.cdiv(D, block)
     iters = min(cfg["max_iters"], blocks)
     if cfg["programs_per_sm"]:
-        target_programs = cfg["programs_per_sm"] * _sm_count(pred.device)
+        target_programs = cfg["programs_per_sm"] * _launch.sm_count(pred.device)
         while iters > 1 and B * triton.cdiv(blocks, iters) < target_programs:
             iters //= 2
     nc = triton.cdiv(blocks, iters)
@@ -195,7 +178,7 @@ def per_sample_mse_backward_triton(grad_out: torch.Tensor, pred: torch.Tensor,
     grad = torch.empty_like(pred)
     if pred.numel() == 0:
         return grad
-    cfg = _CONFIGS["interpreter" if _interpreted(pred) else "gpu"]
+    cfg = _CONFIGS["gpu" if _launch.gpu_tiles(pred) else "interpreter"]
     block = min(_next_pow2(D), cfg["block"])
     nt = triton.cdiv(D, block)
     _backward_kernel[(B * nt,)](grad_out, pred, target, grad, D, nt,

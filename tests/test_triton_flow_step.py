@@ -333,8 +333,7 @@ def test_multi_tile(small_tiles, shape, dtype):
 def test_gpu_tile_configuration(monkeypatch):
     """The tiles chosen for an H100 (132 SMs), also run under the interpreter when there is no
     GPU: the forward tile shrinks towards 256 positions to fill the SMs."""
-    monkeypatch.setattr(fs, "_interpreted", lambda t: False)
-    monkeypatch.setattr(fs, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(fs._launch, "_assumed_sm_count", 132)
     for shape in [(1, 2, 3, 30, 30), (2, 3, 11, 13)]:     # S = 2700: two backward tiles
         for reduction in (0, 1, 2):
             check_forward(shape, torch.float32, reduction, "train", seed=8)

@@ -119,8 +119,7 @@ def test_multi_block(small_blocks, dtype):
 def test_gpu_configuration(monkeypatch):
     """The GPU tile plan (2048-element blocks, chunk shortened to fill 132 SMs), also run under
     the interpreter."""
-    monkeypatch.setattr(km, "_interpreted", lambda t: False)
-    monkeypatch.setattr(km, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(km._launch, "_assumed_sm_count", 132)
     for shape in [(1, 16, 3, 30, 40), (2, 3, 11, 13)]:
         check(shape, torch.float32, torch.float32, seed=9)
         check(shape, torch.float64, torch.float64, seed=10)

@@ -1,0 +1,67 @@
+"""Launch-side helpers shared by the Triton wrappers (flow_step, group_advantages, per_sample_mse).
+
+Each wrapper sizes its tiles for the machine that runs them: large tiles under the Triton
+interpreter (every program is a numpy evaluation in Python, so fewer programs is faster) and
+GPU-sized tiles when the kernels are compiled. ``assume_gpu(sm_count)`` makes the wrappers take
+the GPU plan for CPU tensors too; the tests use it to run the GPU tile plan under the
+interpreter, and ``kernels/compile_check.py`` uses it to record the exact launches a GPU would
+compile and compile them for sm_80 / sm_90 on a machine without one.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Iterator, Optional
+
+import torch
+
+# SM count to plan for while ``assume_gpu`` is active; None: decide from the tensor.
+_assumed_sm_count: Optional[int] = None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def gpu_tiles(t: torch.Tensor) -> bool:
+    """True when the kernels run compiled on a GPU (or a GPU is assumed): use the GPU tile plan."""
+    if _assumed_sm_count is not None:
+        return True
+    return t.device.type == "cuda" and not interpreter_enabled()
+
+
+def sm_count(device: torch.device) -> int:
+    if _assumed_sm_count is not None:
+        return _assumed_sm_count
+    return _cuda_sm_count(device.index if device.index is not None
+                          else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def require_launchable(t: torch.Tensor, op: str) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
+    if t.device.type == "cuda" or interpreter_enabled() or _assumed_sm_count is not None:
+        return
+    raise RuntimeError(f"{op} (triton): tensors are on {t.device}; Triton needs CUDA tensors, "
+                       "or TRITON_INTERPRET=1 (set before triton is imported) for CPU tensors")
+
+
+@contextlib.contextmanager
+def assume_gpu(sms: int = 132) -> Iterator[None]:
+    """Plan launches as on a GPU with ``sms`` SMs (132: H100 SXM / H200), whatever the tensors'
+    device. Not thread-safe; meant for tests and the compile check."""
+    global _assumed_sm_count
+    previous, _assumed_sm_count = _assumed_sm_count, int(sms)
+    try:
+        yield
+    finally:
+        _assumed_sm_count = previous
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
