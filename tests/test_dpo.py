@@ -824,20 +824,9 @@ DDP_MODES = ("standard", "decoupled", "recompute", "decoupled+real")
 
 
 def _ddp_worker(rank, world, init_file, queue, stack_file=None):
-    import datetime
-    import faulthandler
-    import os
     import traceback
-
-    import torch.distributed as dist
-    if stack_file:
-        # a rank that hangs writes every thread's stack here and exits, so the test can say where
-        stacks = open(stack_file, "w")
-        faulthandler.dump_traceback_later(120, exit=True, file=stacks)
-        faulthandler.enable(file=stacks)                # and a rank that crashes, where it did
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=60))
+        _start_rank(rank, world, init_file, stack_file)
         out = {}
         for mode in DDP_MODES:
             torch.manual_seed(0)
@@ -860,45 +849,25 @@ def _ddp_worker(rank, world, init_file, queue, stack_file=None):
         result, code = (rank, out), 0
     except BaseException:
         result, code = (rank, traceback.format_exc()), 1
-    # Flush the result to the pipe, then leave at once: every collective has completed on both
-    # ranks by now, and interpreter teardown (DDP reducer and gloo destructors, atexit hooks) was
-    # seen to hang a rank now and then on a loaded 2-core machine, with its result still unsent.
-    queue.put(result)
-    queue.close()
-    queue.join_thread()
-    os._exit(code)
+    _finish_rank(queue, result, code)
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
-def test_ddp_two_processes(tmp_path):
-    """2 gloo ranks, different data: every mode leaves the average of the per-rank standard
-    gradients on both ranks (exactly one all-reduce per step, none lost, none doubled)."""
+def _run_two_ranks(worker, tmp_path, while_waiting=None, timeout=180):
+    """Spawn 2 gloo ranks running ``worker(rank, world, init_file, queue, stack_file)``, call
+    ``while_waiting()`` meanwhile, and return ``(its result, {rank: result})``. A rank that dies
+    or hangs fails the test with its exit code and every thread's stack."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     stack_files = [tmp_path / f"rank{r}.stacks" for r in range(2)]
-    procs = [ctx.Process(target=_ddp_worker,
+    procs = [ctx.Process(target=worker,
                          args=(r, 2, str(tmp_path / "init"), queue, str(stack_files[r])))
              for r in range(2)]
     for p in procs:
         p.start()
-    expected = {}
-    for mode in DDP_MODES:                              # meanwhile, the single-process truth
-        per_rank = []
-        for rank in range(2):
-            torch.manual_seed(0)
-            model = TinyNet()
-            d = make_data(seed=10 + rank)
-            real = mode.endswith("+real")
-            tbkernels.dpo_backward(branch(model, d["xw"], d["tw"]),
-                                   branch(model, d["xl"], d["tl"]), beta=10.0, mode="standard",
-                                   ref_chosen=d["ref_w"], ref_rejected=d["ref_l"],
-                                   real_fn=branch(model, d["xr"], d["tr"]) if real else None,
-                                   nll_real_weight=0.1 if real else 0.0)
-            per_rank.append(grads(model))
-        expected[mode] = [(a + b) / 2 for a, b in zip(*per_rank)]
+    local = while_waiting() if while_waiting else None
     got = {}
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + timeout
     while len(got) < len(procs):
         try:
             rank, res = queue.get(timeout=1.0)
@@ -922,16 +891,153 @@ def test_ddp_two_processes(tmp_path):
                 f"rank {r}: exit code {procs[r].exitcode}; stacks:\n"
                 + (stack_files[r].read_text() if stack_files[r].exists() else "(none)")
                 for r in missing)
-            pytest.fail(f"DDP ranks {missing} sent no result:\n{report}")
+            pytest.fail(f"ranks {missing} sent no result:\n{report}")
     for p in procs:
         p.join(timeout=60)
     for rank, res in got.items():
         assert not isinstance(res, str), f"rank {rank} failed:\n{res}"
     assert all(p.exitcode == 0 for p in procs)
+    return local, got
+
+
+def _start_rank(rank, world, init_file, stack_file):
+    import datetime
+    import faulthandler
+
+    import torch.distributed as dist
+    if stack_file:
+        # a rank that hangs writes every thread's stack here and exits, so the test can say where
+        stacks = open(stack_file, "w")
+        faulthandler.dump_traceback_later(120, exit=True, file=stacks)
+        faulthandler.enable(file=stacks)                # and a rank that crashes, where it did
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+
+
+def _finish_rank(queue, result, code):
+    # Flush the result to the pipe, then leave at once: every collective has completed on both
+    # ranks by now, and interpreter teardown (DDP reducer and gloo destructors, atexit hooks) was
+    # seen to hang a rank now and then on a loaded 2-core machine, with its result still unsent.
+    import os
+    queue.put(result)
+    queue.close()
+    queue.join_thread()
+    os._exit(code)
+
+
+def _per_rank_standard_average(modes, steps=1):
+    """The single-process truth: the mean over ranks of each rank's standard-mode gradient."""
+    expected = {}
+    for mode in modes:
+        per_rank = []
+        for rank in range(2):
+            torch.manual_seed(0)
+            model = TinyNet()
+            d = make_data(seed=10 + rank)
+            real = mode.endswith("+real")
+            for _ in range(steps):
+                tbkernels.dpo_backward(branch(model, d["xw"], d["tw"]),
+                                       branch(model, d["xl"], d["tl"]), beta=10.0,
+                                       mode="standard", ref_chosen=d["ref_w"],
+                                       ref_rejected=d["ref_l"],
+                                       real_fn=branch(model, d["xr"], d["tr"]) if real else None,
+                                       nll_real_weight=0.1 if real else 0.0)
+            per_rank.append(grads(model))
+        expected[mode] = [(a + b) / 2 for a, b in zip(*per_rank)]
+    return expected
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_ddp_two_processes(tmp_path):
+    """2 gloo ranks, different data: every mode leaves the average of the per-rank standard
+    gradients on both ranks (exactly one all-reduce per step, none lost, none doubled)."""
+    expected, got = _run_two_ranks(_ddp_worker, tmp_path,
+                                   lambda: _per_rank_standard_average(DDP_MODES))
     for mode in DDP_MODES:
         for rank in (0, 1):
             g = [torch.from_numpy(a) for a in got[rank][mode]]
             assert max_rel(g, expected[mode]) <= 1e-5, (mode, rank)
+
+
+# --- FSDP2 (fully_shard, gloo, CPU) ---------------------------------------------------------
+
+FSDP_MODES = ("standard", "decoupled", "recompute", "decoupled+real")
+
+
+def _fsdp_worker(rank, world, init_file, queue, stack_file=None):
+    import traceback
+    try:
+        _start_rank(rank, world, init_file, stack_file)
+        from torch.distributed.fsdp import fully_shard
+        out = {}
+        for mode in FSDP_MODES:
+            torch.manual_seed(0)
+            model = TinyNet()
+            for layer in (model.l1, model.l2, model.l3):
+                fully_shard(layer)
+            fully_shard(model)
+            d = make_data(seed=10 + rank)
+            real = mode.endswith("+real")
+
+            def step(rejected=None):
+                tbkernels.dpo_backward(
+                    lambda: tbkernels.per_sample_mse(model(d["xw"]), d["tw"]),
+                    rejected or (lambda: tbkernels.per_sample_mse(model(d["xl"]), d["tl"])),
+                    beta=10.0, mode=mode.split("+")[0], model=model, ref_chosen=d["ref_w"],
+                    ref_rejected=d["ref_l"],
+                    real_fn=((lambda: tbkernels.per_sample_mse(model(d["xr"]), d["tr"]))
+                             if real else None),
+                    nll_real_weight=0.1 if real else 0.0)
+
+            full = lambda: [p.grad.full_tensor().double().numpy().copy()  # noqa: E731
+                            for p in model.parameters()]
+            step()
+            step()                                      # accumulates into the sharded .grad
+            after_two = full()
+
+            def failing_rejected():
+                out_ = tbkernels.per_sample_mse(model(d["xl"]), d["tl"])
+                out_.register_hook(
+                    lambda g: (_ for _ in ()).throw(RuntimeError("simulated failure")))
+                return out_
+            try:
+                step(failing_rejected)                  # fails in its rejected backward
+                raised = False
+            except RuntimeError:
+                raised = True
+            # sharded DTensor gradients: one reduce-scatter per branch backward; a failure
+            # after the first branch was reduced must leave them as they were
+            out[mode] = dict(two_steps=after_two, raised=raised,
+                             after_failure=full(), sharded=[
+                                 type(p).__name__ for p in model.parameters()])
+        result, code = (rank, out), 0
+    except BaseException:
+        result, code = (rank, traceback.format_exc()), 1
+    _finish_rank(queue, result, code)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_fsdp2_two_processes(tmp_path):
+    """FSDP2 (fully_shard per layer, 2 gloo ranks, different data): every mode leaves the average
+    of the per-rank standard gradients in the sharded .grad, accumulation over two steps adds, and
+    a failure in the second branch's backward -- after the first branch's gradients were
+    reduce-scattered into .grad -- restores them exactly (atomic copies them up front: FSDP
+    writes sharded gradients where a leaf hook cannot see it)."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    expected, got = _run_two_ranks(_fsdp_worker, tmp_path,
+                                   lambda: _per_rank_standard_average(FSDP_MODES, steps=2))
+    for mode in FSDP_MODES:
+        for rank in (0, 1):
+            res = got[rank][mode]
+            assert set(res["sharded"]) == {"DTensor"}, res["sharded"]
+            g = [torch.from_numpy(a) for a in res["two_steps"]]
+            assert max_rel(g, expected[mode]) <= 1e-5, (mode, rank)
+            assert res["raised"], (mode, rank)
+            for a, b in zip(res["after_failure"], res["two_steps"]):
+                assert (a == b).all(), (mode, rank, "gradients changed by a failed step")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -550,6 +550,27 @@ def _graph_leaves(*outputs):
     return list(leaves.values())
 
 
+def _grad_written_by_sharding(p) -> bool:
+    """FSDP2 parameters are DTensors, FSDP1's (use_orig_params=False) are FlatParameters."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:                               # torch without distributed
+        return False
+    return isinstance(p, DTensor) or bool(getattr(p, "_is_flat_param", False))
+
+
+def _has_fsdp(model) -> bool:
+    """Does ``model`` contain an FSDP1 (FullyShardedDataParallel) or FSDP2 (fully_shard) module?
+    Their hooks write ``.grad`` themselves (FSDP1 also into its original parameters' views)."""
+    if model is None or not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:
+        return False
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
 class _GradSnapshot:
     """Restores .grad of the given parameters after a failed step.
 
@@ -559,7 +580,10 @@ class _GradSnapshot:
     AccumulateGrad), i.e. during the backward, while the activations are being freed, so it does
     not add to the step's peak the way copying every gradient up front would (one full gradient
     copy on top of both branches' activations). ``lazy=False`` (DDP, whose reducer also writes
-    gradients of parameters that received none, and tracing) copies up front.
+    gradients of parameters that received none, and tracing) copies up front, and so does every
+    parameter whose gradient is written outside autograd's AccumulateGrad (FSDP2's DTensor
+    parameters, FSDP1's flat parameters: the sharded gradient arrives by reduce-scatter, after
+    any hook on the parameter could have fired -- if one fires at all).
     """
 
     def __init__(self, lazy=True):
@@ -576,7 +600,7 @@ class _GradSnapshot:
             self.saved[id(p)] = entry
             if g is None:
                 continue
-            if self.lazy and p.is_leaf:
+            if self.lazy and p.is_leaf and not _grad_written_by_sharding(p):
                 def copy_before_first_accumulation(grad, entry=entry):
                     if entry[2] is None:
                         entry[2] = entry[1].detach().clone()
@@ -714,7 +738,9 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
         recompute sync in their last backward (overlapped with it); decoupled (whose two
         backwards both follow both forwards, while DDP arms its reducer at forward time) syncs in
         the real-data branch when there is one, else with one bucketed all-reduce after the last
-        backward. Build the branches' forwards through ``model`` itself.
+        backward. Build the branches' forwards through ``model`` itself. An FSDP2
+        (``fully_shard``) model needs nothing special (each branch's backward reduce-scatters
+        into the sharded ``.grad``); pass it so that ``atomic`` protects its sharded gradients.
     params : iterable of tensors, optional
         The parameters ``atomic`` protects (default: ``model``'s, else those found in the
         branches' autograd graphs).
@@ -723,7 +749,8 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
         in recompute mode, or in the real branch) restores ``.grad`` to what it was before the
         call, then re-raises. When accumulating, each existing gradient is copied just before
         this call first adds to it (during the backward, as activations are freed, so the copy
-        mostly does not raise the peak; with DDP, all up front); free when ``.grad`` is None.
+        mostly does not raise the peak; with DDP or FSDP, all up front, since their hooks write
+        the gradients); free when ``.grad`` is None.
     check_finite : bool
         Raise :class:`NonFiniteLossError` for a non-finite loss before any backward.
     **loss_options
@@ -753,7 +780,8 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
     loss_fn = _loss_fn(loss, beta, loss_options, check_finite)
     pair = not callable(loss) and loss != "kto"      # KTO's halves are unpaired
     ddp = model if _is_ddp(model) else None
-    snapshot = _GradSnapshot(lazy=ddp is None and not _compiling()) if atomic else None
+    lazy = ddp is None and not _compiling() and not _has_fsdp(model)
+    snapshot = _GradSnapshot(lazy=lazy) if atomic else None
     if snapshot is not None:
         if params is not None:
             snapshot.add(list(params))
