@@ -156,8 +156,11 @@ class TinyDiT(nn.Module):
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(dim, in_channels * math.prod(patch))
 
-    def enable_gradient_checkpointing(self):
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None):
         self.gradient_checkpointing = True
+        self._checkpoint = gradient_checkpointing_func or (
+            lambda module, *args: torch.utils.checkpoint.checkpoint(module, *args,
+                                                                    use_reentrant=False))
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
         b, c, f, hh, ww = hidden_states.shape
@@ -168,7 +171,7 @@ class TinyDiT(nn.Module):
         text = self.text_embedding(encoder_hidden_states)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, text, temb6, use_reentrant=False)
+                x = self._checkpoint(block, x, text, temb6)
             else:
                 x = block(x, text, temb6)
         x = self.proj_out(self.norm_out(x))
@@ -248,6 +251,9 @@ def make_batch(latent, cfg, device, seed=0):
 
 
 def dpo_step(model, batch, mode, autocast_dtype=None, zero_grad=True):
+    # meta tensors have no values: no finiteness check (it reads the loss on the host)
+    check_finite = batch["t"].device.type != "meta"
+
     def branch(xt, target):
         def fn():
             ctx = (torch.autocast(xt.device.type, dtype=autocast_dtype) if autocast_dtype
@@ -263,7 +269,8 @@ def dpo_step(model, batch, mode, autocast_dtype=None, zero_grad=True):
     loss, _ = tbkernels.dpo_backward(branch(batch["xt_w"], batch["target_w"]),
                                      branch(batch["xt_l"], batch["target_l"]), beta=BETA,
                                      loss="flow_dpo", ref_chosen=batch["ref_w"],
-                                     ref_rejected=batch["ref_l"], mode=mode, model=model)
+                                     ref_rejected=batch["ref_l"], mode=mode, model=model,
+                                     check_finite=check_finite)
     return loss
 
 
@@ -281,11 +288,18 @@ def setup(spec):
     if spec["ft"] == "lora":
         add_lora(model, spec.get("lora_rank", 32))
         model = model.to(device)
-    if spec["ckpt"]:
+    if spec["ckpt"] and device.type == "meta":
+        # the recomputation runs inside the backward, outside the step's GpuSemanticsOnMeta
+        # region: give it its own (real autocast is restored there by checkpoint itself)
+        model.enable_gradient_checkpointing(
+            lambda module, *args: torch.utils.checkpoint.checkpoint(
+                module.__call__, *args, use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), GpuSemanticsOnMeta())))
+    elif spec["ckpt"]:
         model.enable_gradient_checkpointing()
     latent = tuple(spec["latent"])
     batch = make_batch(latent, cfg, device)
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    amp = torch.bfloat16 if device.type == "cuda" else None     # meta: GpuSemanticsOnMeta
     return device, model, kind, cfg, batch, amp
 
 
@@ -383,6 +397,77 @@ def child_timing(specs):
 
 
 # ------------------------------------------------------------------------------------------------
+# --meta: the tensor-liveness model at full size
+
+class GpuSemanticsOnMeta(torch.overrides.TorchFunctionMode):
+    """What a bf16-autocast CUDA step would allocate, on meta tensors.
+
+    Autocast does not act on meta tensors, so its lower-precision list is emulated: float32
+    tensor arguments of linear / convolution / matmul-family ops and of attention are cast to
+    bfloat16 (a new tensor per call, as autocast's per-region weight cache gives when each weight
+    is used once per forward, which holds for these models); every other op runs in its inputs'
+    dtype, as under autocast (Wan's FP32LayerNorm upcasts by itself). Autocast's float32 list
+    (``rms_norm`` and a few pointwise functions) is not emulated: those outputs stay bfloat16
+    here. Attention goes to a flash-attention kernel (saved state q, k, v, out and a float32
+    logsumexp, as on the GPU) because meta SDPA would take the math path and hold the L x L
+    attention matrix."""
+
+    LOWER = {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, torch.mm, torch.bmm,
+             torch.addmm, torch.baddbmm, torch.Tensor.__matmul__, torch.Tensor.matmul}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            names = ("query", "key", "value")
+            q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+            if (kwargs.get("attn_mask") is not None or kwargs.get("is_causal")
+                    or kwargs.get("dropout_p")):
+                raise NotImplementedError("--meta models unmasked, dropout-free attention only")
+            q, k, v = (self._low(t) for t in (q, k, v))
+            out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, scale=kwargs.get("scale"))
+            return out
+        if func in self.LOWER:
+            args = tuple(self._low(a) for a in args)
+            kwargs = {k: self._low(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _low(t):
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+            return t.to(torch.bfloat16)
+        return t
+
+
+def child_meta(specs):
+    """The tensor-liveness model of one step per configuration, in this process: the model and
+    inputs on the meta device, GPU semantics emulated (GpuSemanticsOnMeta), bytes counted by
+    ``tbkernels.memory.peak_tensor_memory``. ``start_bytes``: parameters, inputs and (``accum``)
+    the first micro-batch's gradients; ``peak_bytes`` = start + the step's peak."""
+    results = []
+    for spec in specs:
+        device, model, kind, cfg, batch, _ = setup(spec)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        out = dict(model=kind, trainable_params=trainable,
+                   params=sum(p.numel() for p in model.parameters()))
+        with GpuSemanticsOnMeta():
+            model.zero_grad(set_to_none=True)
+            if spec.get("accum"):                              # the first micro-batch
+                dpo_step(model, batch, spec["mode"], zero_grad=False)
+            held = [p for p in model.parameters()] + [p.grad for p in model.parameters()
+                                                      if p.grad is not None]
+            start = sum(t.untyped_storage().nbytes() for t in held)
+            start += sum(t.untyped_storage().nbytes() for t in batch.values())
+            with tbkernels.memory.peak_tensor_memory() as tm:
+                dpo_step(model, batch, spec["mode"], zero_grad=False)
+        out.update(peak_tensor_bytes=tm.peak_bytes, peak_extra_bytes=tm.peak_bytes,
+                   start_bytes=start, peak_bytes=start + tm.peak_bytes,
+                   peak_op=tm.peak_op)
+        results.append(out)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
 # Parent: runs the children, records the rows
 
 def run_child(spec, timeout=3600):
@@ -461,6 +546,9 @@ def main():
                       help="CPU: Wan2.1-1.3B's width (dim 1536, FFN 8960, text 4096) with few "
                            "layers (--layers, default 1 2) on one 480p latent frame")
     p.add_argument("--gpu", action="store_true", help="run on the CUDA device")
+    p.add_argument("--meta", action="store_true",
+                   help="--gpu's sizes as a tensor-liveness model on the meta device: no GPU, "
+                        "no compute, seconds per configuration (bf16 autocast emulated)")
     p.add_argument("--sweep", action="store_true", help="also peak memory vs layers and frames")
     p.add_argument("--no-grid", action="store_true",
                    help="with --sweep: only the sweep (not the modes x checkpointing x LoRA grid)")
@@ -488,17 +576,19 @@ def main():
         print(json.dumps(child_timing(spec["specs"]) if spec.get("kind") == "timing"
                          else child_memory(spec["specs"])))
         return
-    device = torch.device("cuda" if args.gpu else "cpu")
+    device = torch.device("cuda" if args.gpu else "meta" if args.meta else "cpu")
     if args.plot:
         print(plot(csv_path(), device_name(device), args.out))
         return
     if args.gpu and not torch.cuda.is_available():
         sys.exit("--gpu: no CUDA device visible")
-    if not (args.small or args.tiny or args.wide or args.gpu):
-        sys.exit("choose --small (CPU), --wide (CPU, Wan width), --tiny (smoke) or --gpu "
-                 "(Wan2.1-1.3B sizes)")
-    if args.wide and args.gpu:
+    if not (args.small or args.tiny or args.wide or args.gpu or args.meta):
+        sys.exit("choose --small (CPU), --wide (CPU, Wan width), --tiny (smoke), --gpu "
+                 "(Wan2.1-1.3B sizes) or --meta (those sizes as a tensor-liveness model)")
+    if args.wide and (args.gpu or args.meta):
         sys.exit("--wide is the CPU stand-in for --gpu's sizes; run --gpu alone on a GPU")
+    if args.gpu and args.meta:
+        sys.exit("--meta models what --gpu measures; choose one")
     args.diffusers = args.diffusers and diffusers_available()
     rounds = args.rounds or (3 if args.tiny or args.wide else 9 if args.small else 5)
     # CPU: three memory processes at once, the cores shared out (peak memory does not depend on
@@ -509,7 +599,8 @@ def main():
     recorder = Recorder(enabled=not (args.no_record or args.tiny), device=device_name(device),
                         commit=git_commit(), command=command.strip())
     grid, sweep = suite(args, device)
-    dtype = "bf16-autocast" if device.type == "cuda" else "float32"
+    dtype = {"cuda": "bf16-autocast", "meta": "bf16-autocast-emulated"}.get(device.type,
+                                                                           "float32")
     print(f"{OP} on {recorder.device}, commit {recorder.commit}, model "
           f"{'diffusers WanTransformer3DModel' if args.diffusers else 'TinyDiT'}")
     t_start = time.perf_counter()
@@ -519,8 +610,11 @@ def main():
     configs = grid + sweep
     jobs_spec = [dict(kind="memory", threads=threads, specs=[dict(s, mode=m)])
                  for s in configs for m in MODES]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = [r[0] for r in pool.map(run_child, jobs_spec)]
+    if device.type == "meta":                  # nothing is allocated: run them all here
+        results = [child_meta(job["specs"])[0] for job in jobs_spec]
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = [r[0] for r in pool.map(run_child, jobs_spec)]
     mem = {}
     for job, res in zip(jobs_spec, results):
         spec = job["specs"][0]
@@ -535,7 +629,7 @@ def main():
             if res.get(metric) is not None:
                 recorder.add(OP, m, key, dtype, metric, res[metric])
     print(f"\n{'configuration':<52} {'mode':<10} {'peak':>9} {'extra':>9} {'extra/std':>9}"
-          + (f" {'tensors':>9} {'tens/std':>8}" if device.type == "cpu" else ""))
+          + (f" {'tensors':>9} {'tens/std':>8}" if device.type != "cuda" else ""))
     for key, by_mode in mem.items():
         std = by_mode.get("standard", {})
         for m in MODES:
@@ -545,8 +639,8 @@ def main():
                 continue
             ratio = res["peak_extra_bytes"] / std["peak_extra_bytes"] if std.get(
                 "peak_extra_bytes") else float("nan")
-            line = (f"{key:<52} {m:<10} {res['peak_bytes'] / 2**20:8.1f}M "
-                    f"{res['peak_extra_bytes'] / 2**20:8.1f}M {ratio:9.3f}")
+            line = (f"{key:<52} {m:<10} {res['peak_bytes'] / 2**20:8.0f}M "
+                    f"{res['peak_extra_bytes'] / 2**20:8.0f}M {ratio:9.3f}")
             if m != "standard" and std.get("peak_extra_bytes"):
                 recorder.add(OP, m, key, dtype, "peak_extra_ratio_vs_standard", ratio)
                 recorder.add(OP, m, key, dtype, "peak_ratio_vs_standard",
@@ -560,7 +654,8 @@ def main():
 
     # time: one process for every configuration, modes interleaved
     timed = [s for s in grid if not s.get("accum")       # the same step, timed once
-             and not any("oom" in r for r in mem[shape_key(s)].values())]
+             and not any("oom" in r for r in mem[shape_key(s)].values())
+             and device.type != "meta"]                  # a model has no time
     if timed:
         print(f"\n{'configuration':<52} {'mode':<10} {'median':>9} {'vs std':>8}")
     timing = [dict(s, modes=list(MODES), rounds=rounds) for s in timed]

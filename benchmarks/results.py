@@ -51,6 +51,8 @@ def device_name(device: torch.device) -> str:
     """The hardware a row was measured on: GPU name, or CPU model and the threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "meta":
+        return "meta (tensor-liveness model, no hardware)"
     # torch's thread count, not the core count: it is what the kernels actually ran on.
     threads = torch.get_num_threads()
     return f"{_cpu_model()} ({threads} thread{'' if threads == 1 else 's'})"

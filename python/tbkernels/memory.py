@@ -237,6 +237,13 @@ def peak_tensor_memory():
     share their base's storage and count once. Tensors that existed before the block (weights,
     inputs) are not counted; memory used inside a kernel without a tensor is not seen.
 
+    Works on the ``meta`` device too, where nothing is computed or allocated: run a model built
+    under ``torch.device("meta")`` on meta inputs and this counts the bytes its tensors *would*
+    hold, at full size, in seconds (``benchmarks/dpo_memory.py --meta`` does that for Wan2.1-1.3B).
+    What differs on a real device: allocator rounding and caching, kernel workspaces, and any op
+    whose meta implementation allocates differently from its device kernel (attention: call a
+    memory-efficient kernel explicitly, since meta SDPA takes the math path).
+
     Yields
     ------
     :class:`PeakTensorMemory`, updated live and final when the block exits.
@@ -249,6 +256,13 @@ def peak_tensor_memory():
     result = PeakTensorMemory()
     live: dict = {}
     lock = threading.Lock()
+
+    def storage_key(storage):
+        # meta storages have no address (data_ptr 0); their StorageImpl pointer is unique while
+        # they are alive, which is as long as a key is kept
+        if storage.device.type == "meta":
+            return ("meta", storage._cdata)
+        return (storage.device, storage.data_ptr())
 
     def freed(key, nbytes):
         with lock:
@@ -264,15 +278,14 @@ def peak_tensor_memory():
             # would count as a new weight-sized allocation.
             inputs = set()
             for a in tree_flatten((args, kwargs))[0]:
-                if isinstance(a, torch.Tensor) and not a.is_meta:
-                    s = a.untyped_storage()
-                    inputs.add((s.device, s.data_ptr()))
+                if isinstance(a, torch.Tensor):
+                    inputs.add(storage_key(a.untyped_storage()))
             for t in tree_flatten(out)[0]:
-                if not isinstance(t, torch.Tensor) or t.is_meta:
+                if not isinstance(t, torch.Tensor):
                     continue
                 storage = t.untyped_storage()
                 nbytes = storage.nbytes()
-                key = (storage.device, storage.data_ptr())
+                key = storage_key(storage)
                 if nbytes == 0 or key in inputs:
                     continue
                 with lock:
