@@ -294,7 +294,7 @@ def setup(spec):
         model.enable_gradient_checkpointing(
             lambda module, *args: torch.utils.checkpoint.checkpoint(
                 module.__call__, *args, use_reentrant=False,
-                context_fn=lambda: (contextlib.nullcontext(), GpuSemanticsOnMeta())))
+                context_fn=lambda: (contextlib.nullcontext(), _meta_semantics(spec))))
     elif spec["ckpt"]:
         model.enable_gradient_checkpointing()
     latent = tuple(spec["latent"])
@@ -415,6 +415,10 @@ class GpuSemanticsOnMeta(torch.overrides.TorchFunctionMode):
     LOWER = {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, torch.mm, torch.bmm,
              torch.addmm, torch.baddbmm, torch.Tensor.__matmul__, torch.Tensor.matmul}
 
+    def __init__(self, autocast_dtype=torch.bfloat16):
+        super().__init__()
+        self.autocast_dtype = autocast_dtype             # None: no autocast emulation
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
@@ -432,11 +436,16 @@ class GpuSemanticsOnMeta(torch.overrides.TorchFunctionMode):
             kwargs = {k: self._low(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
-    @staticmethod
-    def _low(t):
-        if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-            return t.to(torch.bfloat16)
+    def _low(self, t):
+        if (self.autocast_dtype is not None and isinstance(t, torch.Tensor)
+                and t.dtype == torch.float32):
+            return t.to(self.autocast_dtype)
         return t
+
+
+def _meta_semantics(spec):
+    # spec["meta_autocast"] False: float32 throughout (the tests compare that with a CPU count)
+    return GpuSemanticsOnMeta(torch.bfloat16 if spec.get("meta_autocast", True) else None)
 
 
 def child_meta(specs):
@@ -450,7 +459,7 @@ def child_meta(specs):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         out = dict(model=kind, trainable_params=trainable,
                    params=sum(p.numel() for p in model.parameters()))
-        with GpuSemanticsOnMeta():
+        with _meta_semantics(spec):
             model.zero_grad(set_to_none=True)
             if spec.get("accum"):                              # the first micro-batch
                 dpo_step(model, batch, spec["mode"], zero_grad=False)

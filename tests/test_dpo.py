@@ -1189,3 +1189,57 @@ def test_benchmark_model_modes_agree(use_diffusers):
         ref_loss, ref_g = results[("standard", ft)]
         assert rel(loss, ref_loss) <= 1e-6
         assert max_rel(g, ref_g) <= 1e-4, (mode, ft)
+
+
+def test_peak_tensor_memory_on_meta_equals_cpu():
+    """On the meta device nothing is allocated, but the count is the one a real device gives:
+    the same computation counted on CPU and on meta tensors gives the same peak, byte for byte."""
+    def work(device):
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(256, 256, generator=g).to(device).requires_grad_()
+        x = torch.randn(64, 256, generator=g).to(device)
+        with tbkernels.memory.peak_tensor_memory() as tm:
+            h = torch.tanh(x @ w)
+            y = torch.nn.functional.gelu(h @ w.t()).view(-1)
+            (y * y).sum().backward()
+            del h, y
+        return tm
+    cpu, meta = work("cpu"), work("meta")
+    assert cpu.peak_bytes > 256 * 256 * 4
+    assert (meta.peak_bytes, meta.allocations, meta.live_at_exit) == (
+        cpu.peak_bytes, cpu.allocations, cpu.live_at_exit)
+
+
+@pytest.mark.parametrize("use_diffusers", [False, True], ids=["TinyDiT", "diffusers_wan"])
+@pytest.mark.parametrize("ckpt", [False, True], ids=["no_ckpt", "ckpt"])
+def test_benchmark_meta_model_equals_cpu_count(use_diffusers, ckpt):
+    """dpo_memory.py --meta's liveness model, float32 (autocast emulation off), counts exactly
+    what the same DPO step creates on the CPU, in every mode: the meta run of the Wan2.1-1.3B
+    sizes is the CPU count at a size no CPU can run. (CPU SDPA takes the flash kernel the
+    meta model calls explicitly; tbkernels.per_sample_mse takes its compiled op on both.)"""
+    bench = _load_bench()
+    if use_diffusers and not bench.diffusers_available():
+        pytest.skip("diffusers not installed")
+    for mode in ("standard", "decoupled", "recompute"):
+        spec = dict(config="wan-tiny", diffusers=use_diffusers, layers=2, mode=mode,
+                    latent=bench.LATENTS["tiny"], ft="full", ckpt=ckpt, lora_rank=4)
+        meta = bench.child_meta([dict(spec, device="meta", meta_autocast=False)])[0]
+        _, model, _, _, batch, _ = bench.setup(dict(spec, device="cpu"))
+        model.zero_grad(set_to_none=True)
+        with tbkernels.memory.peak_tensor_memory() as tm:
+            bench.dpo_step(model, batch, mode, zero_grad=False)
+        assert meta["peak_tensor_bytes"] == tm.peak_bytes, (mode, meta, tm)
+        params = sum(p.numel() * 4 for p in model.parameters())
+        assert meta["start_bytes"] >= params
+
+
+def test_benchmark_meta_emulates_bf16_autocast():
+    """With the emulation on, the linear layers see bfloat16 inputs (as under CUDA autocast), so
+    where activations dominate the step takes less memory than in float32, and more than half of
+    it (norms, residuals and gradients stay float32; bf16 weight copies are added)."""
+    bench = _load_bench()
+    spec = dict(config="wan-small", diffusers=False, layers=4, mode="standard", device="meta",
+                latent=bench.LATENTS["small"], ft="full", ckpt=False, lora_rank=4)
+    fp32 = bench.child_meta([dict(spec, meta_autocast=False)])[0]["peak_tensor_bytes"]
+    bf16 = bench.child_meta([dict(spec)])[0]["peak_tensor_bytes"]
+    assert 0.5 * fp32 < bf16 < fp32

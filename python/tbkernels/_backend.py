@@ -8,7 +8,8 @@ and ``triton``. A call picks one, in this order of precedence:
 2. the ``TBK_BACKEND`` environment variable,
 3. the fastest available for the tensor's device: CPU tensors ``cpu`` then ``reference`` (the
    Triton interpreter is for tests, never chosen automatically); CUDA tensors ``cuda``, then
-   ``triton``, then ``reference``.
+   ``triton``, then ``reference``; meta tensors the compiled op (``cpu``: its meta kernel, which
+   allocates what the CPU and CUDA kernels allocate), then ``reference``.
 
 A forced backend that cannot run the call raises ``RuntimeError`` saying why; it never falls back
 silently.
@@ -23,7 +24,11 @@ from dataclasses import dataclass
 import torch
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
-_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+# meta tensors (memory models, tracing) take the compiled op when there is one: its meta kernel
+# allocates exactly the outputs, as the CPU and CUDA kernels do, where the reference's eager
+# code would allocate its temporaries.
+_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference"),
+               "meta": ("cpu", "reference")}
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,9 @@ def _status(name: str, device_type: str | None) -> BackendStatus:
         mod, why = _compiled()
         if mod is None:
             return BackendStatus(False, why)
+        if device_type == "meta":
+            return BackendStatus(True, "the compiled op's meta kernel (shapes and memory, no "
+                                       "values)")
         if device_type not in (None, "cpu"):
             return BackendStatus(False, f"C++ CPU kernels take CPU tensors, not {device_type}")
         if not getattr(mod, "built_with_openmp", lambda: False)():
