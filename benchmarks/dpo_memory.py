@@ -620,7 +620,12 @@ def main():
     jobs_spec = [dict(kind="memory", threads=threads, specs=[dict(s, mode=m)])
                  for s in configs for m in MODES]
     if device.type == "meta":                  # nothing is allocated: run them all here
-        results = [child_meta(job["specs"])[0] for job in jobs_spec]
+        results = []
+        for i, job in enumerate(jobs_spec, 1):
+            spec = job["specs"][0]
+            results.append(child_meta([spec])[0])
+            print(f"  [{i}/{len(jobs_spec)}] {shape_key(spec)} {spec['mode']}: peak "
+                  f"{results[-1]['peak_bytes'] / 2**30:.2f} GiB", flush=True)
     else:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             results = [r[0] for r in pool.map(run_child, jobs_spec)]
@@ -720,7 +725,8 @@ def plot(path, device, out=None):
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib not installed: " + json.dumps(series)
-    kind = "gpu" if "cpu" not in device.lower() and "thread" not in device else "cpu"
+    kind = ("meta" if device.startswith("meta") else
+            "gpu" if "cpu" not in device.lower() and "thread" not in device else "cpu")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (name, by_mode) in zip(axes, series.items()):
         for mode in MODES:
@@ -730,8 +736,9 @@ def plot(path, device, out=None):
                 ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=mode,
                         linestyle="--" if mode == "decoupled" else "-")
         ax.set_xlabel("transformer layers" if name == "layers" else "latent frames")
-        ax.set_ylabel("peak extra memory of one DPO step (MiB)" if "cpu" not in kind else
-                      "peak extra RSS of one DPO step (MiB)")
+        ax.set_ylabel({"cpu": "peak extra RSS of one DPO step (MiB)",
+                       "meta": "modeled peak tensor bytes of one DPO step (MiB)"}.get(
+                           kind, "peak extra memory of one DPO step (MiB)"))
         ax.set_title(f"vs {name} ({'frames' if name == 'layers' else 'layers'} fixed at "
                      f"{base_f if name == 'layers' else base_l})")
         ax.grid(alpha=0.3)
