@@ -2,7 +2,15 @@
 # Everything tbkernels needs checked on a GPU, in one go, on a bare H100/H200 machine:
 #   build with CUDA -> backend table -> whole test suite on the GPU -> benchmark suite -> plot.
 #
-#   benchmarks/gpu_check.sh OUTDIR
+#   benchmarks/gpu_check.sh OUTDIR                 # every step, in order
+#   benchmarks/gpu_check.sh OUTDIR STEP [STEP ...]  # only these (names below), in the order given
+#
+# Steps: environment tools build backends tests benchmarks flow_grpo mps dpo_memory plot.
+# Everything takes longer than one 10-minute device command; split it over calls on one warm
+# machine (the build stays installed between them), e.g.
+#   gpu_check.sh $OUT environment tools build backends tests
+#   gpu_check.sh $OUT environment benchmarks flow_grpo mps
+#   gpu_check.sh $OUT environment dpo_memory plot
 #
 # Assumes a CUDA torch and nvcc are installed; pytest, pytest-benchmark and triton are installed
 # only if missing (from PIP_FIND_LINKS wheels or the network; neither is required to exist).
@@ -14,12 +22,22 @@
 # them with nvidia-smi -L. Commit OUTDIR/results.csv into benchmarks/results/ afterwards.
 set -u
 
-if [ $# -ne 1 ]; then
-  echo "usage: $0 OUTDIR" >&2
+ALL_STEPS=(environment tools build backends tests benchmarks flow_grpo mps dpo_memory plot)
+if [ $# -lt 1 ]; then
+  echo "usage: $0 OUTDIR [STEP ...]   (steps: ${ALL_STEPS[*]})" >&2
   exit 2
 fi
 mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
+shift
+STEPS=("$@")
+[ ${#STEPS[@]} -gt 0 ] || STEPS=("${ALL_STEPS[@]}")
+for s in "${STEPS[@]}"; do
+  case " ${ALL_STEPS[*]} " in
+    *" $s "*) ;;
+    *) echo "unknown step '$s' (steps: ${ALL_STEPS[*]})" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
@@ -27,7 +45,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 # every backend must be chosen by the tests themselves.
 unset TRITON_INTERPRET TBK_BACKEND
 
-exec > >(tee "$OUT/gpu_check.log") 2>&1
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 TEE_PID=$!
 
 FAILED=()
@@ -120,8 +138,11 @@ mps_bench() {
 }
 
 dpo_memory_bench() {
+  # 480p x 2 s, first micro-batch only (the accumulating rows double the processes); the meta
+  # model (dpo_memory.py --meta) predicts standard/decoupled without checkpointing need ~122 GiB
+  # (full) and ~90 GiB (LoRA): expect "oom" rows for those on an 80 GB card.
   TBK_RESULTS_CSV="$OUT/results.csv" $PY benchmarks/dpo_memory.py --gpu --latent 480p_2s \
-    >"$OUT/dpo_memory.log" 2>&1
+    --no-accum >"$OUT/dpo_memory.log" 2>&1
   local rc=$?
   tail -40 "$OUT/dpo_memory.log"
   return $rc
@@ -132,16 +153,16 @@ plot() {
   $PY benchmarks/plot_results.py "$OUT/results.csv" --out-dir "$OUT"
 }
 
-step "environment" environment
-step "test tools" tools
-step "build tbkernels with CUDA" build
-step "backend table" backends
-step "test suite on the GPU" tests
-step "benchmark suite" benchmarks
-step "flow-GRPO loss benchmark" flow_grpo_bench
-step "MPS reward-worker benchmark" mps_bench
-step "DPO peak-memory benchmark" dpo_memory_bench
-step "plot" plot
+declare -A STEP_FN=([environment]=environment [tools]=tools [build]=build [backends]=backends
+  [tests]=tests [benchmarks]=benchmarks [flow_grpo]=flow_grpo_bench [mps]=mps_bench
+  [dpo_memory]=dpo_memory_bench [plot]=plot)
+declare -A STEP_NAME=([environment]="environment" [tools]="test tools"
+  [build]="build tbkernels with CUDA" [backends]="backend table" [tests]="test suite on the GPU"
+  [benchmarks]="benchmark suite" [flow_grpo]="flow-GRPO loss benchmark"
+  [mps]="MPS reward-worker benchmark" [dpo_memory]="DPO peak-memory benchmark" [plot]="plot")
+for s in "${STEPS[@]}"; do
+  step "${STEP_NAME[$s]}" "${STEP_FN[$s]}"
+done
 
 printf '\n=== summary (t=%ss): outputs in %s\n' "$SECONDS" "$OUT"
 ls -l "$OUT"
