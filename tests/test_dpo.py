@@ -1243,3 +1243,16 @@ def test_benchmark_meta_emulates_bf16_autocast():
     fp32 = bench.child_meta([dict(spec, meta_autocast=False)])[0]["peak_tensor_bytes"]
     bf16 = bench.child_meta([dict(spec)])[0]["peak_tensor_bytes"]
     assert 0.5 * fp32 < bf16 < fp32
+
+
+def test_peak_tensor_memory_counts_wrapper_subclasses_by_their_inner_tensors():
+    """FSDP2's parameters and gradients are DTensors, wrapper subclasses that own no storage:
+    their inner tensors are what is counted (before this, the count crashed on them)."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    x = two_tensor.TwoTensor(torch.randn(64, 64), torch.randn(64, 64))
+    with tbkernels.memory.peak_tensor_memory() as tm:
+        y = x * 2                                   # two new 16 KiB inner tensors
+        z = y + 1                                   # two more
+        del y
+    assert (tm.peak_bytes, tm.live_at_exit, tm.allocations) == (4 * 16384, 2 * 16384, 4)
+    del z

@@ -250,7 +250,7 @@ def peak_tensor_memory():
     """
     import weakref
 
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
     from torch.utils._pytree import tree_flatten
 
     result = PeakTensorMemory()
@@ -263,6 +263,17 @@ def peak_tensor_memory():
         if storage.device.type == "meta":
             return ("meta", storage._cdata)
         return (storage.device, storage.data_ptr())
+
+    def storages(t):
+        # A wrapper subclass (DTensor under FSDP2, ...) owns no memory itself: its inner tensors
+        # do, and they are what is counted.
+        if is_traceable_wrapper_subclass(t):
+            for name in t.__tensor_flatten__()[0]:
+                inner = getattr(t, name)
+                if isinstance(inner, torch.Tensor):
+                    yield from storages(inner)
+        else:
+            yield t.untyped_storage()
 
     def freed(key, nbytes):
         with lock:
@@ -279,11 +290,10 @@ def peak_tensor_memory():
             inputs = set()
             for a in tree_flatten((args, kwargs))[0]:
                 if isinstance(a, torch.Tensor):
-                    inputs.add(storage_key(a.untyped_storage()))
-            for t in tree_flatten(out)[0]:
-                if not isinstance(t, torch.Tensor):
-                    continue
-                storage = t.untyped_storage()
+                    inputs.update(storage_key(s) for s in storages(a))
+            outputs = [s for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+                       for s in storages(t)]
+            for storage in outputs:
                 nbytes = storage.nbytes()
                 key = storage_key(storage)
                 if nbytes == 0 or key in inputs:
