@@ -700,9 +700,9 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
         standard. When ``.grad`` is already filled (gradient accumulation) it is lower by up to
         one copy of the parameter gradients: standard's single backward holds one branch's
         gradient of each shared parameter in autograd's buffers until the other branch reaches
-        it, while each decoupled backward adds into ``.grad`` in place. Under sharded data
-        parallelism the first branch's gradients are reduced (and freed) before the second
-        backward.
+        it, while each decoupled backward adds into ``.grad`` in place. Under FSDP2 the first
+        branch's gradients are reduce-scattered (and freed) before the second backward; measured
+        per rank, that did not lower the peak (docs/dpo.md).
     ``"recompute"``
         a no-grad forward of chosen for its values, then rejected forward+backward, then chosen
         forward+backward: only one branch's graph is ever alive (peak ~ max(A_w, A_l)), for one
