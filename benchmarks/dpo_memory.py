@@ -303,6 +303,11 @@ def setup(spec):
     return device, model, kind, cfg, batch, amp
 
 
+def _model_summary(model, kind):
+    return dict(model=kind, params=sum(p.numel() for p in model.parameters()),
+                trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
 def child_memory(specs):
     """Peak memory of one step for each configuration, in this process (one per mode).
 
@@ -317,9 +322,7 @@ def child_memory(specs):
     results = []
     for spec in specs:
         device, model, kind, cfg, batch, amp = setup(spec)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        out = dict(model=kind, trainable_params=trainable,
-                   params=sum(p.numel() for p in model.parameters()))
+        out = _model_summary(model, kind)
         runs = []
         try:
             dpo_step(model, batch, spec["mode"], amp)          # warm-up: allocator, lazy init
@@ -456,9 +459,7 @@ def child_meta(specs):
     results = []
     for spec in specs:
         device, model, kind, cfg, batch, _ = setup(spec)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        out = dict(model=kind, trainable_params=trainable,
-                   params=sum(p.numel() for p in model.parameters()))
+        out = _model_summary(model, kind)
         with _meta_semantics(spec):
             model.zero_grad(set_to_none=True)
             if spec.get("accum"):                              # the first micro-batch
