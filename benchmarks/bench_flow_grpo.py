@@ -5,6 +5,7 @@ against the measured device copy bandwidth, and peak extra memory.
     python benchmarks/bench_flow_grpo.py                 # CPU: Wan 480p latent [4,16,21,60,104] fp32
     python benchmarks/bench_flow_grpo.py --quick         # small shape, for a smoke run
     python benchmarks/bench_flow_grpo.py --gpu           # GPU shapes: bf16 [8,16,21,60,104] and 720p
+    python benchmarks/bench_flow_grpo.py --meta          # the GPU shapes' step memory, modeled
 
 Rows go to the results CSV (benchmarks/results/results.csv, or $TBK_RESULTS_CSV) with op
 ``flow_grpo_loss``. Peak extra memory: on a GPU ``max_memory_allocated`` minus what was allocated
@@ -238,6 +239,39 @@ def peak_extra_bytes(name, shape, dtype, device):
     return (_rss_kib("VmHWM") - base) * 1024
 
 
+def peak_tensor_bytes(name, shape, dtype, device):
+    """Exact bytes of the tensors one forward+backward creates (tbkernels.memory's count). On
+    the meta device this is the memory model of a step at any size: eager's temporaries are the
+    same ops' outputs there, and tbkernels' compiled op runs its meta kernel, which allocates
+    what the CPU, CUDA and Triton kernels allocate (their outputs; Triton adds O(B) partials)."""
+    d = make_inputs(shape, dtype, device)
+    fn = eager_loss if name == "eager" else tbk_loss(None)
+    vv = d["v"].clone().requires_grad_(True)
+    with tbkernels.memory.peak_tensor_memory() as tm:
+        fn(vv, d).backward()
+    return tm.peak_bytes
+
+
+def run_meta(shapes, dtypes, recorder):
+    meta = torch.device("meta")
+    for shape in shapes:
+        for dtype in dtypes:
+            shape_s, dtype_s = "x".join(map(str, shape)), str(dtype).replace("torch.", "")
+            latent = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            peaks = {name: peak_tensor_bytes(name, shape, dtype, meta)
+                     for name in ("eager", "tbkernels")}
+            print(f"\n{shape_s} {dtype_s} (one latent = {latent / 2**20:.0f} MiB):")
+            for name, b in peaks.items():
+                recorder.add(f"{OP}.forward_backward", name, shape_s, dtype_s,
+                             "peak_tensor_bytes", b)
+                print(f"  {name:<10} peak tensors of forward+backward {b / 2**20:9.1f} MiB "
+                      f"({b / latent:.2f} latents)")
+            ratio = peaks["tbkernels"] / peaks["eager"]
+            recorder.add(f"{OP}.forward_backward", "tbkernels", shape_s, dtype_s,
+                         "peak_tensor_ratio_vs_eager", ratio)
+            print(f"  tbkernels / eager: {ratio:.3f}")
+
+
 def measure_memory_in_child(name, shape, dtype, device):
     cmd = [sys.executable, __file__, "--child-memory", name, "--shape", ",".join(map(str, shape)),
            "--dtype", str(dtype).replace("torch.", ""), "--device", device.type]
@@ -305,6 +339,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shape, 3 repetitions, no memory")
     p.add_argument("--gpu", action="store_true", help="GPU shapes (bf16 480p and 720p, B=8)")
+    p.add_argument("--meta", action="store_true",
+                   help="the --gpu shapes' forward+backward tensor memory, eager vs tbkernels, "
+                        "counted on the meta device (no GPU, no timing)")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--no-record", action="store_true", help="print only, write no CSV rows")
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
@@ -320,6 +357,17 @@ def main():
         print(json.dumps({"peak_extra_bytes": extra}))
         return
 
+    if args.meta:
+        recorder = Recorder(enabled=not args.no_record, device=device_name(torch.device("meta")),
+                            commit=git_commit(),
+                            command=("python benchmarks/bench_flow_grpo.py "
+                                     + " ".join(sys.argv[1:])).strip())
+        print(f"{OP} tensor memory on {recorder.device}, commit {recorder.commit}")
+        run_meta([(8, 16, 21, 60, 104), (8, 16, 21, 90, 160)], [torch.bfloat16], recorder)
+        path = recorder.finish()
+        if path:
+            print(f"\nrows appended to {path}")
+        return
     device = torch.device("cuda" if args.gpu else "cpu")
     if args.gpu and not torch.cuda.is_available():
         sys.exit("--gpu: no CUDA device visible")

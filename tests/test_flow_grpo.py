@@ -501,3 +501,34 @@ def test_cpu_step_allocates_only_the_gradient(dtype, tmp_path):
     latent = runs["cpu"]["latent"]
     assert runs["cpu"]["extra"] <= latent + (1 << 20), runs          # grad + < 1 MiB
     assert runs["reference"]["extra"] >= 3 * latent, runs           # the check can tell
+
+
+def _load_flow_bench():
+    import importlib.util
+    import pathlib
+    import sys
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_flow_grpo.py"
+    spec = importlib.util.spec_from_file_location("_tbk_bench_flow_grpo", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_meta_memory_model_equals_cpu_count(dtype):
+    """bench_flow_grpo.py --meta models the GPU shapes' step memory on the meta device; at a
+    size the CPU runs, the meta count equals the CPU count byte for byte, for Flow-GRPO's eager
+    code and for tbkernels (whose compiled op's meta kernel allocates what the kernel does: the
+    gradient and O(B) outputs, one latent in all)."""
+    bench = _load_flow_bench()
+    shape = (2, 16, 3, 12, 20)
+    latent = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    for name in ("eager", "tbkernels"):
+        cpu = bench.peak_tensor_bytes(name, shape, dtype, torch.device("cpu"))
+        meta = bench.peak_tensor_bytes(name, shape, dtype, torch.device("meta"))
+        assert cpu == meta, (name, cpu, meta)
+        if name == "tbkernels":
+            assert latent <= meta <= latent + 4096, (meta, latent)
+        else:                    # full-size float32 temporaries: 6 latents fp32, 18 bf16 ones
+            assert meta >= 5 * latent

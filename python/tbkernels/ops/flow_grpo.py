@@ -193,7 +193,7 @@ def _sigma_tensor(value, name, batch, device):
 
 
 def _check_sigmas(sigma, sigma_next):
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or sigma.is_meta:   # no values to check (tracing, meta)
         return
     if not bool(((sigma > 0) & (sigma <= 1)).all()):
         raise ValueError(f"sigma must lie in (0, 1] (rectified flow noise level), got "
