@@ -5,6 +5,7 @@ standard DPO gradient (with references, regularisers, accumulation, autocast + G
 checkpointing, DDP), its errors and its all-or-nothing gradient update."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import pathlib
 import queue as queue_module
@@ -820,36 +821,31 @@ def test_recompute_warns_on_nondeterministic_chosen_fn():
 
 # --- DDP (gloo, CPU) ------------------------------------------------------------------------
 
-DDP_MODES = ("standard", "decoupled", "recompute", "decoupled+real")
+# every memory mode, and decoupled with a real-data branch (its sync path differs)
+DIST_MODES = ("standard", "decoupled", "recompute", "decoupled+real")
 
 
-def _ddp_worker(rank, world, init_file, queue, stack_file=None):
-    import traceback
-    try:
-        _start_rank(rank, world, init_file, stack_file)
-        out = {}
-        for mode in DDP_MODES:
-            torch.manual_seed(0)
-            model = TinyNet()
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            d = make_data(seed=10 + rank)
-            real = mode.endswith("+real")
-            for step in range(2):                       # two steps: the reducer re-arms
-                model.zero_grad(set_to_none=True)
-                tbkernels.dpo_backward(
-                    lambda: tbkernels.per_sample_mse(ddp(d["xw"]), d["tw"]),
-                    lambda: tbkernels.per_sample_mse(ddp(d["xl"]), d["tl"]), beta=10.0,
-                    mode=mode.split("+")[0], model=ddp, ref_chosen=d["ref_w"],
-                    ref_rejected=d["ref_l"],
-                    real_fn=((lambda: tbkernels.per_sample_mse(ddp(d["xr"]), d["tr"]))
-                             if real else None),
-                    nll_real_weight=0.1 if real else 0.0)
-            # numpy arrays pickle by value (tensors would travel as fds of an exiting process)
-            out[mode] = [p.grad.double().numpy().copy() for p in model.parameters()]
-        result, code = (rank, out), 0
-    except BaseException:
-        result, code = (rank, traceback.format_exc()), 1
-    _finish_rank(queue, result, code)
+def _ddp_work(rank):
+    out = {}
+    for mode in DIST_MODES:
+        torch.manual_seed(0)
+        model = TinyNet()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        d = make_data(seed=10 + rank)
+        real = mode.endswith("+real")
+        for step in range(2):                       # two steps: the reducer re-arms
+            model.zero_grad(set_to_none=True)
+            tbkernels.dpo_backward(
+                lambda: tbkernels.per_sample_mse(ddp(d["xw"]), d["tw"]),
+                lambda: tbkernels.per_sample_mse(ddp(d["xl"]), d["tl"]), beta=10.0,
+                mode=mode.split("+")[0], model=ddp, ref_chosen=d["ref_w"],
+                ref_rejected=d["ref_l"],
+                real_fn=((lambda: tbkernels.per_sample_mse(ddp(d["xr"]), d["tr"]))
+                         if real else None),
+                nll_real_weight=0.1 if real else 0.0)
+        # numpy arrays pickle by value (tensors would travel as fds of an exiting process)
+        out[mode] = [p.grad.double().numpy().copy() for p in model.parameters()]
+    return out
 
 
 def _run_two_ranks(worker, tmp_path, while_waiting=None, timeout=180):
@@ -914,6 +910,17 @@ def _start_rank(rank, world, init_file, stack_file):
                             world_size=world, timeout=datetime.timedelta(seconds=60))
 
 
+def _rank_main(work, rank, world, init_file, queue, stack_file=None):
+    """A spawned rank: join the gloo group, run ``work(rank)``, send its result (or traceback)."""
+    import traceback
+    try:
+        _start_rank(rank, world, init_file, stack_file)
+        result, code = (rank, work(rank)), 0
+    except BaseException:
+        result, code = (rank, traceback.format_exc()), 1
+    _finish_rank(queue, result, code)
+
+
 def _finish_rank(queue, result, code):
     # Flush the result to the pipe, then leave at once: every collective has completed on both
     # ranks by now, and interpreter teardown (DDP reducer and gloo destructors, atexit hooks) was
@@ -951,9 +958,9 @@ def _per_rank_standard_average(modes, steps=1):
 def test_ddp_two_processes(tmp_path):
     """2 gloo ranks, different data: every mode leaves the average of the per-rank standard
     gradients on both ranks (exactly one all-reduce per step, none lost, none doubled)."""
-    expected, got = _run_two_ranks(_ddp_worker, tmp_path,
-                                   lambda: _per_rank_standard_average(DDP_MODES))
-    for mode in DDP_MODES:
+    expected, got = _run_two_ranks(functools.partial(_rank_main, _ddp_work), tmp_path,
+                                   lambda: _per_rank_standard_average(DIST_MODES))
+    for mode in DIST_MODES:
         for rank in (0, 1):
             g = [torch.from_numpy(a) for a in got[rank][mode]]
             assert max_rel(g, expected[mode]) <= 1e-5, (mode, rank)
@@ -961,59 +968,51 @@ def test_ddp_two_processes(tmp_path):
 
 # --- FSDP2 (fully_shard, gloo, CPU) ---------------------------------------------------------
 
-FSDP_MODES = ("standard", "decoupled", "recompute", "decoupled+real")
 
+def _fsdp_work(rank):
+    from torch.distributed.fsdp import fully_shard
+    out = {}
+    for mode in DIST_MODES:
+        torch.manual_seed(0)
+        model = TinyNet()
+        for layer in (model.l1, model.l2, model.l3):
+            fully_shard(layer)
+        fully_shard(model)
+        d = make_data(seed=10 + rank)
+        real = mode.endswith("+real")
 
-def _fsdp_worker(rank, world, init_file, queue, stack_file=None):
-    import traceback
-    try:
-        _start_rank(rank, world, init_file, stack_file)
-        from torch.distributed.fsdp import fully_shard
-        out = {}
-        for mode in FSDP_MODES:
-            torch.manual_seed(0)
-            model = TinyNet()
-            for layer in (model.l1, model.l2, model.l3):
-                fully_shard(layer)
-            fully_shard(model)
-            d = make_data(seed=10 + rank)
-            real = mode.endswith("+real")
+        def step(rejected=None):
+            tbkernels.dpo_backward(
+                lambda: tbkernels.per_sample_mse(model(d["xw"]), d["tw"]),
+                rejected or (lambda: tbkernels.per_sample_mse(model(d["xl"]), d["tl"])),
+                beta=10.0, mode=mode.split("+")[0], model=model, ref_chosen=d["ref_w"],
+                ref_rejected=d["ref_l"],
+                real_fn=((lambda: tbkernels.per_sample_mse(model(d["xr"]), d["tr"]))
+                         if real else None),
+                nll_real_weight=0.1 if real else 0.0)
 
-            def step(rejected=None):
-                tbkernels.dpo_backward(
-                    lambda: tbkernels.per_sample_mse(model(d["xw"]), d["tw"]),
-                    rejected or (lambda: tbkernels.per_sample_mse(model(d["xl"]), d["tl"])),
-                    beta=10.0, mode=mode.split("+")[0], model=model, ref_chosen=d["ref_w"],
-                    ref_rejected=d["ref_l"],
-                    real_fn=((lambda: tbkernels.per_sample_mse(model(d["xr"]), d["tr"]))
-                             if real else None),
-                    nll_real_weight=0.1 if real else 0.0)
+        full = lambda: [p.grad.full_tensor().double().numpy().copy()  # noqa: E731
+                        for p in model.parameters()]
+        step()
+        step()                                      # accumulates into the sharded .grad
+        after_two = full()
 
-            full = lambda: [p.grad.full_tensor().double().numpy().copy()  # noqa: E731
-                            for p in model.parameters()]
-            step()
-            step()                                      # accumulates into the sharded .grad
-            after_two = full()
-
-            def failing_rejected():
-                out_ = tbkernels.per_sample_mse(model(d["xl"]), d["tl"])
-                out_.register_hook(
-                    lambda g: (_ for _ in ()).throw(RuntimeError("simulated failure")))
-                return out_
-            try:
-                step(failing_rejected)                  # fails in its rejected backward
-                raised = False
-            except RuntimeError:
-                raised = True
-            # sharded DTensor gradients: one reduce-scatter per branch backward; a failure
-            # after the first branch was reduced must leave them as they were
-            out[mode] = dict(two_steps=after_two, raised=raised,
-                             after_failure=full(), sharded=[
-                                 type(p).__name__ for p in model.parameters()])
-        result, code = (rank, out), 0
-    except BaseException:
-        result, code = (rank, traceback.format_exc()), 1
-    _finish_rank(queue, result, code)
+        def failing_rejected():
+            out_ = tbkernels.per_sample_mse(model(d["xl"]), d["tl"])
+            out_.register_hook(
+                lambda g: (_ for _ in ()).throw(RuntimeError("simulated failure")))
+            return out_
+        try:
+            step(failing_rejected)                  # fails in its rejected backward
+            raised = False
+        except RuntimeError:
+            raised = True
+        # sharded DTensor gradients: one reduce-scatter per branch backward; a failure
+        # after the first branch was reduced must leave them as they were
+        out[mode] = dict(two_steps=after_two, raised=raised,
+                         after_failure=full(), sharded=[
+                             type(p).__name__ for p in model.parameters()])
+    return out
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
@@ -1027,9 +1026,9 @@ def test_fsdp2_two_processes(tmp_path):
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
         pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
-    expected, got = _run_two_ranks(_fsdp_worker, tmp_path,
-                                   lambda: _per_rank_standard_average(FSDP_MODES, steps=2))
-    for mode in FSDP_MODES:
+    expected, got = _run_two_ranks(functools.partial(_rank_main, _fsdp_work), tmp_path,
+                                   lambda: _per_rank_standard_average(DIST_MODES, steps=2))
+    for mode in DIST_MODES:
         for rank in (0, 1):
             res = got[rank][mode]
             assert set(res["sharded"]) == {"DTensor"}, res["sharded"]
