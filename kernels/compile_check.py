@@ -186,7 +186,9 @@ def _group_advantages_cases(quick: bool):
 def _per_sample_mse_cases(quick: bool):
     from tbkernels.kernels import per_sample_mse as km
     shapes = {"wan480p": (2, 16, 21, 60, 104), "odd": (3, 5, 7, 9)}
-    pairs = ([("bf16", "bf16"), ("fp32", "fp32")] if quick else
+    # fp32/bf16: pred the wider type, the pair whose backward tile had to be chosen against a
+    # shared-memory layout conversion (per_sample_mse._backward_gpu_tile).
+    pairs = ([("bf16", "bf16"), ("fp32", "fp32"), ("fp32", "bf16")] if quick else
              [(a, b) for a in DTYPES for b in DTYPES])
     for (sname, shape), (pa, pb) in itertools.product(shapes.items(), pairs):
         p, t = torch.empty(shape, dtype=DTYPES[pa]), torch.empty(shape, dtype=DTYPES[pb])

@@ -24,7 +24,8 @@ Backward, one elementwise launch: ``_backward_kernel``, grid ``B * n_tiles`` (pr
 tile)); reads pred and target once, writes grad once.
 
 Tiles: under the interpreter (TRITON_INTERPRET=1, numpy per program) blocks are large (64K
-elements); on a GPU a block is 2048 elements (16-byte vectors per thread for 4-byte types) and a
+elements); on a GPU a block is 2048 elements (16-byte vectors per thread for 4-byte types; the
+backward takes one 16-byte pred vector per thread when pred is the wider dtype) and a
 forward program loops over up to 16 blocks so that big latents do not produce more partials than
 needed while small batches still fill the SMs. Offsets are int32 below 2**31 elements.
 bfloat16 outputs are rounded to nearest even by hand (the interpreter's cast truncates), so the
@@ -180,8 +181,25 @@ def per_sample_mse_backward_triton(grad_out: torch.Tensor, pred: torch.Tensor,
         return grad
     cfg = _CONFIGS["gpu" if _launch.gpu_tiles(pred) else "interpreter"]
     block = min(_next_pow2(D), cfg["block"])
+    num_warps = _num_warps(block)
+    if _launch.gpu_tiles(pred) and pred.element_size() > target.element_size():
+        block = _one_store_vector_per_thread(block, num_warps, pred.element_size())
     nt = triton.cdiv(D, block)
     _backward_kernel[(B * nt,)](grad_out, pred, target, grad, D, nt,
                                 ACC_F64=acc == torch.float64, IDX64=_idx64(pred.numel(), block),
-                                BLOCK=block, num_warps=_num_warps(block))
+                                BLOCK=block, num_warps=num_warps)
     return grad
+
+
+def _one_store_vector_per_thread(block: int, num_warps: int, pred_bytes: int) -> int:
+    """The backward's block when pred is the wider dtype, on a GPU.
+
+    Triton gives both loads the widest vector either dtype allows (8 elements per thread for a
+    2-byte target at the default block), but clamps the store to 16 bytes of pred's dtype (4 fp32
+    elements). With more elements per thread than one store vector covers, the values are re-laid
+    out through shared memory between load and store (8-16 KiB and a barrier per program). A block
+    of exactly one 16-byte pred vector per thread removes the conversion; the narrower target is
+    then read 4 or 8 bytes per thread, still fully coalesced across the warp (the CUDA kernel
+    reads it the same way). Verified by ``tests/test_triton_compile.py``.
+    """
+    return min(block, 32 * num_warps * (16 // pred_bytes))

@@ -80,11 +80,21 @@ def test_every_kernel_is_compiled_for_every_target(report):
     assert not missing, f"not compiled: {sorted(missing)}"
 
 
+def _mse_pred_wider(r):
+    """A per_sample_mse case whose pred dtype is wider than its target's ("... fp32/bf16")."""
+    if _short(r)[0] != "per_sample_mse":
+        return False
+    pred, target = r["case"].split()[-1].split("/")
+    return int(pred[-2:]) > int(target[-2:])
+
+
 def test_wan_latent_accesses_are_128_bit_vectors(report):
     """Rows of a Wan latent (S = 21*60*104, divisible by 16) let Triton prove 16-byte alignment:
     every masked per-element load/store is then a v4 (or v2.b64) access. The only narrow masked
-    access allowed is the one-thread float64 partial-sum store of the reducing kernels."""
-    checked = 0
+    access allowed is the one-thread float64 partial-sum store of the reducing kernels, and, in
+    the MSE backward with pred the wider dtype, the target's 8-byte load (one 16-byte vector of
+    pred per thread leaves 4 target elements; still coalesced across the warp)."""
+    checked = mixed = 0
     for r in report["results"]:
         module, kernel = _short(r)
         if ("wan480p" not in r["case"] or module not in ("flow_step", "per_sample_mse")
@@ -92,8 +102,26 @@ def test_wan_latent_accesses_are_128_bit_vectors(report):
             continue
         checked += 1
         assert r["ld_global_v4"] > 0, r["label"]
-        assert set(r["narrow_masked"]) <= {"st.global.b64"}, (r["label"], r["narrow_masked"])
-    assert checked >= 40
+        allowed = {"st.global.b64"}
+        if kernel == "_backward_kernel" and _mse_pred_wider(r):
+            allowed.add("ld.global.v2.b32")
+            mixed += 1
+            assert r["st_global_v4"] == r["st_global"] > 0, r["label"]
+        assert set(r["narrow_masked"]) <= allowed, (r["label"], r["narrow_masked"])
+    assert checked >= 40 and mixed == len(ARCHS)
+
+
+def test_elementwise_backward_kernels_use_no_shared_memory(report):
+    """Shared memory in an elementwise kernel is a register-layout conversion (a round trip and a
+    barrier per program). The flow-step and MSE backwards need none, for every dtype pair: the MSE
+    backward tile is chosen so that pred's 16-byte stores and the loads share one layout."""
+    checked = 0
+    for r in report["results"]:
+        module, kernel = _short(r)
+        if module in ("flow_step", "per_sample_mse") and kernel == "_backward_kernel":
+            checked += 1
+            assert r["shared"] == 0, (r["label"], r["case"], r["shared"])
+    assert checked >= 8
 
 
 def test_a_kernel_that_cannot_compile_is_reported():

@@ -123,6 +123,9 @@ def test_gpu_configuration(monkeypatch):
     for shape in [(1, 16, 3, 30, 40), (2, 3, 11, 13)]:
         check(shape, torch.float32, torch.float32, seed=9)
         check(shape, torch.float64, torch.float64, seed=10)
+        # pred the wider dtype: the backward's smaller block (one 16-byte pred vector per thread)
+        check(shape, torch.float32, torch.bfloat16, seed=19)
+        check(shape, torch.float64, torch.float16, seed=20)
 
 
 def test_int64_offsets(monkeypatch):
