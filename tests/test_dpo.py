@@ -1039,6 +1039,125 @@ def test_fsdp2_two_processes(tmp_path):
                 assert (a == b).all(), (mode, rank, "gradients changed by a failed step")
 
 
+# --- FSDP1 (FullyShardedDataParallel, gloo, CPU) ----------------------------------------------
+
+# (sharding strategy, use_orig_params): flat-parameter shards, original-parameter views, and the
+# (deprecated) strategy that frees nothing
+FSDP1_VARIANTS = (("FULL_SHARD", False), ("FULL_SHARD", True), ("NO_SHARD", False))
+
+
+def _fsdp1_full_grads(model, use_orig_params):
+    """Every rank's view of the whole averaged gradient, in TinyNet's parameter order."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    if use_orig_params:
+        with FSDP.summon_full_params(model, with_grads=True):
+            return [p.grad.double().numpy().copy() for p in model.parameters()]
+    (flat,) = list(model.parameters())                # one FlatParameter: rank's padded shard
+    shards = [torch.empty_like(flat.grad) for _ in range(dist.get_world_size())]
+    dist.all_gather(shards, flat.grad.detach().contiguous())
+    whole = torch.cat(shards)
+    out, at = [], 0
+    for p in TinyNet().parameters():                  # FSDP1 flattens in parameter order
+        out.append(whole[at:at + p.numel()].view_as(p).double().numpy().copy())
+        at += p.numel()
+    return out
+
+
+def _fsdp1_work(rank):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+    out = {}
+    for strategy, orig in FSDP1_VARIANTS:
+        for mode in DIST_MODES:
+            torch.manual_seed(0)
+            model = FSDP(TinyNet(), device_id=torch.device("cpu"), use_orig_params=orig,
+                         sharding_strategy=ShardingStrategy[strategy])
+            d = make_data(seed=10 + rank)
+            real = mode.endswith("+real")
+            calls = []
+
+            def step(rejected=None, pass_model=True):
+                def chosen():
+                    calls.append("chosen")
+                    return tbkernels.per_sample_mse(model(d["xw"]), d["tw"])
+                tbkernels.dpo_backward(
+                    chosen,
+                    rejected or (lambda: tbkernels.per_sample_mse(model(d["xl"]), d["tl"])),
+                    beta=10.0, mode=mode.split("+")[0], model=model if pass_model else None,
+                    ref_chosen=d["ref_w"], ref_rejected=d["ref_l"],
+                    real_fn=((lambda: tbkernels.per_sample_mse(model(d["xr"]), d["tr"]))
+                             if real else None),
+                    nll_real_weight=0.1 if real else 0.0)
+
+            local = lambda: [None if p.grad is None else p.grad.double().numpy().copy()  # noqa: E731
+                             for p in model.parameters()]
+            res = {}
+            if mode.startswith("decoupled"):
+                for pass_model in (True, False):      # found from the module, or the graph
+                    try:
+                        step(pass_model=pass_model)
+                        res[f"refused{int(pass_model)}"] = ""
+                    except tbkernels.DPOInputError as exc:
+                        res[f"refused{int(pass_model)}"] = str(exc)
+                res["chosen_calls"] = len(calls)      # 0 with model=: refused before a forward
+                res["grads_untouched"] = all(g is None for g in local())
+                out[(strategy, orig, mode)] = res
+                continue
+            step()
+            step()                                    # accumulates into the sharded gradient
+            res["two_steps"] = _fsdp1_full_grads(model, orig)
+            before = local()
+
+            def failing_rejected():
+                out_ = tbkernels.per_sample_mse(model(d["xl"]), d["tl"])
+                out_.register_hook(
+                    lambda g: (_ for _ in ()).throw(RuntimeError("simulated failure")))
+                return out_
+            try:
+                step(failing_rejected)
+                res["raised"] = False
+            except RuntimeError:
+                res["raised"] = True
+            after = local()
+            res["restored"] = len(before) == len(after) and all(
+                (a is None and b is None) or (a is not None and b is not None and (a == b).all())
+                for a, b in zip(before, after))
+            out[(strategy, orig, mode)] = res
+    return out
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_fsdp1_two_processes(tmp_path):
+    """FSDP1 (FullyShardedDataParallel around the model, 2 gloo ranks, different data), with
+    flat-parameter shards, with original-parameter views, and unsharded: standard and recompute
+    leave the average of the per-rank standard gradients after two accumulated steps, and a
+    failure in the rejected branch's backward restores the local gradients exactly. Decoupled is
+    refused with DPOInputError -- before any forward when the model is passed, after the forwards
+    (from the graph) when it is not -- instead of crashing in its second backward on parameters
+    FSDP1 has freed (sharded strategies) or returning wrong gradients (NO_SHARD)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel)")
+    expected, got = _run_two_ranks(functools.partial(_rank_main, _fsdp1_work), tmp_path,
+                                   lambda: _per_rank_standard_average(DIST_MODES, steps=2),
+                                   timeout=300)
+    for strategy, orig in FSDP1_VARIANTS:
+        for mode in DIST_MODES:
+            for rank in (0, 1):
+                res = got[rank][(strategy, orig, mode)]
+                where = (strategy, orig, mode, rank)
+                if mode.startswith("decoupled"):
+                    assert "cannot run under FSDP1" in res["refused1"], where
+                    assert "cannot run under FSDP1" in res["refused0"], where
+                    assert res["chosen_calls"] == 1, where     # only the graph-found refusal ran
+                    assert res["grads_untouched"], where
+                    continue
+                g = [torch.from_numpy(a) for a in res["two_steps"]]
+                assert max_rel(g, expected[mode]) <= 1e-5, where
+                assert res["raised"] and res["restored"], where
+
+
 # ---------------------------------------------------------------------------------------------
 # memory tools and the benchmark script
 
