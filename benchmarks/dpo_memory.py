@@ -409,9 +409,11 @@ class GpuSemanticsOnMeta(torch.overrides.TorchFunctionMode):
     tensor arguments of linear / convolution / matmul-family ops and of attention are cast to
     bfloat16 (a new tensor per call, as autocast's per-region weight cache gives when each weight
     is used once per forward, which holds for these models); every other op runs in its inputs'
-    dtype, as under autocast (Wan's FP32LayerNorm upcasts by itself). Autocast's float32 list
-    (``rms_norm`` and a few pointwise functions) is not emulated: those outputs stay bfloat16
-    here. Attention goes to a flash-attention kernel (saved state q, k, v, out and a float32
+    dtype, as under autocast (Wan's FP32LayerNorm upcasts by itself). Autocast's float32 list is
+    not emulated. For Wan that matters only for the q/k ``rms_norm``: through torch 2.11 it has
+    no autocast rule and runs its composite path on the bf16 activation, on the GPU as here; from
+    torch 2.12 it is on the float32 list and runs a fused CUDA kernel that meta cannot reproduce
+    (docs/verification.md). Attention goes to a flash-attention kernel (saved state q, k, v, out and a float32
     logsumexp, as on the GPU) because meta SDPA would take the math path and hold the L x L
     attention matrix."""
 
