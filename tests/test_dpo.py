@@ -966,6 +966,24 @@ def test_ddp_two_processes(tmp_path):
             assert max_rel(g, expected[mode]) <= 1e-5, (mode, rank)
 
 
+def _failing_branch(model, x, t):
+    """A branch whose forward succeeds and whose backward raises: the failure comes after the
+    other branch's gradients were already written (and, under FSDP, reduce-scattered)."""
+    def run():
+        out = tbkernels.per_sample_mse(model(x), t)
+        out.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("simulated failure")))
+        return out
+    return run
+
+
+def _raises(step) -> bool:
+    try:
+        step()
+    except RuntimeError:
+        return True
+    return False
+
+
 # --- FSDP2 (fully_shard, gloo, CPU) ---------------------------------------------------------
 
 
@@ -997,16 +1015,7 @@ def _fsdp_work(rank):
         step()                                      # accumulates into the sharded .grad
         after_two = full()
 
-        def failing_rejected():
-            out_ = tbkernels.per_sample_mse(model(d["xl"]), d["tl"])
-            out_.register_hook(
-                lambda g: (_ for _ in ()).throw(RuntimeError("simulated failure")))
-            return out_
-        try:
-            step(failing_rejected)                  # fails in its rejected backward
-            raised = False
-        except RuntimeError:
-            raised = True
+        raised = _raises(lambda: step(_failing_branch(model, d["xl"], d["tl"])))
         # sharded DTensor gradients: one reduce-scatter per branch backward; a failure
         # after the first branch was reduced must leave them as they were
         out[mode] = dict(two_steps=after_two, raised=raised,
@@ -1108,16 +1117,7 @@ def _fsdp1_work(rank):
             res["two_steps"] = _fsdp1_full_grads(model, orig)
             before = local()
 
-            def failing_rejected():
-                out_ = tbkernels.per_sample_mse(model(d["xl"]), d["tl"])
-                out_.register_hook(
-                    lambda g: (_ for _ in ()).throw(RuntimeError("simulated failure")))
-                return out_
-            try:
-                step(failing_rejected)
-                res["raised"] = False
-            except RuntimeError:
-                res["raised"] = True
+            res["raised"] = _raises(lambda: step(_failing_branch(model, d["xl"], d["tl"])))
             after = local()
             res["restored"] = len(before) == len(after) and all(
                 (a is None and b is None) or (a is not None and b is not None and (a == b).all())
