@@ -141,6 +141,10 @@ dpo_memory_bench() {
   # 480p x 2 s, first micro-batch only (the accumulating rows double the processes); the meta
   # model (dpo_memory.py --meta) predicts standard/decoupled without checkpointing need ~122 GiB
   # (full) and ~90 GiB (LoRA): expect "oom" rows for those on an 80 GB card.
+  # The meta model ran diffusers' WanTransformer3DModel; the GPU image has no diffusers (carry
+  # its wheel: benchmarks/README.md), and without it the script's TinyDiT stands in.
+  $PY -c "import diffusers" 2>/dev/null ||
+    echo "WARNING: diffusers not installed: the DPO benchmark runs TinyDiT, not WanTransformer3DModel"
   TBK_RESULTS_CSV="$OUT/results.csv" $PY benchmarks/dpo_memory.py --gpu --latent 480p_2s \
     --no-accum >"$OUT/dpo_memory.log" 2>&1
   local rc=$?
