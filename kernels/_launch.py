@@ -43,9 +43,43 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _major_minor(version: str) -> tuple:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_incompatibility() -> str:
+    """Why Triton's interpreter cannot run these kernels with the installed packages ("" if it
+    can). Triton <= 3.6's interpreter turns a scalar kernel argument used as a loop bound into a
+    Python int with ``int()`` of a one-element array, which numpy >= 2.4 refuses ("only
+    0-dimensional arrays can be converted to Python scalars"); Triton 3.7 squeezes the array
+    first. Found running the suite under triton 3.6.0 + numpy 2.4.6 (every interpreted launch
+    with a runtime loop bound failed); numpy 2.3.5 ran it. Compiled (GPU) Triton is unaffected."""
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return ""
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} "
+                "(int() of a one-element array); use numpy < 2.4 or triton >= 3.7")
+    return ""
+
+
 def require_launchable(t: torch.Tensor, op: str) -> None:
-    """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
-    if t.device.type == "cuda" or interpreter_enabled() or _assumed_sm_count is not None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under a working interpreter."""
+    if t.device.type == "cuda" and not interpreter_enabled():
+        return
+    if interpreter_enabled():
+        problem = interpreter_incompatibility()
+        if problem:
+            raise RuntimeError(f"{op} (triton): {problem}")
+        return
+    if _assumed_sm_count is not None:
         return
     raise RuntimeError(f"{op} (triton): tensors are on {t.device}; Triton needs CUDA tensors, "
                        "or TRITON_INTERPRET=1 (set before triton is imported) for CPU tensors")

@@ -58,6 +58,14 @@ def _triton():
     return True, f"triton {triton.__version__}"
 
 
+def _interpreter_incompatibility() -> str:
+    try:
+        from tbkernels.kernels._launch import interpreter_incompatibility
+    except ImportError:                       # installed without the kernels subpackage
+        return ""
+    return interpreter_incompatibility()
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -99,6 +107,9 @@ def _status(name: str, device_type: str | None) -> BackendStatus:
         on_gpu = torch.cuda.is_available()
         if device_type == "cpu" or (device_type is None and not on_gpu):
             if _interpreting():
+                problem = _interpreter_incompatibility()
+                if problem:
+                    return BackendStatus(False, problem)
                 return BackendStatus(True, f"{why} interpreter (TRITON_INTERPRET=1; slow, for tests)")
             return BackendStatus(False, f"{why} needs a CUDA device, or TRITON_INTERPRET=1 for "
                                         "CPU tensors")
