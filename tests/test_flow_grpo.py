@@ -532,3 +532,47 @@ def test_meta_memory_model_equals_cpu_count(dtype):
             assert latent <= meta <= latent + 4096, (meta, latent)
         else:                    # full-size float32 temporaries: 6 latents fp32, 18 bf16 ones
             assert meta >= 5 * latent
+
+
+def test_host_sigmas_put_no_coefficient_work_on_the_latent_device():
+    """Sigmas given as numbers or CPU tensors: the checks and the coefficient table run on the
+    host and reach the device as one copy each (coefficients, std_dev_t), so a GPU step does not
+    launch ~40 tiny kernels nor sync three times before its kernel. Meta latents stand in for a
+    GPU here: every op touching them is recorded. Sigmas on the device keep the device path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class DeviceOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.device.type == "meta"
+                   for t in tree_flatten((args, kwargs, out))[0]):
+                self.ops.append(func.__name__.split(".")[0])
+            return out
+
+    shape = (2, 4, 3, 4, 6)
+    lat = lambda: torch.empty(shape, device="meta", dtype=torch.bfloat16)  # noqa: E731
+    v, x, prev, ref = lat().requires_grad_(True), lat(), lat(), lat()
+    old, adv = torch.empty(2, device="meta"), torch.empty(2, device="meta")
+    free = {"detach", "view", "expand", "empty", "_to_copy"}       # no arithmetic
+    for sigma, sigma_next, host in [(0.8, 0.7, True), (torch.tensor([0.8, 0.9]),
+                                                       torch.tensor([0.7, 0.6]), True),
+                                    (torch.tensor([0.8, 0.9], device="meta"),
+                                     torch.tensor([0.7, 0.6], device="meta"), False)]:
+        rec = DeviceOps()
+        with rec:
+            tbkernels.flow_grpo_loss(v, x, prev, sigma, sigma_next, old, adv,
+                                     ref_model_output=ref, beta=0.04, backend="cpu")
+        before = rec.ops[:rec.ops.index("flow_step_forward")]
+        arithmetic = [op for op in before if op not in free]
+        if host:
+            assert arithmetic == [] and before.count("_to_copy") == 2, before
+        else:
+            assert len(arithmetic) > 20, before       # the table computed on the device
+    # the host path still checks its sigmas
+    with pytest.raises(ValueError, match="sigma_next must be < sigma"):
+        tbkernels.flow_grpo_loss(v, x, prev, 0.5, 0.6, old, adv, backend="cpu")
