@@ -6,6 +6,7 @@ against the measured device copy bandwidth, and peak extra memory.
     python benchmarks/bench_flow_grpo.py --quick         # small shape, for a smoke run
     python benchmarks/bench_flow_grpo.py --gpu           # GPU shapes: bf16 [8,16,21,60,104] and 720p
     python benchmarks/bench_flow_grpo.py --meta          # the GPU shapes' step memory, modeled
+    python benchmarks/bench_flow_grpo.py --host          # host overhead: device ops, host time
 
 Rows go to the results CSV (benchmarks/results/results.csv, or $TBK_RESULTS_CSV) with op
 ``flow_grpo_loss``. Peak extra memory: on a GPU ``max_memory_allocated`` minus what was allocated
@@ -49,7 +50,10 @@ def make_inputs(shape, dtype, device, seed=0):
     sigma_next = torch.full((b,), 0.7, device=device)
     old = torch.full((b,), -1.0, device=device)
     adv = torch.linspace(-1.5, 1.5, b, device=device)
-    return dict(v=v, x=x, prev=prev, ref=ref, sigma=sigma, sigma_next=sigma_next, old=old, adv=adv)
+    # the same noise levels on the host, as a scheduler keeps them: what tbkernels is given
+    # (its checks and coefficient table then cost the device nothing; flow_grpo.py)
+    return dict(v=v, x=x, prev=prev, ref=ref, sigma=sigma, sigma_next=sigma_next, old=old, adv=adv,
+                sigma_host=torch.full((b,), 0.8), sigma_next_host=torch.full((b,), 0.7))
 
 
 def eager_loss(vv, d):
@@ -77,9 +81,14 @@ def eager_loss(vv, d):
     return torch.mean(torch.maximum(unclipped, clipped)) + BETA * torch.mean(kl)
 
 
-def tbk_loss(backend):
+def tbk_loss(backend, sigmas="host"):
+    """tbkernels' loss; ``sigmas="host"`` passes the noise levels as CPU tensors (the intended
+    use), ``"device"`` as tensors on the latents' device (checks and table on the device)."""
+    key, key_next = ("sigma_host", "sigma_next_host") if sigmas == "host" else ("sigma",
+                                                                              "sigma_next")
+
     def fn(vv, d):
-        loss, _ = tbkernels.flow_grpo_loss(vv, d["x"], d["prev"], d["sigma"], d["sigma_next"],
+        loss, _ = tbkernels.flow_grpo_loss(vv, d["x"], d["prev"], d[key], d[key_next],
                                            d["old"], d["adv"], ref_model_output=d["ref"],
                                            beta=BETA, clip_range=CLIP, backend=backend)
         return loss
@@ -87,17 +96,27 @@ def tbk_loss(backend):
 
 
 def variants(device):
+    """name -> loss function (None: built by ``build``). ``tbkernels_<backend>_compiled`` is
+    ``torch.compile(fullgraph=True)`` of the tbkernels call on the fastest backend here: the bandwidth
+    kernels stay the custom ops, Inductor fuses the per-sample [B] math around them (on a GPU
+    the eager [B] math is some 70 tiny launches per forward+backward)."""
     out = {"eager": eager_loss, "torch_compile": None}
     status = tbkernels.backends(device)
-    for name in fg.IMPLEMENTED:
-        if status[name].available and not (name == "triton" and device.type == "cpu"):
-            out[f"tbkernels_{name}"] = tbk_loss(name)
+    available = [name for name in fg.IMPLEMENTED
+                 if status[name].available and not (name == "triton" and device.type == "cpu")]
+    for name in available:
+        out[f"tbkernels_{name}"] = tbk_loss(name)
+    fast = [name for name in ("cuda", "cpu", "triton") if name in available]
+    if fast:
+        out[f"tbkernels_{fast[0]}_compiled"] = None
     return out
 
 
 def build(name, device):
     if name == "torch_compile":
         return torch.compile(eager_loss)
+    if name.startswith("tbkernels_") and name.endswith("_compiled"):
+        return torch.compile(tbk_loss(name[len("tbkernels_"):-len("_compiled")]), fullgraph=True)
     return variants(device)[name]
 
 
@@ -245,7 +264,7 @@ def peak_tensor_bytes(name, shape, dtype, device):
     same ops' outputs there, and tbkernels' compiled op runs its meta kernel, which allocates
     what the CPU, CUDA and Triton kernels allocate (their outputs; Triton adds O(B) partials)."""
     d = make_inputs(shape, dtype, device)
-    fn = eager_loss if name == "eager" else tbk_loss(None)
+    fn = eager_loss if name == "eager" else tbk_loss(None)      # meta: the compiled ops' meta kernels
     vv = d["v"].clone().requires_grad_(True)
     with tbkernels.memory.peak_tensor_memory() as tm:
         fn(vv, d).backward()
@@ -270,6 +289,70 @@ def run_meta(shapes, dtypes, recorder):
             recorder.add(f"{OP}.forward_backward", "tbkernels", shape_s, dtype_s,
                          "peak_tensor_ratio_vs_eager", ratio)
             print(f"  tbkernels / eager: {ratio:.3f}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Host overhead: what a GPU would wait on when the step's kernels are fast
+
+# aten ops that launch no kernel (views, metadata, allocation)
+_NO_LAUNCH = {"detach", "view", "expand", "select", "slice", "_unsafe_view", "reshape", "alias",
+              "t", "as_strided", "empty", "empty_like", "unsqueeze", "squeeze", "permute"}
+
+
+def device_ops(fn, d):
+    """(forward, backward) counts of aten ops that touch a meta tensor and launch work: on a GPU
+    each would be a kernel launch (a few microseconds of host time each)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if (func.__name__.split(".")[0] not in _NO_LAUNCH
+                    and any(isinstance(t, torch.Tensor) and t.device.type == "meta"
+                            for t in tree_flatten((args, kwargs, out))[0])):
+                self.n += 1
+            return out
+
+    vv = d["v"].clone().requires_grad_(True)
+    with Count() as fwd:
+        loss = fn(vv, d)
+    with Count() as bwd:
+        loss.backward()
+    return fwd.n, bwd.n
+
+
+def host_overhead(recorder, reps=300):
+    """Per forward+backward: device ops at the GPU shape (meta stand-in) and host time at a tiny
+    CPU shape (Python and dispatcher cost, no CUDA launch cost), per variant, side by side."""
+    gpu_shape, tiny = (8, 16, 21, 60, 104), (8, 16, 1, 2, 2)
+    fns = {"eager": eager_loss, "tbkernels_cpu": tbk_loss("cpu"),
+           "tbkernels_cpu_device_sigmas": tbk_loss("cpu", sigmas="device")}
+    meta = make_inputs(gpu_shape, torch.bfloat16, torch.device("meta"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    small = make_inputs(tiny, torch.float32, torch.device("cpu"))
+    fns_timed = dict(fns, tbkernels_cpu_compiled=build("tbkernels_cpu_compiled",
+                                                         torch.device("cpu")))
+    times = time_forward_backward_interleaved(fns_timed, small, torch.device("cpu"), reps)
+    torch.set_num_threads(threads)
+    shape_s = "x".join(map(str, gpu_shape))
+    print(f"\nhost overhead per forward+backward (device ops counted on meta at {shape_s} bf16; "
+          f"host time at {'x'.join(map(str, tiny))} fp32 on the CPU, 1 thread):")
+    for name in fns_timed:
+        line = f"  {name:<30}"
+        if name in fns:
+            f_ops, b_ops = device_ops(fns[name], meta)
+            recorder.add(f"{OP}.host", name, shape_s, "bfloat16", "device_ops_forward", f_ops)
+            recorder.add(f"{OP}.host", name, shape_s, "bfloat16", "device_ops_backward", b_ops)
+            line += f" device ops {f_ops:3d} + {b_ops:3d}"
+        else:
+            line += " " * 27
+        recorder.add(f"{OP}.host", name, "x".join(map(str, tiny)), "float32", "host_us",
+                     times[name] * 1e6)
+        print(line + f"   host {times[name] * 1e6:7.0f} us", flush=True)
 
 
 def measure_memory_in_child(name, shape, dtype, device):
@@ -306,7 +389,7 @@ def run(shapes, dtypes, device, reps, recorder, memory=True):
             fwd_bwd = time_forward_backward_interleaved(fns, d, device, reps)
             medians = {}
             for name, fn in fns.items():
-                print(f"  {name:<20}", end="", flush=True)
+                print(f"  {name:<24}", end="", flush=True)
                 phases = time_phases(fn, d, device, reps)
                 phases["forward_backward"] = fwd_bwd[name]
                 medians[name] = phases
@@ -342,6 +425,9 @@ def main():
     p.add_argument("--meta", action="store_true",
                    help="the --gpu shapes' forward+backward tensor memory, eager vs tbkernels, "
                         "counted on the meta device (no GPU, no timing)")
+    p.add_argument("--host", action="store_true",
+                   help="host overhead only: device ops per step (meta stand-in for a GPU) and "
+                        "host time per step at a tiny CPU shape, eager vs tbkernels")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--no-record", action="store_true", help="print only, write no CSV rows")
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
@@ -357,6 +443,17 @@ def main():
         print(json.dumps({"peak_extra_bytes": extra}))
         return
 
+    if args.host:
+        recorder = Recorder(enabled=not args.no_record, device=device_name(torch.device("cpu")),
+                            commit=git_commit(),
+                            command=("python benchmarks/bench_flow_grpo.py "
+                                     + " ".join(sys.argv[1:])).strip())
+        print(f"{OP} host overhead on {recorder.device}, commit {recorder.commit}")
+        host_overhead(recorder, reps=args.reps or 300)
+        path = recorder.finish()
+        if path:
+            print(f"\nrows appended to {path}")
+        return
     if args.meta:
         recorder = Recorder(enabled=not args.no_record, device=device_name(torch.device("meta")),
                             commit=git_commit(),

@@ -534,6 +534,19 @@ def test_meta_memory_model_equals_cpu_count(dtype):
             assert meta >= 5 * latent
 
 
+def test_host_overhead_counts():
+    """bench_flow_grpo.py --host counts the launching ops of a forward+backward on a meta stand-in
+    for a GPU: tbkernels launches fewer than Flow-GRPO's eager code, and host sigmas fewer than
+    device sigmas (the coefficient table stays on the host)."""
+    bench = _load_flow_bench()
+    d = bench.make_inputs((2, 16, 3, 12, 20), torch.bfloat16, torch.device("meta"))
+    eager = bench.device_ops(bench.eager_loss, d)
+    host = bench.device_ops(bench.tbk_loss("cpu"), d)
+    device = bench.device_ops(bench.tbk_loss("cpu", sigmas="device"), d)
+    assert sum(host) < sum(eager), (host, eager)
+    assert host[0] + 20 < device[0] and host[1] == device[1], (host, device)
+
+
 def test_host_sigmas_put_no_coefficient_work_on_the_latent_device():
     """Sigmas given as numbers or CPU tensors: the checks and the coefficient table run on the
     host and reach the device as one copy each (coefficients, std_dev_t), so a GPU step does not
