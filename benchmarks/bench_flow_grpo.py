@@ -264,7 +264,9 @@ def peak_tensor_bytes(name, shape, dtype, device):
     same ops' outputs there, and tbkernels' compiled op runs its meta kernel, which allocates
     what the CPU, CUDA and Triton kernels allocate (their outputs; Triton adds O(B) partials)."""
     d = make_inputs(shape, dtype, device)
-    fn = eager_loss if name == "eager" else tbk_loss(None)      # meta: the compiled ops' meta kernels
+    # meta: the compiled ops' meta kernels. Device sigmas, so that the meta and the CPU count
+    # take the same path (host sigmas skip the table's few bytes on a device, or cache them).
+    fn = eager_loss if name == "eager" else tbk_loss(None, sigmas="device")
     vv = d["v"].clone().requires_grad_(True)
     with tbkernels.memory.peak_tensor_memory() as tm:
         fn(vv, d).backward()
@@ -337,6 +339,7 @@ def host_overhead(recorder, reps=300):
     fns_timed = dict(fns, tbkernels_cpu_compiled=build("tbkernels_cpu_compiled",
                                                          torch.device("cpu")))
     times = time_forward_backward_interleaved(fns_timed, small, torch.device("cpu"), reps)
+    table = coefficient_table_us(meta["v"], reps)
     torch.set_num_threads(threads)
     shape_s = "x".join(map(str, gpu_shape))
     print(f"\nhost overhead per forward+backward (device ops counted on meta at {shape_s} bf16; "
@@ -353,6 +356,28 @@ def host_overhead(recorder, reps=300):
         recorder.add(f"{OP}.host", name, "x".join(map(str, tiny)), "float32", "host_us",
                      times[name] * 1e6)
         print(line + f"   host {times[name] * 1e6:7.0f} us", flush=True)
+    print("  coefficient table from host sigmas (non-CPU latents; part of the host time above):")
+    for kind, us in table.items():
+        recorder.add(f"{OP}.host", f"coefficient_table_{kind}", shape_s, "bfloat16", "host_us", us)
+        print(f"    {kind:<10} {us:7.1f} us", flush=True)
+
+
+def coefficient_table_us(latent, reps):
+    """Host time of flow_grpo_loss's coefficient stage for latents off the CPU (meta here) with
+    host sigmas: computed and checked (a schedule's first visit of a noise level) and cached
+    (every later visit)."""
+    sigma, sigma_next = torch.full((latent.shape[0],), 0.8), torch.full((latent.shape[0],), 0.7)
+
+    def stage():
+        return fg._coefficients(latent, sigma, sigma_next, "flow_grpo", 0.7, None, None)
+
+    def uncached():
+        fg._COEF_CACHE.clear()
+        return stage()
+
+    stage()
+    return {"computed": time_call(uncached, torch.device("cpu"), reps) * 1e6,
+            "cached": time_call(stage, torch.device("cpu"), reps) * 1e6}
 
 
 def measure_memory_in_child(name, shape, dtype, device):

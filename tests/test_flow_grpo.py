@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tbkernels
+from tbkernels.ops import flow_grpo
 from tbkernels.ops._flow_grpo_reference import (flow_grpo_loss_reference, kl_reference,
                                                 sde_step_reference)
 
@@ -550,8 +551,9 @@ def test_host_overhead_counts():
 def test_host_sigmas_put_no_coefficient_work_on_the_latent_device():
     """Sigmas given as numbers or CPU tensors: the checks and the coefficient table run on the
     host and reach the device as one copy each (coefficients, std_dev_t), so a GPU step does not
-    launch ~40 tiny kernels nor sync three times before its kernel. Meta latents stand in for a
-    GPU here: every op touching them is recorded. Sigmas on the device keep the device path."""
+    launch ~40 tiny kernels nor sync three times before its kernel; noise levels seen before
+    cost no copy at all (cached). Meta latents stand in for a GPU here: every op touching them
+    is recorded. Sigmas on the device keep the device path."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
@@ -572,10 +574,14 @@ def test_host_sigmas_put_no_coefficient_work_on_the_latent_device():
     v, x, prev, ref = lat().requires_grad_(True), lat(), lat(), lat()
     old, adv = torch.empty(2, device="meta"), torch.empty(2, device="meta")
     free = {"detach", "view", "expand", "empty", "_to_copy"}       # no arithmetic
-    for sigma, sigma_next, host in [(0.8, 0.7, True), (torch.tensor([0.8, 0.9]),
-                                                       torch.tensor([0.7, 0.6]), True),
-                                    (torch.tensor([0.8, 0.9], device="meta"),
-                                     torch.tensor([0.7, 0.6], device="meta"), False)]:
+    flow_grpo._COEF_CACHE.clear()
+    for sigma, sigma_next, host, copies in [
+            (0.8, 0.7, True, 2),                                    # computed, copied
+            (torch.tensor([0.8, 0.8], dtype=torch.float64),                 # the same values:
+             torch.tensor([0.7, 0.7], dtype=torch.float64), True, 0),   # cached
+            (torch.tensor([0.8, 0.9]), torch.tensor([0.7, 0.6]), True, 2),
+            (torch.tensor([0.8, 0.9], device="meta"), torch.tensor([0.7, 0.6], device="meta"),
+             False, None)]:
         rec = DeviceOps()
         with rec:
             tbkernels.flow_grpo_loss(v, x, prev, sigma, sigma_next, old, adv,
@@ -583,9 +589,38 @@ def test_host_sigmas_put_no_coefficient_work_on_the_latent_device():
         before = rec.ops[:rec.ops.index("flow_step_forward")]
         arithmetic = [op for op in before if op not in free]
         if host:
-            assert arithmetic == [] and before.count("_to_copy") == 2, before
+            assert arithmetic == [] and before.count("_to_copy") == copies, before
         else:
             assert len(arithmetic) > 20, before       # the table computed on the device
-    # the host path still checks its sigmas
-    with pytest.raises(ValueError, match="sigma_next must be < sigma"):
-        tbkernels.flow_grpo_loss(v, x, prev, 0.5, 0.6, old, adv, backend="cpu")
+    # the host path still checks its sigmas, every time (a failed check caches nothing)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="sigma_next must be < sigma"):
+            tbkernels.flow_grpo_loss(v, x, prev, 0.5, 0.6, old, adv, backend="cpu")
+
+
+def test_cached_coefficient_tables_are_keyed_and_never_handed_out():
+    """The host-sigma cache is keyed by everything the table depends on, and the std_dev_t that
+    sde_step_with_logprob returns is a fresh tensor: writing into it changes no later call."""
+    flow_grpo._COEF_CACHE.clear()
+    lat = lambda dt: torch.zeros((2, 4, 3, 4, 6), device="meta", dtype=dt)  # noqa: E731
+    base = flow_grpo._coefficients(lat(torch.bfloat16), 0.8, 0.7, "flow_grpo", 0.7, None, None)
+    twice = torch.tensor([0.8, 0.8], dtype=torch.float64)       # the same values, per sample
+    again = flow_grpo._coefficients(lat(torch.bfloat16), twice, 0.7, "flow_grpo", 0.7, None, None)
+    assert again[0] is base[0]                                   # the same entry
+    for other in [dict(sigma=0.9), dict(noise_level=0.5), dict(sde_type="dance_grpo"),
+                  dict(dtype=torch.float64)]:
+        args = dict(dtype=torch.bfloat16, sigma=0.8, noise_level=0.7, sde_type="flow_grpo")
+        args.update(other)
+        got = flow_grpo._coefficients(lat(args["dtype"]), args["sigma"], 0.7, args["sde_type"],
+                                      args["noise_level"], None, None)
+        assert got[0] is not base[0], other
+    # values: the cached table equals a freshly computed CPU one
+    cpu = flow_grpo._coefficients(torch.zeros(2, 4, 3, 4, 6, dtype=torch.bfloat16), 0.8, 0.7,
+                                  "flow_grpo", 0.7, None, None)
+    assert cpu[0].dtype == base[0].dtype and cpu[0].shape == base[0].shape
+    # sde_step_with_logprob on float64 latents (whose std_dev_t needs no cast) hits the cached
+    # entry, and returns its own std_dev_t storage, not the cached one
+    f64 = flow_grpo._coefficients(lat(torch.float64), 0.8, 0.7, "flow_grpo", 0.7, None, None)
+    *_, std = tbkernels.sde_step_with_logprob(lat(torch.float64), 0.8, 0.7, lat(torch.float64),
+                                              lat(torch.float64), backend="cpu")
+    assert std.untyped_storage()._cdata != f64[1].untyped_storage()._cdata

@@ -264,15 +264,60 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
     # sigma tensors keep the on-device path (their checks sync). Not while tracing.
     host = device.type != "cpu" and not torch.compiler.is_compiling() and all(
         not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in (sigma, sigma_next))
+    acc = _acc(model_output.dtype)
+    key = None
+    if host:
+        # A schedule revisits the same few noise levels every iteration: the checked table for
+        # a (sigmas, convention, dtype, device) seen before is reused from the device, so the
+        # steady state costs a lookup -- no host arithmetic, no copy.
+        s_host = _sigma_tensor(sigma, "sigma", batch, torch.device("cpu"))
+        sn_host = _sigma_tensor(sigma_next, "sigma_next", batch, torch.device("cpu"))
+        key = (tuple(s_host.tolist()), tuple(sn_host.tolist()), sde_type, noise_level,
+               sigma_max, sigma_min, acc, device)
+        cached = _COEF_CACHE.get(key)
+        if cached is not None:
+            return cached
     where = torch.device("cpu") if host else device
-    s = _sigma_tensor(sigma, "sigma", batch, where)
-    sn = _sigma_tensor(sigma_next, "sigma_next", batch, where)
+    s = s_host if host else _sigma_tensor(sigma, "sigma", batch, where)
+    sn = sn_host if host else _sigma_tensor(sigma_next, "sigma_next", batch, where)
     _check_sigmas(s, sn)
     coefs, std_dev_t = step_coefficients(s, sn, sde_type, noise_level, sigma_max, sigma_min)
-    coefs = coefs.to(_acc(model_output.dtype)).contiguous()
+    coefs = coefs.to(acc).contiguous()
     if host:
         coefs, std_dev_t = _to_device(coefs, device), _to_device(std_dev_t, device)
+        _COEF_CACHE.put(key, (coefs, std_dev_t))
     return coefs, std_dev_t
+
+
+class _LRU:
+    """A small thread-safe LRU map (device tensors of coefficient tables; never handed out for
+    writing: flow_grpo_loss uses them internally, sde_step_with_logprob returns a copy)."""
+
+    def __init__(self, size):
+        import collections
+        import threading
+        self.size, self.items, self.lock = size, collections.OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+            return value
+
+    def clear(self):
+        with self.lock:
+            self.items.clear()
+
+    def put(self, key, value):
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+_COEF_CACHE = _LRU(1024)
 
 
 def _to_device(t, device):
@@ -349,7 +394,8 @@ def sde_step_with_logprob(model_output, sigma, sigma_next, sample, prev_sample=N
                                                 _REDUCTION_CODE[logprob_reduction], sampling, True)
     out_prev = new_prev if sampling else prev_sample
     shp = (-1,) + (1,) * (v.ndim - 1)
-    return out_prev, logp, mean, std_dev_t.to(_acc(dtype)).reshape(shp)
+    # a fresh tensor: std_dev_t may be a cached table's (see _coefficients)
+    return out_prev, logp, mean, std_dev_t.to(_acc(dtype), copy=True).reshape(shp)
 
 
 def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log_prob, advantages,
