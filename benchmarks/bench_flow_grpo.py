@@ -356,7 +356,8 @@ def host_overhead(recorder, reps=300):
         recorder.add(f"{OP}.host", name, "x".join(map(str, tiny)), "float32", "host_us",
                      times[name] * 1e6)
         print(line + f"   host {times[name] * 1e6:7.0f} us", flush=True)
-    print("  coefficient table from host sigmas (non-CPU latents; part of the host time above):")
+    print("  the coefficient stage alone, host sigmas, latents off the CPU (meta; the CPU rows "
+          "above compute the table on the CPU instead):")
     for kind, us in table.items():
         recorder.add(f"{OP}.host", f"coefficient_table_{kind}", shape_s, "bfloat16", "host_us", us)
         print(f"    {kind:<10} {us:7.1f} us", flush=True)
