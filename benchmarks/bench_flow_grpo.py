@@ -360,13 +360,13 @@ def host_overhead(recorder, reps=300):
           "above compute the table on the CPU instead):")
     for kind, us in table.items():
         recorder.add(f"{OP}.host", f"coefficient_table_{kind}", shape_s, "bfloat16", "host_us", us)
-        print(f"    {kind:<10} {us:7.1f} us", flush=True)
+        print(f"    {kind:<15} {us:7.1f} us", flush=True)
 
 
 def coefficient_table_us(latent, reps):
     """Host time of flow_grpo_loss's coefficient stage for latents off the CPU (meta here) with
     host sigmas: computed and checked (a schedule's first visit of a noise level) and cached
-    (every later visit)."""
+    (every later visit), with sigmas as [B] CPU tensors or as Python floats."""
     sigma, sigma_next = torch.full((latent.shape[0],), 0.8), torch.full((latent.shape[0],), 0.7)
 
     def stage():
@@ -376,9 +376,14 @@ def coefficient_table_us(latent, reps):
         fg._COEF_CACHE.clear()
         return stage()
 
+    def stage_floats():
+        return fg._coefficients(latent, 0.8, 0.7, "flow_grpo", 0.7, None, None)
+
     stage()
-    return {"computed": time_call(uncached, torch.device("cpu"), reps) * 1e6,
-            "cached": time_call(stage, torch.device("cpu"), reps) * 1e6}
+    cpu = torch.device("cpu")
+    return {"computed": time_call(uncached, cpu, reps) * 1e6,
+            "cached": time_call(stage, cpu, reps) * 1e6,
+            "cached_floats": time_call(stage_floats, cpu, reps) * 1e6}
 
 
 def measure_memory_in_child(name, shape, dtype, device):

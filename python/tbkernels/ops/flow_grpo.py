@@ -192,6 +192,14 @@ def _sigma_tensor(value, name, batch, device):
     raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
 
 
+def _host_levels(value, name, batch):
+    """A host sigma as a tuple of B Python floats (the cache key), without building tensors
+    for plain numbers."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (float(value),) * batch
+    return tuple(_sigma_tensor(value, name, batch, torch.device("cpu")).tolist())
+
+
 def _check_sigmas(sigma, sigma_next):
     if torch.compiler.is_compiling() or sigma.is_meta:   # no values to check (tracing, meta)
         return
@@ -270,16 +278,14 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
         # A schedule revisits the same few noise levels every iteration: the checked table for
         # a (sigmas, convention, dtype, device) seen before is reused from the device, so the
         # steady state costs a lookup -- no host arithmetic, no copy.
-        s_host = _sigma_tensor(sigma, "sigma", batch, torch.device("cpu"))
-        sn_host = _sigma_tensor(sigma_next, "sigma_next", batch, torch.device("cpu"))
-        key = (tuple(s_host.tolist()), tuple(sn_host.tolist()), sde_type, noise_level,
-               sigma_max, sigma_min, acc, device)
+        key = (_host_levels(sigma, "sigma", batch), _host_levels(sigma_next, "sigma_next", batch),
+               sde_type, noise_level, sigma_max, sigma_min, acc, device)
         cached = _COEF_CACHE.get(key)
         if cached is not None:
             return cached
     where = torch.device("cpu") if host else device
-    s = s_host if host else _sigma_tensor(sigma, "sigma", batch, where)
-    sn = sn_host if host else _sigma_tensor(sigma_next, "sigma_next", batch, where)
+    s = _sigma_tensor(sigma, "sigma", batch, where)
+    sn = _sigma_tensor(sigma_next, "sigma_next", batch, where)
     _check_sigmas(s, sn)
     coefs, std_dev_t = step_coefficients(s, sn, sde_type, noise_level, sigma_max, sigma_min)
     coefs = coefs.to(acc).contiguous()
