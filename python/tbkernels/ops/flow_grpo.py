@@ -351,7 +351,10 @@ def sde_step_with_logprob(model_output, sigma, sigma_next, sample, prev_sample=N
     model_output : Tensor ``[B, C, H, W]`` or ``[B, C, T, H, W]`` (fp32/bf16/fp16/fp64)
         Predicted velocity v. Differentiable.
     sigma, sigma_next : float or Tensor ``[B]``
-        Noise levels of this step, ``0 <= sigma_next < sigma <= 1``.
+        Noise levels of this step, ``0 <= sigma_next < sigma <= 1``. Numbers or CPU tensors
+        (as a scheduler keeps them) are checked and turned into coefficients on the host, and
+        the table is cached on the device per noise level; tensors on the GPU cost ~30 tiny
+        kernels and three syncs per call (docs/flow_grpo.md, "Host overhead").
     sample : Tensor like model_output
         The current latent x_t (no gradient).
     prev_sample : Tensor like model_output, optional
@@ -418,7 +421,7 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
     ----------
     model_output, sample, prev_sample : Tensor ``[B, C, (T,) H, W]``
         Current policy's velocity (differentiable), x_t and the stored x_{t+dt}.
-    sigma, sigma_next : float or ``[B]``
+    sigma, sigma_next : float or ``[B]`` (numbers or CPU tensors: no coefficient work on the GPU)
     old_log_prob : Tensor ``[B]`` (no map), ``[B, (T,) H, W]`` (map without channels: ViPO's
         channel-summed per-position log-prob) or like the latent (per-element map).
     advantages : Tensor ``[B]``
