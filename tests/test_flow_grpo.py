@@ -624,3 +624,25 @@ def test_cached_coefficient_tables_are_keyed_and_never_handed_out():
     *_, std = tbkernels.sde_step_with_logprob(lat(torch.float64), 0.8, 0.7, lat(torch.float64),
                                               lat(torch.float64), backend="cpu")
     assert std.untyped_storage()._cdata != f64[1].untyped_storage()._cdata
+
+
+def test_kl_weight_is_the_kl_formula_and_memoized_with_the_table():
+    """kl = ref_sq * w with w = cv^2 / (2 numel s^2) (s: std_dev_t for kl_form "flow_grpo", the
+    transition std for "exact"); a cached table keeps its w, so a revisited noise level
+    launches nothing for the KL weight either."""
+    from tbkernels.ops._flow_grpo_coefs import step_coefficients
+    lat = torch.zeros(2, 4, 3, 4, 6)
+    coefs, std, memo = flow_grpo._coefficients(lat, 0.8, 0.7, "flow_grpo", 0.7, None, None)
+    table, sig_t = step_coefficients(torch.full((2,), 0.8, dtype=torch.float64),
+                                     torch.full((2,), 0.7, dtype=torch.float64), "flow_grpo", 0.7)
+    for kl_form, s in (("flow_grpo", sig_t), ("exact", table[:, 4])):
+        w = flow_grpo._kl_weight(coefs, std, kl_form, 96, torch.float32, memo)
+        expected = table[:, 1] ** 2 / (2 * 96 * s ** 2)
+        torch.testing.assert_close(w.double(), expected, rtol=1e-6, atol=0)
+        assert flow_grpo._kl_weight(coefs, std, kl_form, 96, torch.float32, memo) is w
+    flow_grpo._COEF_CACHE.clear()
+    meta = torch.zeros(2, 4, 3, 4, 6, device="meta")
+    first = flow_grpo._coefficients(meta, 0.8, 0.7, "flow_grpo", 0.7, None, None)
+    w = flow_grpo._kl_weight(*first[:2], "flow_grpo", 96, torch.float32, first[2])
+    again = flow_grpo._coefficients(meta, 0.8, 0.7, "flow_grpo", 0.7, None, None)
+    assert flow_grpo._kl_weight(*again[:2], "flow_grpo", 96, torch.float32, again[2]) is w

@@ -17,8 +17,6 @@ Gradients flow into ``model_output`` only: never into ``sample``, ``prev_sample`
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._backend import resolve_backend
@@ -289,10 +287,26 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
     _check_sigmas(s, sn)
     coefs, std_dev_t = step_coefficients(s, sn, sde_type, noise_level, sigma_max, sigma_min)
     coefs = coefs.to(acc).contiguous()
+    # memo: per-sample quantities derived from the table (the KL weight), kept with a cached
+    # table so that they too are computed once per noise level
+    memo = {}
     if host:
         coefs, std_dev_t = _to_device(coefs, device), _to_device(std_dev_t, device)
-        _COEF_CACHE.put(key, (coefs, std_dev_t))
-    return coefs, std_dev_t
+        _COEF_CACHE.put(key, (coefs, std_dev_t, memo))
+    return coefs, std_dev_t, memo
+
+
+def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo):
+    """Per-sample w with kl = ref_sq * w: mean - mean_ref = cv * (v - v_ref), so the KL needs
+    only sum((v - v_ref)^2) per sample, times cv^2 / (2 numel s^2) with s the training script's
+    std_dev_t (kl_form "flow_grpo") or the transition std (the exact Gaussian KL). Six tiny
+    launches on a GPU; memoized with a cached table."""
+    key = (kl_form, numel, acc)
+    if key not in memo:
+        cv = coefs[:, 1].to(acc)
+        kl_std = (std_dev_t if kl_form == "flow_grpo" else coefs[:, 4].double()).to(acc)
+        memo[key] = (cv * cv) / (numel * 2 * kl_std * kl_std)
+    return memo[key]
 
 
 class _LRU:
@@ -389,8 +403,8 @@ def sde_step_with_logprob(model_output, sigma, sigma_next, sample, prev_sample=N
         raise ValueError(f"logprob_reduction must be one of {REDUCTIONS}, got {logprob_reduction!r}")
     if check_finite:
         _check_finite(model_output=model_output, sample=sample, prev_sample=prev_sample)
-    coefs, std_dev_t = _coefficients(model_output, sigma, sigma_next, sde_type, noise_level,
-                                     sigma_max, sigma_min)
+    coefs, std_dev_t, _ = _coefficients(model_output, sigma, sigma_next, sde_type, noise_level,
+                                        sigma_max, sigma_min)
     dtype = model_output.dtype
     v = model_output.to(dtype).contiguous()
     (x, prev) = _latents(dtype, sample, prev_sample)
@@ -482,8 +496,8 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
         _check_finite(model_output=model_output, sample=sample, prev_sample=prev_sample,
                       ref_model_output=ref_model_output, old_log_prob=old_log_prob,
                       advantages=advantages, advantage_map=advantage_map)
-    coefs, std_dev_t = _coefficients(model_output, sigma, sigma_next, sde_type, noise_level,
-                                     sigma_max, sigma_min)
+    coefs, std_dev_t, memo = _coefficients(model_output, sigma, sigma_next, sde_type,
+                                           noise_level, sigma_max, sigma_min)
     dtype = model_output.dtype
     v = model_output.contiguous()
     x, prev, ref = _latents(dtype, sample, prev_sample, ref_model_output)
@@ -503,11 +517,7 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
     loss = policy
     kl = None
     if ref is not None:
-        # mean - mean_ref = cv * (v - v_ref): the KL needs only sum((v - v_ref)^2) per sample.
-        cv = coefs[:, 1].to(acc)
-        kl_std = std_dev_t if kl_form == "flow_grpo" else coefs[:, 4].double()
-        numel = model_output[0].numel()
-        kl = ref_sq * (cv * cv) / (numel * 2 * kl_std.to(acc) ** 2)
+        kl = ref_sq * _kl_weight(coefs, std_dev_t, kl_form, model_output[0].numel(), acc, memo)
         if beta != 0:
             loss = loss + beta * kl.mean()
     metrics = {
