@@ -477,24 +477,19 @@ def main():
         print(json.dumps({"peak_extra_bytes": extra}))
         return
 
-    if args.host:
-        recorder = Recorder(enabled=not args.no_record, device=device_name(torch.device("cpu")),
+    if args.host or args.meta:
+        # modes without a timed device: host overhead (CPU + meta counts), memory model (meta)
+        device = torch.device("cpu" if args.host else "meta")
+        recorder = Recorder(enabled=not args.no_record, device=device_name(device),
                             commit=git_commit(),
                             command=("python benchmarks/bench_flow_grpo.py "
                                      + " ".join(sys.argv[1:])).strip())
-        print(f"{OP} host overhead on {recorder.device}, commit {recorder.commit}")
-        host_overhead(recorder, reps=args.reps or 300)
-        path = recorder.finish()
-        if path:
-            print(f"\nrows appended to {path}")
-        return
-    if args.meta:
-        recorder = Recorder(enabled=not args.no_record, device=device_name(torch.device("meta")),
-                            commit=git_commit(),
-                            command=("python benchmarks/bench_flow_grpo.py "
-                                     + " ".join(sys.argv[1:])).strip())
-        print(f"{OP} tensor memory on {recorder.device}, commit {recorder.commit}")
-        run_meta([(8, 16, 21, 60, 104), (8, 16, 21, 90, 160)], [torch.bfloat16], recorder)
+        if args.host:
+            print(f"{OP} host overhead on {recorder.device}, commit {recorder.commit}")
+            host_overhead(recorder, reps=args.reps or 300)
+        else:
+            print(f"{OP} tensor memory on {recorder.device}, commit {recorder.commit}")
+            run_meta([(8, 16, 21, 60, 104), (8, 16, 21, 90, 160)], [torch.bfloat16], recorder)
         path = recorder.finish()
         if path:
             print(f"\nrows appended to {path}")
