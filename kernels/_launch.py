@@ -72,14 +72,12 @@ def interpreter_incompatibility() -> str:
 
 def require_launchable(t: torch.Tensor, op: str) -> None:
     """Triton kernels run on CUDA tensors, or on CPU tensors under a working interpreter."""
-    if t.device.type == "cuda" and not interpreter_enabled():
-        return
     if interpreter_enabled():
         problem = interpreter_incompatibility()
         if problem:
             raise RuntimeError(f"{op} (triton): {problem}")
         return
-    if _assumed_sm_count is not None:
+    if t.device.type == "cuda" or _assumed_sm_count is not None:
         return
     raise RuntimeError(f"{op} (triton): tensors are on {t.device}; Triton needs CUDA tensors, "
                        "or TRITON_INTERPRET=1 (set before triton is imported) for CPU tensors")

@@ -559,16 +559,23 @@ def _grad_written_by_sharding(p) -> bool:
     return isinstance(p, DTensor) or bool(getattr(p, "_is_flat_param", False))
 
 
-def _has_fsdp(model) -> bool:
-    """Does ``model`` contain an FSDP1 (FullyShardedDataParallel) or FSDP2 (fully_shard) module?
-    Their hooks write ``.grad`` themselves (FSDP1 also into its original parameters' views)."""
-    if model is None or not torch.distributed.is_available():
-        return False
+def _fsdp_types() -> tuple:
+    """(FSDP2's FSDPModule, FSDP1's FullyShardedDataParallel), or () where torch has neither."""
+    if not torch.distributed.is_available():
+        return ()
     try:
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     except ImportError:
-        return False
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+        return ()
+    return FSDPModule, FullyShardedDataParallel
+
+
+def _has_fsdp(model) -> bool:
+    """Does ``model`` contain an FSDP1 (FullyShardedDataParallel) or FSDP2 (fully_shard) module?
+    Their hooks write ``.grad`` themselves (FSDP1 also into its original parameters' views)."""
+    types = _fsdp_types()
+    return model is not None and bool(types) and any(isinstance(m, types)
+                                                     for m in model.modules())
 
 
 def _fsdp1_in(model, leaves=()) -> bool:
@@ -582,15 +589,9 @@ def _fsdp1_in(model, leaves=()) -> bool:
     storage; under ``NO_SHARD`` it runs but the gradients come out wrong (measured: 60 % relative
     error against standard on the 2-rank test). FSDP2 (``fully_shard``) re-unshards per backward
     and gives the standard gradients in every mode (tested)."""
-    if not torch.distributed.is_available():
-        return False
-    if model is not None:
-        try:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-        except ImportError:
-            return False
-        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-            return True
+    types = _fsdp_types()
+    if model is not None and types and any(isinstance(m, types[1]) for m in model.modules()):
+        return True
     return any(getattr(p, "_is_flat_param", False) for p in leaves)
 
 

@@ -17,6 +17,9 @@ Gradients flow into ``model_output`` only: never into ``sample``, ``prev_sample`
 """
 from __future__ import annotations
 
+import collections
+import threading
+
 import torch
 
 from .._backend import resolve_backend
@@ -271,7 +274,6 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
     host = device.type != "cpu" and not torch.compiler.is_compiling() and all(
         not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in (sigma, sigma_next))
     acc = _acc(model_output.dtype)
-    key = None
     if host:
         # A schedule revisits the same few noise levels every iteration: the checked table for
         # a (sigmas, convention, dtype, device) seen before is reused from the device, so the
@@ -314,8 +316,6 @@ class _LRU:
     writing: flow_grpo_loss uses them internally, sde_step_with_logprob returns a copy)."""
 
     def __init__(self, size):
-        import collections
-        import threading
         self.size, self.items, self.lock = size, collections.OrderedDict(), threading.Lock()
 
     def get(self, key):
