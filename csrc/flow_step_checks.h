@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace tbk {
@@ -128,6 +129,40 @@ inline Layout check_backward_args(const at::Tensor& v, const at::Tensor& x,
   check_reduction(reduction, op);
   check_backward_grads(v, ref, reduction, grad_logp, grad_ref_sq, op);
   return L;
+}
+
+// flow_grpo_surrogate's arguments: logp, old_log_prob, advantages (and ref_sq, kl_weight, both or
+// neither) contiguous [B] tensors of one accumulation dtype (float32 or float64) on one device of
+// `device_type`. Returns B.
+inline int64_t check_surrogate_args(const at::Tensor& logp, const std::optional<at::Tensor>& ref_sq,
+                                    const std::optional<at::Tensor>& kl_weight,
+                                    const at::Tensor& old_log_prob, const at::Tensor& advantages,
+                                    double clip_range, double adv_clip_max,
+                                    c10::DeviceType device_type) {
+  const char* op = "flow_grpo_surrogate";
+  TORCH_CHECK(logp.dim() == 1, op, ": logp must be a [B] tensor, got ", logp.sizes());
+  TORCH_CHECK(logp.scalar_type() == at::kFloat || logp.scalar_type() == at::kDouble, op,
+              ": logp must be float32 or float64, got ", logp.scalar_type());
+  TORCH_CHECK(logp.device().type() == device_type, op, " (", c10::DeviceTypeName(device_type, true),
+              "): tensors must be on a ", c10::DeviceTypeName(device_type), " device, got ",
+              logp.device());
+  TORCH_CHECK(ref_sq.has_value() == kl_weight.has_value(), op,
+              ": ref_sq and kl_weight go together (both for a reference policy, or neither)");
+  const std::pair<const char*, const at::Tensor*> all[] = {
+      {"logp", &logp}, {"old_log_prob", &old_log_prob}, {"advantages", &advantages},
+      {"ref_sq", ref_sq.has_value() ? &*ref_sq : nullptr},
+      {"kl_weight", kl_weight.has_value() ? &*kl_weight : nullptr}};
+  for (const auto& [name, t] : all) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->sizes() == logp.sizes() && t->scalar_type() == logp.scalar_type() &&
+                    t->is_contiguous() && t->device() == logp.device(),
+                op, ": ", name, " must be a contiguous ", logp.sizes(), " ", logp.scalar_type(),
+                " tensor on ", logp.device(), ", got ", t->sizes(), " ", t->scalar_type(), " on ",
+                t->device());
+  }
+  TORCH_CHECK(clip_range > 0 && adv_clip_max > 0, op,
+              ": clip_range and adv_clip_max must be > 0, got ", clip_range, ", ", adv_clip_max);
+  return logp.size(0);
 }
 
 }  // namespace flow_step

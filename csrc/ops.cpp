@@ -28,6 +28,14 @@ TORCH_LIBRARY(tbkernels, m) {
       "flow_step_backward(Tensor model_output, Tensor sample, Tensor? prev_sample, "
       "Tensor? ref_model_output, Tensor coefs, int reduction, Tensor? grad_logp, "
       "Tensor? grad_mean, Tensor? grad_ref_sq) -> Tensor");
+  // flow_grpo_loss's per-sample clipped surrogate (csrc/flow_grpo_surrogate.h), on [B] tensors of
+  // one accumulation dtype: logp, ref_sq and kl_weight (kl = ref_sq * kl_weight; both or neither),
+  // old_log_prob, advantages. Returns (loss [], metrics [4] = (approx_kl, clipfrac, kl,
+  // ratio_mean), factors [2, B] = d loss / d logp and d loss / d ref_sq).
+  m.def(
+      "flow_grpo_surrogate(Tensor logp, Tensor? ref_sq, Tensor? kl_weight, Tensor old_log_prob, "
+      "Tensor advantages, float clip_range, float adv_clip_max, float beta, bool simple) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

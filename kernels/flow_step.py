@@ -226,6 +226,74 @@ def _backward_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, gl_ptr, gm_ptr,
     tl.store(out_ptr + offs, _to_output(g, lat_ty), mask=smask, eviction_policy="evict_first")
 
 
+@triton.jit
+def _surrogate_kernel(logp_ptr, refsq_ptr, klw_ptr, old_ptr, adv_ptr, const_ptr, loss_ptr,
+                      metrics_ptr, factors_ptr, B, lo, hi, clip, adv_max, beta, inv_b,
+                      CONST_FROM_PTR: tl.constexpr, HAS_REF: tl.constexpr,
+                      KL_IN_LOSS: tl.constexpr, SIMPLE: tl.constexpr, BLOCK: tl.constexpr):
+    """flow_grpo_loss's per-sample surrogate, one program (csrc/flow_grpo_surrogate.h is the
+    formula; see ``flow_grpo_surrogate_triton``)."""
+    acc_ty = logp_ptr.dtype.element_ty
+    if CONST_FROM_PTR:  # float64: scalar arguments would arrive as float32
+        lo = tl.load(const_ptr + 0)
+        hi = tl.load(const_ptr + 1)
+        clip = tl.load(const_ptr + 2)
+        adv_max = tl.load(const_ptr + 3)
+        beta = tl.load(const_ptr + 4)
+        inv_b = tl.load(const_ptr + 5)
+    policy = tl.zeros([BLOCK], dtype=tl.float64)
+    kl_sum = tl.zeros([BLOCK], dtype=tl.float64)
+    dsq = tl.zeros([BLOCK], dtype=tl.float64)
+    clipped = tl.zeros([BLOCK], dtype=tl.float64)
+    ratio = tl.zeros([BLOCK], dtype=tl.float64)
+    for b0 in range(0, B, BLOCK):
+        b = b0 + tl.arange(0, BLOCK)
+        m = b < B
+        lp = tl.load(logp_ptr + b, mask=m, other=0.0)
+        adv = tl.load(adv_ptr + b, mask=m, other=0.0)
+        a = tl.where(adv < -adv_max, -adv_max, tl.where(adv > adv_max, adv_max, adv))
+        delta = lp - tl.load(old_ptr + b, mask=m, other=0.0)
+        r = tl.exp(delta)
+        if SIMPLE:
+            term = -(a * lp)
+            g = -a
+        else:
+            na = -a
+            c = tl.where(r < lo, lo, tl.where(r > hi, hi, r))
+            u = na * r
+            w = na * c
+            du = na * r
+            dw = tl.where((r >= lo) & (r <= hi), na * r, 0.0)
+            term = tl.where((u != u) | (u > w), u, w)     # torch.maximum, NaN wins
+            g = tl.where(u > w, du, tl.where(u < w, dw, 0.5 * (du + dw)))  # ties split
+        tl.store(factors_ptr + b, (g * inv_b).to(acc_ty), mask=m)
+        if HAS_REF:
+            klw = tl.load(klw_ptr + b, mask=m, other=0.0)
+            kl = tl.load(refsq_ptr + b, mask=m, other=0.0) * klw
+            kl_sum += tl.where(m, kl, 0.0).to(tl.float64)
+            if KL_IN_LOSS:
+                dref = beta * klw * inv_b
+            else:
+                dref = tl.zeros([BLOCK], dtype=acc_ty)
+        else:
+            dref = tl.zeros([BLOCK], dtype=acc_ty)
+        tl.store(factors_ptr + B + b, dref.to(acc_ty), mask=m)
+        policy += tl.where(m, term, 0.0).to(tl.float64)
+        dsq += tl.where(m, delta * delta, 0.0).to(tl.float64)
+        clipped += tl.where(m & ((r - 1.0 < -clip) | (r - 1.0 > clip)), 1.0, 0.0).to(tl.float64)
+        ratio += tl.where(m, r, 0.0).to(tl.float64)
+    n = tl.cast(B, tl.float64)
+    kl_mean = tl.sum(kl_sum, axis=0) / n
+    loss = tl.sum(policy, axis=0) / n
+    if KL_IN_LOSS:
+        loss += tl.cast(beta, tl.float64) * kl_mean
+    tl.store(loss_ptr, loss.to(acc_ty))
+    tl.store(metrics_ptr + 0, (0.5 * (tl.sum(dsq, axis=0) / n)).to(acc_ty))
+    tl.store(metrics_ptr + 1, (tl.sum(clipped, axis=0) / n).to(acc_ty))
+    tl.store(metrics_ptr + 2, kl_mean.to(acc_ty))
+    tl.store(metrics_ptr + 3, (tl.sum(ratio, axis=0) / n).to(acc_ty))
+
+
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
@@ -392,3 +460,51 @@ def flow_step_backward_triton(v, x, prev, ref, coefs, reduction, grad_logp, grad
         IDX64=_idx64(v.numel(), block), BLOCK=block,
         num_warps=_num_warps(block, v.element_size()))
     return grad_v
+
+
+_SURROGATE_BLOCK = 1024
+
+
+def flow_grpo_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advantages, clip_range,
+                               adv_clip_max, beta, simple):
+    """``(loss [], metrics [4], factors [2, B])``, as ``tbkernels::flow_grpo_surrogate``.
+
+    Every tensor a contiguous ``[B]`` float32 (or float64) tensor on one device; ref_sq and
+    kl_weight both given (a reference policy) or both None. One launch of one program.
+    """
+    op = "flow_grpo_surrogate"
+    if logp.dim() != 1 or logp.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"{op}: logp must be a [B] float32 or float64 tensor, got "
+                           f"{list(logp.shape)} {logp.dtype}")
+    if (ref_sq is None) != (kl_weight is None):
+        raise RuntimeError(f"{op}: ref_sq and kl_weight go together (both for a reference "
+                           f"policy, or neither)")
+    for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages),
+                    ("ref_sq", ref_sq), ("kl_weight", kl_weight)):
+        if t is not None and not (t.shape == logp.shape and t.dtype == logp.dtype
+                                  and t.is_contiguous() and t.device == logp.device):
+            raise RuntimeError(f"{op}: {name} must be a contiguous {list(logp.shape)} "
+                               f"{logp.dtype} tensor on {logp.device}, got {list(t.shape)} "
+                               f"{t.dtype} on {t.device}")
+    if not (clip_range > 0 and adv_clip_max > 0):
+        raise RuntimeError(f"{op}: clip_range and adv_clip_max must be > 0, got {clip_range}, "
+                           f"{adv_clip_max}")
+    _launch.require_launchable(logp, op)
+    B = logp.shape[0]
+    dev = logp.device
+    loss = torch.empty((), dtype=logp.dtype, device=dev)
+    metrics = torch.empty((4,), dtype=logp.dtype, device=dev)
+    factors = torch.empty((2, B), dtype=logp.dtype, device=dev)
+    has_ref = ref_sq is not None
+    consts = (1.0 - clip_range, 1.0 + clip_range, clip_range, adv_clip_max, beta,
+              1.0 / B if B else 0.0)
+    f64 = logp.dtype == torch.float64
+    # float64 constants travel in a tensor (a copy per call; float64 is the checking path, not
+    # the fast one); float32 ones as scalar arguments, rounded as PyTorch rounds a Python float
+    const_t = torch.tensor(consts, dtype=torch.float64, device=dev) if f64 else logp
+    _surrogate_kernel[(1,)](
+        logp, ref_sq if has_ref else logp, kl_weight if has_ref else logp, old_log_prob,
+        advantages, const_t, loss, metrics, factors, B, *consts,
+        CONST_FROM_PTR=f64, HAS_REF=has_ref, KL_IN_LOSS=has_ref and beta != 0,
+        SIMPLE=bool(simple), BLOCK=min(_next_pow2(max(B, 1)), _SURROGATE_BLOCK), num_warps=4)
+    return loss, metrics, factors

@@ -550,7 +550,8 @@ def test_host_overhead_counts():
 
 def test_host_sigmas_put_no_coefficient_work_on_the_latent_device():
     """Sigmas given as numbers or CPU tensors: the checks and the coefficient table run on the
-    host and reach the device as one copy each (coefficients, std_dev_t), so a GPU step does not
+    host and reach the device as one copy each (coefficients, std_dev_t, the KL weight), and the
+    whole forward is then the step's op and the surrogate epilogue's, so a GPU step does not
     launch ~40 tiny kernels nor sync three times before its kernel; noise levels seen before
     cost no copy at all (cached). Meta latents stand in for a GPU here: every op touching them
     is recorded. Sigmas on the device keep the device path."""
@@ -573,13 +574,13 @@ def test_host_sigmas_put_no_coefficient_work_on_the_latent_device():
     lat = lambda: torch.empty(shape, device="meta", dtype=torch.bfloat16)  # noqa: E731
     v, x, prev, ref = lat().requires_grad_(True), lat(), lat(), lat()
     old, adv = torch.empty(2, device="meta"), torch.empty(2, device="meta")
-    free = {"detach", "view", "expand", "empty", "_to_copy"}       # no arithmetic
+    free = {"detach", "view", "expand", "select", "empty", "_to_copy"}     # no arithmetic
     flow_grpo._COEF_CACHE.clear()
     for sigma, sigma_next, host, copies in [
-            (0.8, 0.7, True, 2),                                    # computed, copied
+            (0.8, 0.7, True, 3),              # computed, copied (table, std, KL weight)
             (torch.tensor([0.8, 0.8], dtype=torch.float64),                 # the same values:
              torch.tensor([0.7, 0.7], dtype=torch.float64), True, 0),   # cached
-            (torch.tensor([0.8, 0.9]), torch.tensor([0.7, 0.6]), True, 2),
+            (torch.tensor([0.8, 0.9]), torch.tensor([0.7, 0.6]), True, 3),
             (torch.tensor([0.8, 0.9], device="meta"), torch.tensor([0.7, 0.6], device="meta"),
              False, None)]:
         rec = DeviceOps()
@@ -590,6 +591,8 @@ def test_host_sigmas_put_no_coefficient_work_on_the_latent_device():
         arithmetic = [op for op in before if op not in free]
         if host:
             assert arithmetic == [] and before.count("_to_copy") == copies, before
+            after = rec.ops[rec.ops.index("flow_step_forward"):]
+            assert after == ["flow_step_forward", "flow_grpo_surrogate", "unbind"], after
         else:
             assert len(arithmetic) > 20, before       # the table computed on the device
     # the host path still checks its sigmas, every time (a failed check caches nothing)

@@ -16,6 +16,7 @@
 
 #include <vector>
 
+#include "../flow_grpo_surrogate.h"
 #include "../flow_step_checks.h"
 
 namespace tbk {
@@ -296,10 +297,44 @@ at::Tensor flow_step_backward_cpu(const at::Tensor& v, const at::Tensor& x,
   return grad_v;
 }
 
+// The per-sample surrogate epilogue (formula: csrc/flow_grpo_surrogate.h). B is small (a batch
+// of samples, not of elements): one sequential pass, sums in double in sample order.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_surrogate_cpu(
+    const at::Tensor& logp, const std::optional<at::Tensor>& ref_sq,
+    const std::optional<at::Tensor>& kl_weight, const at::Tensor& old_log_prob,
+    const at::Tensor& advantages, double clip_range, double adv_clip_max, double beta,
+    bool simple) {
+  const int64_t B = flow_step::check_surrogate_args(logp, ref_sq, kl_weight, old_log_prob,
+                                                    advantages, clip_range, adv_clip_max,
+                                                    c10::DeviceType::CPU);
+  at::Tensor loss = at::empty({}, logp.options());
+  at::Tensor metrics = at::empty({4}, logp.options());
+  at::Tensor factors = at::empty({2, B}, logp.options());
+  AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "flow_grpo_surrogate_cpu", [&] {
+    using Acc = scalar_t;
+    const auto k = surrogate::make_constants<Acc>(clip_range, adv_clip_max, beta, simple,
+                                                  ref_sq.has_value(), B);
+    const Acc* lp = logp.data_ptr<Acc>();
+    const Acc* old = old_log_prob.data_ptr<Acc>();
+    const Acc* adv = advantages.data_ptr<Acc>();
+    const Acc* rs = opt_ptr<Acc>(ref_sq);
+    const Acc* kw = opt_ptr<Acc>(kl_weight);
+    Acc* f = factors.data_ptr<Acc>();
+    surrogate::Sums sums;
+    for (int64_t b = 0; b < B; ++b) {
+      surrogate::sample_term(k, lp[b], old[b], adv[b], rs ? rs[b] : Acc(0), kw ? kw[b] : Acc(0),
+                             sums, f + b, f + B + b);
+    }
+    surrogate::finish(k, sums, B, loss.data_ptr<Acc>(), metrics.data_ptr<Acc>());
+  });
+  return {loss, metrics, factors};
+}
+
 }  // namespace
 }  // namespace tbk
 
 TORCH_LIBRARY_IMPL(tbkernels, CPU, m) {
   m.impl("flow_step_forward", &tbk::flow_step_forward_cpu);
   m.impl("flow_step_backward", &tbk::flow_step_backward_cpu);
+  m.impl("flow_grpo_surrogate", &tbk::flow_grpo_surrogate_cpu);
 }

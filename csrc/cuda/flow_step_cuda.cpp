@@ -116,10 +116,42 @@ at::Tensor flow_step_backward_cuda(const at::Tensor& v, const at::Tensor& x,
   return grad_v;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_surrogate_cuda(
+    const at::Tensor& logp, const std::optional<at::Tensor>& ref_sq,
+    const std::optional<at::Tensor>& kl_weight, const at::Tensor& old_log_prob,
+    const at::Tensor& advantages, double clip_range, double adv_clip_max, double beta,
+    bool simple) {
+  const int64_t B = flow_step::check_surrogate_args(logp, ref_sq, kl_weight, old_log_prob,
+                                                    advantages, clip_range, adv_clip_max,
+                                                    c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(logp.device());
+  at::Tensor loss = at::empty({}, logp.options());
+  at::Tensor metrics = at::empty({4}, logp.options());
+  at::Tensor factors = at::empty({2, B}, logp.options());
+  cuda::FlowGrpoSurrogateArgs args;
+  args.acc = logp.scalar_type() == at::kDouble ? cuda::DType::kFloat64 : cuda::DType::kFloat32;
+  args.batch = B;
+  args.logp = logp.data_ptr();
+  args.ref_sq = opt_ptr(ref_sq);
+  args.kl_weight = opt_ptr(kl_weight);
+  args.old_log_prob = old_log_prob.data_ptr();
+  args.advantages = advantages.data_ptr();
+  args.clip_range = clip_range;
+  args.adv_clip_max = adv_clip_max;
+  args.beta = beta;
+  args.simple = simple;
+  args.loss = loss.data_ptr();
+  args.metrics = metrics.data_ptr();
+  args.factors = factors.data_ptr();
+  C10_CUDA_CHECK(cuda::flow_grpo_surrogate(args, at::cuda::getCurrentCUDAStream()));
+  return {loss, metrics, factors};
+}
+
 }  // namespace
 }  // namespace tbk
 
 TORCH_LIBRARY_IMPL(tbkernels, CUDA, m) {
   m.impl("flow_step_forward", &tbk::flow_step_forward_cuda);
   m.impl("flow_step_backward", &tbk::flow_step_backward_cuda);
+  m.impl("flow_grpo_surrogate", &tbk::flow_grpo_surrogate_cuda);
 }

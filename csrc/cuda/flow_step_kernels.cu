@@ -36,6 +36,8 @@
 //            nblk == 0 (D == 0, or S == 0 for channel_sum).
 #include "flow_step_kernels.h"
 
+#include "../flow_grpo_surrogate.h"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -677,6 +679,49 @@ cudaError_t run_backward(const FlowStepBackwardArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// ------------------------------------------------------------------------------------------
+// flow_grpo_loss's per-sample surrogate: one warp strides over the B samples, each lane adds its
+// samples' terms in double, and a fixed shuffle tree combines the lanes (deterministic). A warp
+// is enough: B is a batch of samples (at most a few thousand), and one launch, not parallelism,
+// is what this kernel is for.
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kWarp)
+    surrogate_kernel(const surrogate::Constants<Acc> k, int64_t B, const Acc* __restrict__ logp,
+                     const Acc* __restrict__ ref_sq, const Acc* __restrict__ kl_weight,
+                     const Acc* __restrict__ old, const Acc* __restrict__ adv,
+                     Acc* __restrict__ loss, Acc* __restrict__ metrics, Acc* __restrict__ factors) {
+  surrogate::Sums s;
+  for (int64_t b = threadIdx.x; b < B; b += kWarp) {
+    surrogate::sample_term(k, logp[b], old[b], adv[b], k.has_ref ? ref_sq[b] : Acc(0),
+                           k.has_ref ? kl_weight[b] : Acc(0), s, factors + b, factors + B + b);
+  }
+  s.policy = warp_sum(s.policy);
+  s.kl = warp_sum(s.kl);
+  s.delta_sq = warp_sum(s.delta_sq);
+  s.clipped = warp_sum(s.clipped);
+  s.ratio = warp_sum(s.ratio);
+  if (threadIdx.x == 0) surrogate::finish(k, s, B, loss, metrics);
+}
+
+template <typename Acc>
+cudaError_t run_surrogate(const FlowGrpoSurrogateArgs& a, cudaStream_t stream) {
+  const auto k = surrogate::make_constants<Acc>(a.clip_range, a.adv_clip_max, a.beta, a.simple,
+                                                a.ref_sq != nullptr, a.batch);
+  surrogate_kernel<Acc><<<1, kWarp, 0, stream>>>(
+      k, a.batch, static_cast<const Acc*>(a.logp), static_cast<const Acc*>(a.ref_sq),
+      static_cast<const Acc*>(a.kl_weight), static_cast<const Acc*>(a.old_log_prob),
+      static_cast<const Acc*>(a.advantages), static_cast<Acc*>(a.loss),
+      static_cast<Acc*>(a.metrics), static_cast<Acc*>(a.factors));
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 size_t flow_step_forward_workspace_bytes(const FlowStepForwardArgs& args) {
@@ -730,6 +775,23 @@ cudaError_t flow_step_backward(const FlowStepBackwardArgs& args, cudaStream_t st
     case DType::kFloat64: return run_backward<double>(args, stream);
     case DType::kFloat16: return run_backward<__half>(args, stream);
     case DType::kBFloat16: return run_backward<__nv_bfloat16>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t flow_grpo_surrogate(const FlowGrpoSurrogateArgs& args, cudaStream_t stream) {
+  if (args.batch < 0 || (args.ref_sq == nullptr) != (args.kl_weight == nullptr) ||
+      !(args.clip_range > 0) || !(args.adv_clip_max > 0) || args.loss == nullptr ||
+      args.metrics == nullptr)
+    return cudaErrorInvalidValue;
+  if (args.batch > 0 && (args.logp == nullptr || args.old_log_prob == nullptr ||
+                         args.advantages == nullptr || args.factors == nullptr))
+    return cudaErrorInvalidValue;
+  // B == 0 still launches: the loss and metrics are NaN (means of nothing), as in PyTorch.
+  switch (args.acc) {
+    case DType::kFloat32: return run_surrogate<float>(args, stream);
+    case DType::kFloat64: return run_surrogate<double>(args, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }

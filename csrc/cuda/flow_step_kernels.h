@@ -74,6 +74,23 @@ struct FlowStepBackwardArgs {
   void* grad_v = nullptr;  // [B, C, S] `dtype`, always fully written
 };
 
+// flow_grpo_loss's per-sample surrogate (formula: csrc/flow_grpo_surrogate.h). Every [B] tensor
+// is contiguous device memory of the accumulation type `acc` (kFloat32 or kFloat64).
+struct FlowGrpoSurrogateArgs {
+  DType acc = DType::kFloat32;
+  int64_t batch = 0;                   // B
+  const void* logp = nullptr;          // [B]
+  const void* ref_sq = nullptr;        // [B], with kl_weight; both nullptr: no reference
+  const void* kl_weight = nullptr;     // [B]
+  const void* old_log_prob = nullptr;  // [B]
+  const void* advantages = nullptr;    // [B]
+  double clip_range = 1e-4, adv_clip_max = 5.0, beta = 0.0;
+  bool simple = false;                 // vipo_form "simple": -A log pi
+  void* loss = nullptr;     // [] the loss
+  void* metrics = nullptr;  // [4] approx_kl, clipfrac, kl, ratio_mean
+  void* factors = nullptr;  // [2, B] d loss / d logp, d loss / d ref_sq
+};
+
 // Bytes of scratch `flow_step_forward` needs (pointers are ignored, only sizes and modes count).
 // Returns 0 for inconsistent arguments (flow_step_forward then reports cudaErrorInvalidValue).
 size_t flow_step_forward_workspace_bytes(const FlowStepForwardArgs& args);
@@ -89,6 +106,8 @@ int64_t flow_step_forward_num_blocks(const FlowStepForwardArgs& args);
 // workspace.
 cudaError_t flow_step_forward(const FlowStepForwardArgs& args, cudaStream_t stream);
 cudaError_t flow_step_backward(const FlowStepBackwardArgs& args, cudaStream_t stream);
+// One launch of a single warp (B is a batch of samples; the warp strides over it). No workspace.
+cudaError_t flow_grpo_surrogate(const FlowGrpoSurrogateArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace tbk

@@ -90,6 +90,10 @@ def _setup_forward(ctx, inputs, output):
     prev = output[3] if sampling else prev_or_noise
     ctx.save_for_backward(v, x, prev, ref, coefs)
     ctx.reduction, ctx.sampling = reduction, sampling
+    # An output nobody differentiated arrives as None, not as zeros: no zero-fill launches, and
+    # an unused ref_sq (a reference given for the KL metric only, beta = 0) keeps the backward
+    # from reading ref_model_output at all.
+    ctx.set_materialize_grads(False)
 
 
 def _make_backward(backward_op):
@@ -166,6 +170,71 @@ _flow_step_forward_triton.register_autograd(_make_backward(_flow_step_backward_t
                                             setup_context=_setup_forward)
 
 
+# The per-sample surrogate epilogue of flow_grpo_loss (no advantage map): loss, metrics and the
+# per-sample gradient factors in one launch, C++ (CPU, CUDA: csrc/flow_grpo_surrogate.h) or
+# Triton (kernels/flow_step.py). Its backward is one multiply; the gradients then go to
+# flow_step_backward. The reference backend keeps the plain-PyTorch surrogate (_policy_loss).
+
+def _fake_surrogate(logp, ref_sq, kl_weight, old_log_prob, advantages, clip_range, adv_clip_max,
+                    beta, simple):
+    return logp.new_empty(()), logp.new_empty((4,)), logp.new_empty((2, logp.shape[0]))
+
+
+def _setup_surrogate(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(output[2])
+    # beta = 0: the KL is a metric only, so ref_sq gets no gradient (and the step's backward
+    # then skips the reference)
+    ctx.kl_grad = inputs[1] is not None and inputs[7] != 0
+
+
+def _surrogate_backward(ctx, grad_loss, grad_metrics, grad_factors):
+    (factors,) = ctx.saved_tensors
+    grads = factors * grad_loss           # one launch for both per-sample gradients
+    return grads[0], grads[1] if ctx.kl_grad else None, None, None, None, None, None, None, None
+
+
+def _register_compiled_surrogate():
+    try:
+        from .. import _C  # noqa: F401  (defines the tbkernels:: schemas)
+    except ImportError:
+        return
+    torch.library.register_fake("tbkernels::flow_grpo_surrogate")(_fake_surrogate)
+    torch.library.register_autograd("tbkernels::flow_grpo_surrogate", _surrogate_backward,
+                                    setup_context=_setup_surrogate)
+
+
+_register_compiled_surrogate()
+
+
+@torch.library.custom_op("tbkernels::flow_grpo_surrogate_triton", mutates_args=())
+def _flow_grpo_surrogate_triton(logp: torch.Tensor, ref_sq: torch.Tensor | None,
+                                kl_weight: torch.Tensor | None, old_log_prob: torch.Tensor,
+                                advantages: torch.Tensor, clip_range: float, adv_clip_max: float,
+                                beta: float, simple: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from tbkernels.kernels.flow_step import flow_grpo_surrogate_triton
+    return flow_grpo_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advantages,
+                                      clip_range, adv_clip_max, beta, simple)
+
+
+_flow_grpo_surrogate_triton.register_fake(_fake_surrogate)
+_flow_grpo_surrogate_triton.register_autograd(_surrogate_backward,
+                                              setup_context=_setup_surrogate)
+
+
+def _backward_op(name):
+    if name == "triton":
+        return _flow_step_backward_triton
+    return torch.ops.tbkernels.flow_step_backward
+
+
+def _surrogate_op(name):
+    if name == "triton":
+        return _flow_grpo_surrogate_triton
+    return torch.ops.tbkernels.flow_grpo_surrogate
+
+
 def _forward_op(name):
     if name == "reference":
         return _forward_reference
@@ -198,6 +267,10 @@ def _host_levels(value, name, batch):
     for plain numbers."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (float(value),) * batch
+    if isinstance(value, torch.Tensor) and value.dim() <= 1 and value.numel() in (1, batch):
+        # a CPU tensor's values, read directly (float32 or float64 -> exact Python floats)
+        levels = value.detach().reshape(-1).tolist()
+        return tuple(levels * batch) if len(levels) == 1 and batch != 1 else tuple(levels)
     return tuple(_sigma_tensor(value, name, batch, torch.device("cpu")).tolist())
 
 
@@ -270,8 +343,9 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
     # the host and the [B, 5] table is copied to the device once: on a GPU that saves ~40 kernel
     # launches and the three device-to-host syncs of the checks per call, host time that the
     # fused step's own kernels (~0.1 ms at Wan 480p bf16 B=8) would otherwise wait on. CUDA
-    # sigma tensors keep the on-device path (their checks sync). Not while tracing.
-    host = device.type != "cpu" and not torch.compiler.is_compiling() and all(
+    # sigma tensors keep the on-device path (their checks sync). Not while tracing. CPU latents
+    # take the same path: there it saves recomputing the table (~140 us) on every call.
+    host = not torch.compiler.is_compiling() and all(
         not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in (sigma, sigma_next))
     acc = _acc(model_output.dtype)
     if host:
@@ -293,6 +367,8 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
     # table so that they too are computed once per noise level
     memo = {}
     if host:
+        # the host copies stay in the memo: the KL weight is derived from them on the host too
+        memo["host_table"] = (coefs, std_dev_t)
         coefs, std_dev_t = _to_device(coefs, device), _to_device(std_dev_t, device)
         _COEF_CACHE.put(key, (coefs, std_dev_t, memo))
     return coefs, std_dev_t, memo
@@ -301,13 +377,19 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
 def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo):
     """Per-sample w with kl = ref_sq * w: mean - mean_ref = cv * (v - v_ref), so the KL needs
     only sum((v - v_ref)^2) per sample, times cv^2 / (2 numel s^2) with s the training script's
-    std_dev_t (kl_form "flow_grpo") or the transition std (the exact Gaussian KL). Six tiny
-    launches on a GPU; memoized with a cached table."""
+    std_dev_t (kl_form "flow_grpo") or the transition std (the exact Gaussian KL). Memoized
+    with a cached table; for a table made on the host it is computed there and copied (no device
+    arithmetic), otherwise it is six tiny launches on the device."""
     key = (kl_form, numel, acc)
     if key not in memo:
+        host = memo.get("host_table")
+        device = coefs.device
+        if host is not None:
+            coefs, std_dev_t = host
         cv = coefs[:, 1].to(acc)
         kl_std = (std_dev_t if kl_form == "flow_grpo" else coefs[:, 4].double()).to(acc)
-        memo[key] = (cv * cv) / (numel * 2 * kl_std * kl_std)
+        w = (cv * cv) / (numel * 2 * kl_std * kl_std)
+        memo[key] = _to_device(w, device) if host is not None else w
     return memo[key]
 
 
@@ -502,11 +584,71 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
     v = model_output.contiguous()
     x, prev, ref = _latents(dtype, sample, prev_sample, ref_model_output)
     name = _pick(v.device, backend)
+    acc = _acc(dtype)
+    kl_w = (None if ref is None else
+            _kl_weight(coefs, std_dev_t, kl_form, model_output[0].numel(), acc, memo))
+    old_lp = old_log_prob.detach().to(acc)
+    adv = advantages.detach().to(acc)
+    if advantage_map is None and name != "reference":
+        # the fused [B] epilogue: one launch forward, one multiply backward
+        consts = (float(clip_range), float(adv_clip_max), float(beta), vipo_form == "simple")
+        old_lp, adv = old_lp.contiguous(), adv.contiguous()
+        if torch.compiler.is_compiling():
+            # traced: the ops with their registered autograd (Inductor sees through neither)
+            logp, ref_sq, _, _ = _forward_op(name)(v, x, prev, ref, coefs, 0, False, False)
+            loss, m, _ = _surrogate_op(name)(logp, None if ref is None else ref_sq, kl_w,
+                                             old_lp, adv, *consts)
+        else:
+            loss, m = _FusedLoss.apply(v, x, prev, ref, coefs, kl_w, old_lp, adv, consts, name)
+        return loss, dict(zip(_METRICS, m.unbind()))
     logp, ref_sq, _, _ = _forward_op(name)(v, x, prev, ref, coefs, reduction, False, False)
+    return _policy_loss(logp, ref_sq if ref is not None else None, kl_w, old_lp, adv,
+                        advantage_map, clip_range, adv_clip_max, beta, vipo_form)
 
+
+_METRICS = ("approx_kl", "clipfrac", "kl", "ratio_mean")
+
+
+class _FusedLoss(torch.autograd.Function):
+    """flow_grpo_loss without an advantage map, eager: the fused step and the [B] epilogue as one
+    autograd node whose ops run below the autograd dispatch key. Against two nodes of
+    torch.library-registered autograd this saves ~150 us of Python per forward+backward
+    (docs/flow_grpo.md, "Host overhead"), which on a GPU is time the step's ~0.1 ms of kernels
+    would wait on. torch.compile takes the ops' registered autograd instead (same math)."""
+
+    @staticmethod
+    def forward(ctx, v, x, prev, ref, coefs, kl_w, old_lp, adv, consts, name):
+        with torch._C._AutoDispatchBelowAutograd():
+            logp, ref_sq, _, _ = _forward_op(name)(v, x, prev, ref, coefs, 0, False, False)
+            loss, metrics, factors = _surrogate_op(name)(
+                logp, None if ref is None else ref_sq, kl_w, old_lp, adv, *consts)
+        ctx.mark_non_differentiable(metrics)
+        ctx.set_materialize_grads(False)     # no zero-filled gradient for the metrics
+        # beta = 0: the KL is only a metric, so the backward does not read the reference
+        ctx.kl_grad = ref is not None and consts[2] != 0
+        ctx.save_for_backward(v, x, prev, ref if ctx.kl_grad else None, coefs, factors)
+        ctx.name = name
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_metrics):
+        if grad_loss is None:
+            return (None,) * 10
+        v, x, prev, ref, coefs, factors = ctx.saved_tensors
+        grads = factors * grad_loss          # d loss / d logp and d loss / d ref_sq, one launch
+        with torch._C._AutoDispatchBelowAutograd():
+            grad_v = _backward_op(ctx.name)(v, x, prev, ref, coefs, 0, grads[0], None,
+                                            grads[1] if ctx.kl_grad else None)
+        return (grad_v,) + (None,) * 9
+
+
+def _policy_loss(logp, ref_sq, kl_w, old_log_prob, advantages, advantage_map, clip_range,
+                 adv_clip_max, beta, vipo_form):
+    """The surrogate in plain PyTorch: the reference backend, and the per-position (ViPO map)
+    case, whose [B, T, H, W] arithmetic is real memory traffic rather than launch overhead."""
     acc = logp.dtype
-    a = advantages.detach().to(acc).clamp(-adv_clip_max, adv_clip_max)
-    delta = logp - old_log_prob.detach().to(acc)
+    a = advantages.clamp(-adv_clip_max, adv_clip_max)
+    delta = logp - old_log_prob
     ratio = torch.exp(delta)
     if advantage_map is not None:
         a = a.reshape((-1,) + (1,) * (logp.dim() - 1)) * advantage_map.detach().to(acc)
@@ -516,14 +658,15 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
         policy = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
     loss = policy
     kl = None
-    if ref is not None:
-        kl = ref_sq * _kl_weight(coefs, std_dev_t, kl_form, model_output[0].numel(), acc, memo)
+    if ref_sq is not None:
+        kl = ref_sq * kl_w
         if beta != 0:
             loss = loss + beta * kl.mean()
     metrics = {
         "approx_kl": 0.5 * (delta.detach() ** 2).mean(),
         "clipfrac": ((ratio.detach() - 1).abs() > clip_range).to(acc).mean(),
-        "kl": kl.detach().mean() if kl is not None else torch.zeros((), dtype=acc, device=v.device),
+        "kl": (kl.detach().mean() if kl is not None
+               else torch.zeros((), dtype=acc, device=logp.device)),
         "ratio_mean": ratio.detach().mean(),
     }
     return loss, metrics
