@@ -163,6 +163,21 @@ def _flow_step_cases(quick: bool):
                                                 v if gm else None, gq))
 
 
+def _flow_grpo_surrogate_cases(quick: bool):
+    from tbkernels.kernels import flow_step as fs
+    dtypes = ["fp32"] if quick else ["fp32", "fp64"]
+    # B = 8 (one partial block) and 3000 (three passes of the 1024-sample block)
+    for dname, B in itertools.product(dtypes, (8, 3000)):
+        t = torch.empty(B, dtype=DTYPES[dname])
+        for has_ref, beta, simple in ((True, 0.04, False), (True, 0.0, False), (False, 0.0, False),
+                                      (True, 0.04, True)):
+            if quick and B != 8 and not (has_ref and beta):
+                continue
+            yield (f"flow_grpo_surrogate {dname} B={B} ref={has_ref} beta={beta} simple={simple}",
+                   lambda t=t, r=has_ref, b=beta, s=simple: fs.flow_grpo_surrogate_triton(
+                       t, t if r else None, t if r else None, t, t, 1e-4, 5.0, b, s))
+
+
 def _group_advantages_cases(quick: bool):
     from tbkernels.kernels import group_advantages as ga
     # (B, K, group size, with explicit ids): fused contiguous path, long groups (row kernels), ids
@@ -203,7 +218,8 @@ def record(archs: List[int], quick: bool, sms: int) -> List[Launch]:
     from tbkernels.kernels import _launch
     recorder = Recorder(archs)
     with recorder, _launch.assume_gpu(sms):
-        for cases in (_flow_step_cases, _group_advantages_cases, _per_sample_mse_cases):
+        for cases in (_flow_step_cases, _flow_grpo_surrogate_cases, _group_advantages_cases,
+                      _per_sample_mse_cases):
             for case, call in cases(quick):
                 recorder.case = case
                 call()

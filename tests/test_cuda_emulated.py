@@ -241,6 +241,51 @@ def test_flow_step_backward_cuda_kernel(emu, dtype, shape, reduction, terms):
                                atol=8 * torch.finfo(acc).eps * scale)
 
 
+# ------------------------------------------------------------------ flow_grpo_loss's [B] epilogue
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [0, 1, 31, 33, 1000])
+@pytest.mark.parametrize("with_ref,beta,simple", [(True, 0.05, False), (True, 0.0, False),
+                                                  (False, 0.0, False), (True, 0.05, True)])
+def test_flow_grpo_surrogate_cuda_kernel(emu, dtype, B, with_ref, beta, simple):
+    """One warp strides over the samples (B = 31, 33: a partial and a second pass) and combines
+    the lanes with shuffles; per-sample gradient factors come from the formula the CPU kernel
+    shares, so they match it elementwise; loss and metrics are sums in another order."""
+    g = torch.Generator().manual_seed(B + 3)
+    logp = (torch.randn(B, generator=g, dtype=torch.float64) - 1).to(dtype)
+    old = (logp.double() - 0.3 * torch.randn(B, generator=g, dtype=torch.float64)).to(dtype)
+    old[::3] = logp[::3]                                   # ratio 1: inside the clip range
+    adv = (4 * torch.randn(B, generator=g, dtype=torch.float64)).to(dtype)
+    ref_sq = torch.rand(B, generator=g, dtype=torch.float64).to(dtype) if with_ref else None
+    kl_w = (1e-3 * torch.rand(B, generator=g, dtype=torch.float64)).to(dtype) if with_ref else None
+    loss = torch.full((), float("nan"), dtype=dtype)
+    metrics = torch.full((4,), float("nan"), dtype=dtype)
+    factors = torch.full((2, B), float("nan"), dtype=dtype)
+    rc = emu.emu_flow_grpo_surrogate(DTYPE_CODE[dtype], I64(B), ptr(logp), ptr(ref_sq), ptr(kl_w),
+                                     ptr(old), ptr(adv), ctypes.c_double(0.1),
+                                     ctypes.c_double(5.0), ctypes.c_double(beta), int(simple),
+                                     ptr(loss), ptr(metrics), ptr(factors))
+    assert rc == 0
+    e_loss, e_metrics, e_factors = torch.ops.tbkernels.flow_grpo_surrogate(
+        logp, ref_sq, kl_w, old, adv, 0.1, 5.0, beta, simple)
+    assert not torch.isnan(factors).any(), "factors not fully written"
+    assert_elementwise(factors, e_factors, dtype)
+    assert_reduction(loss, e_loss, B, dtype)               # B = 0: NaN in both
+    assert_reduction(metrics, e_metrics, B, dtype)
+
+
+def test_flow_grpo_surrogate_cuda_kernel_rejects_bad_arguments(emu):
+    x = torch.zeros(4)
+    out = [torch.zeros(()), torch.zeros(4), torch.zeros(2, 4)]
+    def call(ref_sq, kl_w, clip, acc=DTYPE_CODE[torch.float32]):
+        return emu.emu_flow_grpo_surrogate(acc, I64(4), ptr(x), ptr(ref_sq), ptr(kl_w), ptr(x),
+                                           ptr(x), ctypes.c_double(clip), ctypes.c_double(5.0),
+                                           ctypes.c_double(0.0), 0, *map(ptr, out))
+    assert call(None, None, 0.1) == 0
+    assert call(x, None, 0.1) != 0                          # ref_sq without kl_weight
+    assert call(None, None, 0.0) != 0                       # clip_range must be > 0
+    assert call(None, None, 0.1, DTYPE_CODE[torch.bfloat16]) != 0   # not an accumulation type
+
+
 # --------------------------------------------------------------------------------- per-sample MSE
 @pytest.mark.parametrize("pred_dtype,target_dtype", [
     (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16),

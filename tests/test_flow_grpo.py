@@ -535,6 +535,154 @@ def test_meta_memory_model_equals_cpu_count(dtype):
             assert meta >= 5 * latent
 
 
+# ---------------------------------------------------------------------------------------------
+# The per-sample surrogate epilogue (tbkernels::flow_grpo_surrogate, csrc/flow_grpo_surrogate.h)
+
+SURROGATE_BACKENDS = backend_params(("cpu", "cuda", "triton"))
+
+
+def surrogate_inputs(batch, dtype, seed=0):
+    """[B] inputs that visit every branch: ratios inside the clip range (the maximum's tie,
+    where each side gets half the gradient), above and below it; advantages inside, beyond the
+    clamp on both sides, and exactly 0."""
+    g = torch.Generator().manual_seed(seed)
+    logp = torch.randn(batch, generator=g, dtype=torch.float64) - 1.0
+    kind = torch.arange(batch) % 4
+    # delta = logp - old: 0 (ratio exactly 1: inside), small (inside), large +/- (clipped)
+    delta = torch.where(kind == 0, torch.zeros(batch, dtype=torch.float64),
+                        torch.where(kind == 1, 0.01 * torch.randn(batch, generator=g,
+                                                                  dtype=torch.float64),
+                                    0.2 + 0.3 * torch.rand(batch, generator=g, dtype=torch.float64)))
+    delta = torch.where((kind == 3) & (torch.arange(batch) % 8 == 3), -delta, delta)
+    old = logp - delta
+    adv = torch.randn(batch, generator=g, dtype=torch.float64) * 4
+    adv[::5] = 0.0
+    ref_sq = torch.rand(batch, generator=g, dtype=torch.float64) * 3
+    kl_w = torch.rand(batch, generator=g, dtype=torch.float64) * 1e-3
+    return [t.to(dtype).to(DEVICE) for t in (logp, ref_sq, kl_w, old, adv)]
+
+
+def surrogate_by_autograd(logp, ref_sq, kl_w, old, adv, clip, adv_max, beta, simple):
+    """The plain-PyTorch surrogate (the reference backend's), differentiated by autograd in
+    float64: loss, metrics [4] and the per-sample gradients the op returns as factors."""
+    lp = logp.double().requires_grad_(True)
+    rs = None if ref_sq is None else ref_sq.double().requires_grad_(True)
+    loss, m = flow_grpo._policy_loss(lp, rs, None if kl_w is None else kl_w.double(), old.double(),
+                                     adv.double(), None, clip, adv_max, beta,
+                                     "simple" if simple else "clipped")
+    inputs = [lp] + ([rs] if rs is not None else [])
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    g_ref = grads[1] if rs is not None and grads[1] is not None else torch.zeros_like(lp)
+    metrics = torch.stack([m[k].double() for k in flow_grpo._METRICS])
+    return loss.detach(), metrics, torch.stack([grads[0], g_ref.detach()])
+
+
+def _surrogate_op(backend):
+    _available(backend)
+    return flow_grpo._surrogate_op(backend)
+
+
+@pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 8, 1500])
+@pytest.mark.parametrize("with_ref,beta,simple", [(True, 0.04, False), (True, 0.0, False),
+                                                  (False, 0.0, False), (True, 0.04, True)])
+def test_surrogate_op_matches_autograd_of_the_formula(backend, dtype, batch, with_ref, beta,
+                                                      simple):
+    """Loss, metrics and per-sample gradients of the fused epilogue against autograd of the
+    plain formula in float64, every branch visited (B = 1500 spans more than one Triton block).
+    beta = 0 with a reference: the KL is a metric and d loss / d ref_sq is exactly 0."""
+    op = _surrogate_op(backend)
+    logp, ref_sq, kl_w, old, adv = surrogate_inputs(batch, dtype, seed=batch)
+    if not with_ref:
+        ref_sq = kl_w = None
+    clip, adv_max = 0.1, 5.0
+    loss, metrics, factors = op(logp, ref_sq, kl_w, old, adv, clip, adv_max, beta, simple)
+    e_loss, e_metrics, e_factors = surrogate_by_autograd(logp, ref_sq, kl_w, old, adv, clip,
+                                                         adv_max, beta, simple)
+    assert loss.dtype == metrics.dtype == factors.dtype == dtype
+    assert loss.shape == () and metrics.shape == (4,) and factors.shape == (2, batch)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    close(loss, e_loss, tol)
+    close(metrics, e_metrics, tol)
+    close(factors, e_factors, tol)
+    if not (with_ref and beta != 0):
+        assert (factors[1] == 0).all()
+    if batch >= 8 and not simple:       # every branch was taken
+        assert 0 < metrics[1].item() < 1
+
+
+@pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
+def test_surrogate_op_rejects_bad_input(backend):
+    op = _surrogate_op(backend)
+    logp, ref_sq, kl_w, old, adv = surrogate_inputs(4, torch.float32)
+    bad = [
+        ((logp, ref_sq, None, old, adv), "go together"),
+        ((logp, ref_sq, kl_w, old[:3], adv), "old_log_prob must be a contiguous"),
+        ((logp, ref_sq, kl_w, old, adv.double()), "advantages must be a contiguous"),
+        ((logp.half(), None, None, old.half(), adv.half()), "float32 or float64"),
+        ((logp[None], None, None, old, adv), r"\[B\]"),
+    ]
+    for args, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args, 0.1, 5.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="must be > 0"):
+        op(logp, None, None, old, adv, 0.0, 5.0, 0.0, False)
+
+
+def test_surrogate_op_passes_opcheck():
+    """Schema, fake (meta) kernel, registered autograd and torch.compile of the C++ op."""
+    if not tbkernels.backends("cpu")["cpu"].available:
+        pytest.skip("compiled extension not built")
+    logp, ref_sq, kl_w, old, adv = (t.cpu() for t in surrogate_inputs(6, torch.float32))
+    for ref in (True, False):
+        for beta in (0.0, 0.1):
+            torch.library.opcheck(
+                torch.ops.tbkernels.flow_grpo_surrogate.default,
+                (logp.clone().requires_grad_(True),
+                 ref_sq.clone().requires_grad_(True) if ref else None, kl_w if ref else None,
+                 old, adv, 0.1, 5.0, beta, False))
+
+
+@pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
+def test_metric_only_reference_is_not_read_in_backward(backend):
+    """A reference given for the KL metric only (beta = 0): the loss path's backward gets no
+    ref_model_output, so it streams two latents fewer; the gradient is unchanged (float64
+    reference). With beta != 0 the reference is read."""
+    _available(backend)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BackwardArgs(TorchDispatchMode):
+        refs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("flow_step_backward", "flow_step_backward_triton"):
+                self.refs.append(args[3])
+            return func(*args, **(kwargs or {}))
+
+    shape = (3, 4, 2, 5, 6)
+    v, x, prev, ref = latents(shape, seed=31)
+    s, sn = sigmas(3)
+    old = torch.full((3,), -1.0, dtype=torch.float64, device=DEVICE)
+    adv = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, device=DEVICE)
+    for beta in (0.0, 0.3):
+        grads = []
+        for b in ("reference", backend):
+            vv = v.clone().requires_grad_(True)
+            loss, m = tbkernels.flow_grpo_loss(vv, x, prev, s.cpu(), sn.cpu(), old, adv,
+                                               ref_model_output=ref, beta=beta, clip_range=0.05,
+                                               backend=b)
+            rec = BackwardArgs()
+            rec.refs = []
+            with rec:
+                loss.backward()
+            grads.append((vv.grad, m["kl"]))
+        close(grads[1][0], grads[0][0], 1e-10)
+        close(grads[1][1], grads[0][1], 1e-10)
+        assert grads[1][1].item() > 0                  # the KL metric is still computed
+        assert len(rec.refs) == 1 and (rec.refs[0] is None) == (beta == 0), rec.refs
+
+
 def test_host_overhead_counts():
     """bench_flow_grpo.py --host counts the launching ops of a forward+backward on a meta stand-in
     for a GPU: tbkernels launches fewer than Flow-GRPO's eager code, and host sigmas fewer than
@@ -546,6 +694,9 @@ def test_host_overhead_counts():
     device = bench.device_ops(bench.tbk_loss("cpu", sigmas="device"), d)
     assert sum(host) < sum(eager), (host, eager)
     assert host[0] + 20 < device[0] and host[1] == device[1], (host, device)
+    # forward: the fused step and the [B] epilogue; backward: the implicit ones_like of
+    # loss.backward(), one multiply (both per-sample gradients) and the step's backward
+    assert host == (2, 3), host
 
 
 def test_host_sigmas_put_no_coefficient_work_on_the_latent_device():

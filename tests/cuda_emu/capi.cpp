@@ -68,6 +68,18 @@ int emu_flow_step_backward(int dtype, int64_t B, int64_t C, int64_t S, const voi
   return static_cast<int>(tbk::cuda::flow_step_backward(a, nullptr));
 }
 
+int emu_flow_grpo_surrogate(int acc_dtype, int64_t B, const void* logp, const void* ref_sq,
+                            const void* kl_weight, const void* old_log_prob,
+                            const void* advantages, double clip_range, double adv_clip_max,
+                            double beta, int simple, void* loss, void* metrics, void* factors) {
+  tbk::cuda::FlowGrpoSurrogateArgs a;
+  a.acc = static_cast<tbk::cuda::DType>(acc_dtype); a.batch = B; a.logp = logp;
+  a.ref_sq = ref_sq; a.kl_weight = kl_weight; a.old_log_prob = old_log_prob;
+  a.advantages = advantages; a.clip_range = clip_range; a.adv_clip_max = adv_clip_max;
+  a.beta = beta; a.simple = simple != 0; a.loss = loss; a.metrics = metrics; a.factors = factors;
+  return static_cast<int>(tbk::cuda::flow_grpo_surrogate(a, nullptr));
+}
+
 int emu_per_sample_mse_forward(int pred_dtype, int target_dtype, int64_t B, int64_t D,
                                const void* pred, const void* target, void* out, int* launches) {
   tbk::cuda::PerSampleMseForwardArgs a;
