@@ -699,6 +699,63 @@ def test_host_overhead_counts():
     assert host == (2, 3), host
 
 
+class _SimulatedGPU:
+    """A stand-in for torch.cuda with one stream: the host's clock advances by what it spends
+    issuing work, the device runs the queue in order, each item starting when both the device
+    is free and the host has issued it. Times in seconds; one sleep cycle is 1 ns."""
+
+    def __init__(self, host_per_call, device_per_call):
+        self.host = self.device_free = 0.0
+        self.host_per_call, self.device_per_call = host_per_call, device_per_call
+        self.sleeps = []
+        gpu = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                self.t = gpu._enqueue(0.0)
+
+            def query(self):
+                return self.t <= gpu.host
+
+            def elapsed_time(self, end):
+                return (end.t - self.t) * 1e3
+        self.Event = Event
+
+    def _enqueue(self, seconds):
+        self.device_free = max(self.device_free, self.host) + seconds
+        return self.device_free
+
+    def _sleep(self, cycles):
+        self.sleeps.append(cycles)
+        self._enqueue(cycles * 1e-9)
+
+    def synchronize(self):
+        self.host = max(self.host, self.device_free)
+
+    def call(self):
+        self.host += self.host_per_call
+        self._enqueue(self.device_per_call)
+
+
+def test_host_ahead_timing_measures_device_time_not_issue_time():
+    """bench_flow_grpo's GPU device timing: with the host slower to issue a step (300 us) than
+    the device to run it (100 us), per-step events would report the issue time; behind a long
+    enough sleep the events see the device time. A sleep too short for the queueing is detected
+    and lengthened; a host that never gets ahead is an error, not a number."""
+    bench = _load_flow_bench()
+    gpu = _SimulatedGPU(host_per_call=300e-6, device_per_call=100e-6)
+    seconds = bench.time_host_ahead(gpu.call, reps=50, cycles=1_000_000, cuda=gpu)
+    assert seconds == pytest.approx(100e-6, rel=1e-9)
+    # 50 calls take 15 ms to issue: 1 ms and 4 ms of sleep were too short, 16 ms was enough
+    assert gpu.sleeps[:3] == [1_000_000, 4_000_000, 16_000_000], gpu.sleeps
+    gpu = _SimulatedGPU(host_per_call=1.0, device_per_call=100e-6)
+    with pytest.raises(bench.HostNotAhead):
+        bench.time_host_ahead(gpu.call, reps=50, cycles=1_000_000, cuda=gpu)
+
+
 def test_host_sigmas_put_no_coefficient_work_on_the_latent_device():
     """Sigmas given as numbers or CPU tensors: the checks and the coefficient table run on the
     host and reach the device as one copy each (coefficients, std_dev_t, the KL weight), and the
