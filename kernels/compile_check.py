@@ -214,13 +214,15 @@ def _per_sample_mse_cases(quick: bool):
                lambda p=p, t=t, g=g: km.per_sample_mse_backward_triton(g, p, t))
 
 
-def record(archs: List[int], quick: bool, sms: int) -> List[Launch]:
+def record(archs: List[int], quick: bool, sms: int, only: Optional[str] = None) -> List[Launch]:
     from tbkernels.kernels import _launch
     recorder = Recorder(archs)
     with recorder, _launch.assume_gpu(sms):
         for cases in (_flow_step_cases, _flow_grpo_surrogate_cases, _group_advantages_cases,
                       _per_sample_mse_cases):
             for case, call in cases(quick):
+                if only is not None and not case.startswith(only):
+                    continue
                 recorder.case = case
                 call()
     return list(recorder.launches.values())
@@ -385,13 +387,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--sms", type=int, default=132, help="SM count to plan tiles for")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", help="write every compiled kernel's record here")
+    parser.add_argument("--only", help="only the wrapper calls whose case name starts with this "
+                                       "(e.g. flow_grpo_surrogate, per_sample_mse)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("run without TRITON_INTERPRET=1: the interpreter replaces the compiler")
 
     import triton
     t0 = time.perf_counter()
-    launches = record(args.arch, args.quick, args.sms)
+    launches = record(args.arch, args.quick, args.sms, args.only)
     print(f"triton {triton.__version__}: {len(launches)} specializations to compile for "
           f"{', '.join(f'sm_{a}' for a in args.arch)} ({time.perf_counter() - t0:.1f} s to record)",
           flush=True)

@@ -699,6 +699,23 @@ def test_host_overhead_counts():
     assert host == (2, 3), host
 
 
+@pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
+def test_fused_loss_refuses_double_backward(backend):
+    """The eager fused node's backward is kernels, with no autograd of its own: a second-order
+    gradient raises (the first-order gradient carries no graph) instead of silently coming out
+    as zero."""
+    _available(backend)
+    v, x, prev, ref = latents((2, 3, 2, 4, 5), seed=33)
+    vv = v.clone().requires_grad_(True)
+    old = torch.full((2,), -1.0, dtype=torch.float64, device=DEVICE)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64, device=DEVICE)
+    loss, _ = tbkernels.flow_grpo_loss(vv, x, prev, 0.9, 0.8, old, adv, backend=backend)
+    (g,) = torch.autograd.grad(loss, vv, create_graph=True)
+    assert not g.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad|differentiate twice"):
+        torch.autograd.grad(g.sum(), vv)
+
+
 class _SimulatedGPU:
     """A stand-in for torch.cuda with one stream: the host's clock advances by what it spends
     issuing work, the device runs the queue in order, each item starting when both the device

@@ -21,6 +21,7 @@ import collections
 import threading
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .._backend import resolve_backend
 from ._flow_grpo_coefs import step_coefficients
@@ -627,17 +628,18 @@ class _FusedLoss(torch.autograd.Function):
         # beta = 0: the KL is only a metric, so the backward does not read the reference
         ctx.kl_grad = ref is not None and consts[2] != 0
         ctx.save_for_backward(v, x, prev, ref if ctx.kl_grad else None, coefs, factors)
-        ctx.name = name
+        ctx.backend = name
         return loss, metrics
 
     @staticmethod
+    @once_differentiable                   # the kernels' backward has no autograd of its own
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:
             return (None,) * 10
         v, x, prev, ref, coefs, factors = ctx.saved_tensors
         grads = factors * grad_loss          # d loss / d logp and d loss / d ref_sq, one launch
         with torch._C._AutoDispatchBelowAutograd():
-            grad_v = _backward_op(ctx.name)(v, x, prev, ref, coefs, 0, grads[0], None,
+            grad_v = _backward_op(ctx.backend)(v, x, prev, ref, coefs, 0, grads[0], None,
                                             grads[1] if ctx.kl_grad else None)
         return (grad_v,) + (None,) * 9
 
