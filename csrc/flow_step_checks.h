@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -163,6 +164,12 @@ inline int64_t check_surrogate_args(const at::Tensor& logp, const std::optional<
   TORCH_CHECK(clip_range > 0 && adv_clip_max > 0, op,
               ": clip_range and adv_clip_max must be > 0, got ", clip_range, ", ", adv_clip_max);
   return logp.size(0);
+}
+
+// flow_grpo_surrogate's outputs, allocated like logp: loss [], metrics [4], factors [2, B].
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> surrogate_outputs(const at::Tensor& logp) {
+  return {at::empty({}, logp.options()), at::empty({4}, logp.options()),
+          at::empty({2, logp.size(0)}, logp.options())};
 }
 
 }  // namespace flow_step

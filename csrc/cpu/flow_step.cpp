@@ -307,9 +307,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_surrogate_cpu(
   const int64_t B = flow_step::check_surrogate_args(logp, ref_sq, kl_weight, old_log_prob,
                                                     advantages, clip_range, adv_clip_max,
                                                     c10::DeviceType::CPU);
-  at::Tensor loss = at::empty({}, logp.options());
-  at::Tensor metrics = at::empty({4}, logp.options());
-  at::Tensor factors = at::empty({2, B}, logp.options());
+  at::Tensor loss, metrics, factors;
+  std::tie(loss, metrics, factors) = flow_step::surrogate_outputs(logp);
   AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "flow_grpo_surrogate_cpu", [&] {
     using Acc = scalar_t;
     const auto k = surrogate::make_constants<Acc>(clip_range, adv_clip_max, beta, simple,

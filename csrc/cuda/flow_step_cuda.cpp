@@ -125,9 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_surrogate_cuda(
                                                     advantages, clip_range, adv_clip_max,
                                                     c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(logp.device());
-  at::Tensor loss = at::empty({}, logp.options());
-  at::Tensor metrics = at::empty({4}, logp.options());
-  at::Tensor factors = at::empty({2, B}, logp.options());
+  at::Tensor loss, metrics, factors;
+  std::tie(loss, metrics, factors) = flow_step::surrogate_outputs(logp);
   cuda::FlowGrpoSurrogateArgs args;
   args.acc = logp.scalar_type() == at::kDouble ? cuda::DType::kFloat64 : cuda::DType::kFloat32;
   args.batch = B;
