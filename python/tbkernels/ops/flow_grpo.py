@@ -10,10 +10,17 @@ with per-sample coefficients (``_flow_grpo_coefs.py``), so one pair of ops serve
   model_output) once and writes the reduced log-prob and ``sum((v - v_ref)^2)`` per sample;
 * ``tbkernels::flow_step_backward`` writes grad_v in one more pass, recomputing the mean.
 
-The C++ CPU kernels are ``csrc/cpu/flow_step.cpp``; both ops have fake implementations and a
-registered autograd formula here, so they trace under ``torch.compile(fullgraph=True)``. The
-surrogate itself works on ``[B]`` (or ``[B, T, H, W]`` with a ViPO map) tensors in plain PyTorch.
-Gradients flow into ``model_output`` only: never into ``sample``, ``prev_sample`` or the reference.
+* ``tbkernels::flow_grpo_surrogate`` turns the per-sample log-prob and reference distance into
+  the clipped surrogate, the KL term, the metrics and the per-sample gradients, in one launch
+  (``csrc/flow_grpo_surrogate.h``), so that a GPU step is not a few dozen tiny launches of
+  ``[B]`` arithmetic. In eager mode the step and the surrogate run as one autograd node
+  (``_FusedLoss``).
+
+The C++ CPU kernels are ``csrc/cpu/flow_step.cpp``; every op has a fake implementation and a
+registered autograd formula here, so it traces under ``torch.compile(fullgraph=True)``. With a
+ViPO map the surrogate works on ``[B, (T,) H, W]`` tensors in plain PyTorch (``_policy_loss``,
+also the reference backend's). Gradients flow into ``model_output`` only: never into
+``sample``, ``prev_sample`` or the reference.
 """
 from __future__ import annotations
 
