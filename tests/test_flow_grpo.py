@@ -744,6 +744,75 @@ def test_fused_loss_under_autocast(backend):
     close(results[1][1], results[0][1], 1e-5)
 
 
+@pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
+@pytest.mark.parametrize("map_kind", ["position", "element"])
+@pytest.mark.parametrize("vipo_form", ["clipped", "simple"])
+def test_map_loss_in_slabs_matches_reference(backend, map_kind, vipo_form, monkeypatch):
+    """The ViPO-map surrogate runs over slabs of each sample (here forced to one row each: the
+    slab size is patched down), overwriting the log-prob with its gradient slab by slab; loss,
+    metrics and gradient match the reference backend's whole-tensor PyTorch in float64, with a
+    broadcast map (one value per channel row for the per-element case) and beta != 0."""
+    _available(backend)
+    monkeypatch.setattr(flow_grpo, "_MAP_SLAB", 7)
+    shape = (3, 4, 2, 5, 7)
+    v, x, ref, noise = latents(shape, seed=35)
+    s, sn = sigmas(3)
+    prev = (x + 0.1 * noise).contiguous()
+    reduction = "channel_sum" if map_kind == "position" else "none"
+    with torch.no_grad():
+        old = tbkernels.sde_step_with_logprob(v + 0.05 * ref, s, sn, x, prev,
+                                              logprob_reduction=reduction,
+                                              backend="reference")[1]
+    g = torch.Generator().manual_seed(36)
+    amap_shape = (3, 2, 5, 7) if map_kind == "position" else (3, 4, 1, 1, 1)
+    amap = torch.rand(amap_shape, generator=g, dtype=torch.float64).to(DEVICE)
+    adv = torch.tensor([1.5, -0.7, 7.0], dtype=torch.float64, device=DEVICE)
+    results = []
+    for b in ("reference", backend):
+        vv = v.clone().requires_grad_(True)
+        loss, m = tbkernels.flow_grpo_loss(vv, x, prev, s.cpu(), sn.cpu(), old, adv,
+                                           ref_model_output=ref, beta=0.3, advantage_map=amap,
+                                           clip_range=0.01, vipo_form=vipo_form, backend=b)
+        (loss * 3.0).backward()                  # an incoming gradient other than 1
+        results.append((loss.detach(), m, vv.grad))
+    (l0, m0, g0), (l1, m1, g1) = results
+    close(l1, l0, 1e-12)
+    close(g1, g0, 1e-12)
+    for key in flow_grpo._METRICS:
+        close(m1[key], m0[key], 1e-12)
+    assert 0 < m1["clipfrac"].item() < 1
+
+
+def test_map_loss_memory_at_wan_size():
+    """Peak tensor bytes of a forward+backward with a ViPO map on the meta device at Wan 480p,
+    B = 8, bf16: the gradient plus one [B, positions] float32 buffer (2 latents for a
+    per-element map, 1/8 latent per position); the whole-tensor formula took 20 latents
+    per-element."""
+    if not tbkernels.backends("cpu")["cpu"].available:
+        pytest.skip("compiled extension not built")
+    shape = (8, 16, 21, 60, 104)
+    meta = torch.device("meta")
+    lat = lambda: torch.empty(shape, dtype=torch.bfloat16, device=meta)  # noqa: E731
+    v, x, prev, ref = lat().requires_grad_(True), lat(), lat(), lat()
+    latent = math.prod(shape) * 2
+    for per_position in (True, False):
+        map_shape = (8,) + shape[2:] if per_position else shape
+        old, amap = (torch.empty(map_shape, device=meta) for _ in range(2))
+        adv = torch.empty(8, device=meta)
+
+        def step():
+            v.grad = None
+            loss, _ = tbkernels.flow_grpo_loss(v, x, prev, 0.9, 0.8, old, adv,
+                                               ref_model_output=ref, beta=0.04,
+                                               advantage_map=amap, backend="cpu")
+            loss.backward()
+        step()
+        with tbkernels.memory.peak_tensor_memory() as tm:
+            step()
+        buffer = math.prod(map_shape) * 4
+        assert tm.peak_bytes <= latent + buffer + 2**20, (per_position, tm.peak_bytes / latent)
+
+
 class _SimulatedGPU:
     """A stand-in for torch.cuda with one stream: the host's clock advances by what it spends
     issuing work, the device runs the queue in order, each item starting when both the device

@@ -609,6 +609,14 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
         else:
             loss, m = _FusedLoss.apply(v, x, prev, ref, coefs, kl_w, old_lp, adv, consts, name)
         return loss, dict(zip(_METRICS, m.unbind()))
+    if (advantage_map is not None and name != "reference"
+            and not torch.compiler.is_compiling()):
+        # ViPO map, eager: the per-position surrogate one sample at a time (see _MapLoss)
+        consts = (float(clip_range), float(adv_clip_max), float(beta), vipo_form == "simple")
+        amap = advantage_map.detach().to(acc).expand(_logp_shape(v.shape, reduction))
+        loss, m = _MapLoss.apply(v, x, prev, ref, coefs, kl_w, old_lp, adv, amap, consts, name,
+                                 reduction)
+        return loss, dict(zip(_METRICS, m.unbind()))
     logp, ref_sq, _, _ = _forward_op(name)(v, x, prev, ref, coefs, reduction, False, False)
     return _policy_loss(logp, ref_sq if ref is not None else None, kl_w, old_lp, adv,
                         advantage_map, clip_range, adv_clip_max, beta, vipo_form)
@@ -649,6 +657,90 @@ class _FusedLoss(torch.autograd.Function):
             grad_v = _backward_op(ctx.backend)(v, x, prev, ref, coefs, 0, grads[0], None,
                                             grads[1] if ctx.kl_grad else None)
         return (grad_v,) + (None,) * 9
+
+
+_MAP_SLAB = 1 << 20
+
+
+class _MapLoss(torch.autograd.Function):
+    """flow_grpo_loss with a ViPO advantage map, eager: one autograd node (the step's ops below
+    the autograd key), the per-position surrogate computed one sample at a time.
+
+    Written as whole-tensor PyTorch, the surrogate over a per-element map allocated some ten
+    full-size float32 temporaries (20 bf16 latents of peak at Wan 480p, B = 8). Here the
+    surrogate runs over slabs of at most 2**20 elements whose temporaries are freed before the
+    next, and one [B, positions] float32 buffer lives across them: the step's log-prob, each
+    slab overwritten by d loss / d log-prob of a unit loss once read. That buffer is saved for
+    backward, which feeds it to the step's backward and scales the result by the incoming
+    gradient (one extra rounding of grad_v when that is not a power of two). The gradient is
+    PyTorch's autograd of the plain
+    formula, in closed form: with u = -A r and w = -A clamp(r, 1 - clip, 1 + clip), d max(u, w)
+    / d logp is u where u >= w (r inside the range, where u == w and each side's half of a tie
+    sums to u, or the unclipped side larger) and 0 otherwise; -A for the simple form."""
+
+    @staticmethod
+    def forward(ctx, v, x, prev, ref, coefs, kl_w, old_lp, adv, amap, consts, name, reduction):
+        clip, adv_max, beta, simple = consts
+        with torch._C._AutoDispatchBelowAutograd():
+            logp, ref_sq, _, _ = _forward_op(name)(v, x, prev, ref, coefs, reduction, False,
+                                                   False)
+        n = logp.numel()
+        a_sample = adv.clamp(-adv_max, adv_max)
+        sums = torch.zeros(4, dtype=torch.float64, device=logp.device)  # policy, dsq, clip, ratio
+        # Slabs of at most _MAP_SLAB elements (whole rows of a sample's first dim after B), so the
+        # handful of temporaries stays small whatever the latent. Each slab's d loss / d logp
+        # overwrites its log-prob once read: the buffer becomes the saved factor.
+        rows = logp.shape[1]
+        step = max(1, _MAP_SLAB // max(1, logp[0, 0].numel())) if logp.numel() else 1
+        for b in range(logp.shape[0]):
+            for r0 in range(0, rows, step):
+                lp, a = logp[b, r0:r0 + step], amap[b, r0:r0 + step] * a_sample[b]
+                delta = lp - old_lp[b, r0:r0 + step]
+                sums[1] += (delta * delta).sum(dtype=torch.float64)
+                r = delta.exp_()                               # delta is not needed any more
+                sums[3] += r.sum(dtype=torch.float64)
+                sums[2] += ((r - 1).abs_() > clip).sum(dtype=torch.float64)
+                if simple:
+                    sums[0] += -(a * lp).sum(dtype=torch.float64)
+                    torch.mul(a, -1.0 / n, out=lp)
+                    continue
+                # the products exactly as the plain formula rounds them, so that inside the
+                # clip range (clamp(r) == r) u == w holds bit for bit and the tie is seen
+                na = a.neg_()
+                u = na * r
+                w = torch.clamp(r, 1 - clip, 1 + clip).mul_(na)
+                sums[0] += torch.maximum(u, w).sum(dtype=torch.float64)
+                torch.mul(u.masked_fill_(u < w, 0.0), 1.0 / n, out=lp)
+        factor = logp
+        loss = sums[0] / n
+        kl = None if ref is None else ref_sq * kl_w
+        ctx.kl_grad = ref is not None and beta != 0
+        if ctx.kl_grad:
+            loss = loss + beta * kl.mean()
+        metrics = torch.stack([0.5 * sums[1] / n, sums[2] / n,
+                               kl.double().mean() if kl is not None else sums.new_zeros(()),
+                               sums[3] / n]).to(logp.dtype)
+        ctx.mark_non_differentiable(metrics)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(v, x, prev, ref if ctx.kl_grad else None, coefs, factor,
+                              kl_w if ctx.kl_grad else None)
+        ctx.backend, ctx.reduction, ctx.beta = name, reduction, beta
+        return loss.to(logp.dtype), metrics
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_metrics):
+        if grad_loss is None:
+            return (None,) * 12
+        v, x, prev, ref, coefs, factor, kl_w = ctx.saved_tensors
+        grad_ref_sq = kl_w * (ctx.beta / kl_w.shape[0]) if ctx.kl_grad else None
+        # The step's backward is linear in its incoming gradients: run it on the gradient of a
+        # unit loss and scale the (fresh, owned) result, rather than allocating factor * g, a
+        # third [B, positions] float32 buffer.
+        with torch._C._AutoDispatchBelowAutograd():
+            grad_v = _backward_op(ctx.backend)(v, x, prev, ref, coefs, ctx.reduction, factor,
+                                               None, grad_ref_sq)
+        return (grad_v.mul_(grad_loss),) + (None,) * 11
 
 
 def _policy_loss(logp, ref_sq, kl_w, old_log_prob, advantages, advantage_map, clip_range,
