@@ -136,6 +136,15 @@ def backends(device: str | torch.device | None = None) -> dict[str, BackendStatu
     return {name: _status(name, dtype) for name in BACKENDS}
 
 
+@functools.lru_cache(maxsize=None)
+def _runnable(name: str, device_type: str, interpreting: bool) -> BackendStatus:
+    """_status for the per-call backend choice, memoized: what it depends on (the compiled
+    module, CUDA's visibility, the installed Triton) does not change within a process, except
+    TRITON_INTERPRET, which is part of the key. Saves ~10 us of host time per op call (CUDA's
+    device-name query among it), which a fast GPU kernel would wait on."""
+    return _status(name, device_type)
+
+
 def resolve_backend(op: str, implemented: tuple[str, ...], device: torch.device,
                     backend: str | None) -> str:
     """The backend a call of ``op`` on tensors of ``device`` uses (see module docstring)."""
@@ -146,12 +155,12 @@ def resolve_backend(op: str, implemented: tuple[str, ...], device: torch.device,
                              + (" (from TBK_BACKEND)" if backend is None else ""))
         if forced not in implemented:
             raise RuntimeError(f"{op} has no {forced!r} implementation (it has {implemented})")
-        status = _status(forced, device.type)
+        status = _runnable(forced, device.type, _interpreting())
         if not status.available:
             raise RuntimeError(f"{op}: backend {forced!r} cannot run on {device.type} tensors "
                                f"here: {status.reason}")
         return forced
     for name in _AUTO_ORDER.get(device.type, ("reference",)):
-        if name in implemented and _status(name, device.type).available:
+        if name in implemented and _runnable(name, device.type, _interpreting()).available:
             return name
     return "reference"

@@ -25,6 +25,7 @@ also the reference backend's). Gradients flow into ``model_output`` only: never 
 from __future__ import annotations
 
 import collections
+import math
 import threading
 
 import torch
@@ -594,7 +595,7 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
     name = _pick(v.device, backend)
     acc = _acc(dtype)
     kl_w = (None if ref is None else
-            _kl_weight(coefs, std_dev_t, kl_form, model_output[0].numel(), acc, memo))
+            _kl_weight(coefs, std_dev_t, kl_form, math.prod(model_output.shape[1:]), acc, memo))
     old_lp = old_log_prob.detach().to(acc)
     adv = advantages.detach().to(acc)
     if advantage_map is None and name != "reference":
