@@ -598,9 +598,9 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
             _kl_weight(coefs, std_dev_t, kl_form, math.prod(model_output.shape[1:]), acc, memo))
     old_lp = old_log_prob.detach().to(acc)
     adv = advantages.detach().to(acc)
-    if advantage_map is None and name != "reference":
+    consts = (float(clip_range), float(adv_clip_max), float(beta), vipo_form == "simple")
+    if name != "reference" and advantage_map is None:
         # the fused [B] epilogue: one launch forward, one multiply backward
-        consts = (float(clip_range), float(adv_clip_max), float(beta), vipo_form == "simple")
         old_lp, adv = old_lp.contiguous(), adv.contiguous()
         if torch.compiler.is_compiling():
             # traced: the ops with their registered autograd (Inductor sees through neither)
@@ -610,10 +610,8 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
         else:
             loss, m = _FusedLoss.apply(v, x, prev, ref, coefs, kl_w, old_lp, adv, consts, name)
         return loss, dict(zip(_METRICS, m.unbind()))
-    if (advantage_map is not None and name != "reference"
-            and not torch.compiler.is_compiling()):
-        # ViPO map, eager: the per-position surrogate one sample at a time (see _MapLoss)
-        consts = (float(clip_range), float(adv_clip_max), float(beta), vipo_form == "simple")
+    if name != "reference" and not torch.compiler.is_compiling():
+        # ViPO map, eager: the per-position surrogate over slabs (see _MapLoss)
         amap = advantage_map.detach().to(acc).expand(_logp_shape(v.shape, reduction))
         loss, m = _MapLoss.apply(v, x, prev, ref, coefs, kl_w, old_lp, adv, amap, consts, name,
                                  reduction)
