@@ -503,7 +503,7 @@ def run(shapes, dtypes, device, reps, recorder, memory=True):
                             recorder)
 
 
-def device_only(fns, d, reps, bw, nbytes, shape_s, dtype_s, recorder):
+def device_only(fns, d, reps, bw, nbytes, shape_s, dtype_s, recorder, cuda=None):
     """forward+backward timed with the host ahead of the GPU (time_host_ahead): the kernels'
     own time, which is what a training step pays when the model keeps the GPU busy. Rows under
     op flow_grpo_loss.forward_backward_device, every variant by the same method."""
@@ -515,7 +515,7 @@ def device_only(fns, d, reps, bw, nbytes, shape_s, dtype_s, recorder):
             vv.grad = None
             fn(vv, d).backward()
         try:
-            times[name] = time_host_ahead(step, reps)
+            times[name] = time_host_ahead(step, reps, cuda=cuda)
         except HostNotAhead as e:
             print(f"  {name:<24} {e}")
             continue

@@ -870,6 +870,37 @@ def test_host_ahead_timing_measures_device_time_not_issue_time():
         bench.time_host_ahead(gpu.call, reps=50, cycles=1_000_000, cuda=gpu)
 
 
+def test_device_only_rows(capsys):
+    """bench_flow_grpo's device-time section end to end on the CPU: the real eager and tbkernels
+    loss steps run (forward+backward), a simulated stream supplies each variant's device time
+    (eager 1 ms, tbkernels 0.1 ms, both slower to issue than to run), and the rows and
+    speedups come out of the device times, not the issue times."""
+    bench = _load_flow_bench()
+    from results import Recorder
+    d = bench.make_inputs((2, 16, 1, 4, 6), torch.float32, torch.device("cpu"))
+    gpu = _SimulatedGPU(host_per_call=3e-3, device_per_call=0.0)
+
+    def on_gpu(fn, device_seconds):
+        def run(vv, dd):
+            gpu.host += gpu.host_per_call
+            gpu._enqueue(device_seconds)
+            return fn(vv, dd)
+        return run
+    fns = {"eager": on_gpu(bench.eager_loss, 1e-3),
+           "tbkernels_cpu": on_gpu(bench.tbk_loss("cpu"), 1e-4)}
+    rec = Recorder(enabled=True, device="sim", commit="x", command="test")
+    bench.device_only(fns, d, 5, bw=1e12, nbytes=1e8, shape_s="s", dtype_s="float32",
+                      recorder=rec, cuda=gpu)
+    rows = {(r["backend"], r["metric"]): float(r["value"]) for r in rec.rows}
+    assert rows[("eager", "median_us")] == pytest.approx(1000.0)
+    assert rows[("tbkernels_cpu", "median_us")] == pytest.approx(100.0)
+    assert rows[("tbkernels_cpu", "achieved_gb_per_s")] == pytest.approx(1000.0)
+    assert rows[("tbkernels_cpu", "fraction_of_copy_bw")] == pytest.approx(1.0)
+    assert rows[("tbkernels_cpu", "speedup_vs_eager")] == pytest.approx(10.0)
+    assert {r["op"] for r in rec.rows} == {"flow_grpo_loss.forward_backward_device"}
+    assert "speedup vs eager: 10.00x" in capsys.readouterr().out
+
+
 def test_host_sigmas_put_no_coefficient_work_on_the_latent_device():
     """Sigmas given as numbers or CPU tensors: the checks and the coefficient table run on the
     host and reach the device as one copy each (coefficients, std_dev_t, the KL weight), and the
