@@ -363,7 +363,10 @@ def test_daemon_is_stopped_at_exit_and_on_signals(fake_control, tmp_path, mode, 
 
 # ------------------------------------------------------------------------------------- Ray actors
 def test_ray_executor_runs_groups_as_actors(no_mps):
-    pytest.importorskip("ray", reason="ray is not installed; the ray executor is optional")
+    ray = pytest.importorskip("ray", reason="ray is not installed; the ray executor is optional")
+    if not hasattr(ray, "remote"):
+        pytest.skip(f"'ray' here is not Ray but a directory on sys.path ({list(ray.__path__)}); "
+                    f"the ray executor is optional")
     w = sim_workers()
     rep = mps.run_groups([[(w["cnn"], 40), (w["vit"], 60), (mps.crashing_worker("crash"), 10)],
                           [(w["motion"], 100), (mps.hanging_worker("hang", timeout=2.0), 10)]],
@@ -375,6 +378,16 @@ def test_ray_executor_runs_groups_as_actors(no_mps):
 
 def test_ray_executor_missing_says_how_to_get_it(no_mps, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(ImportError, match="pip install ray"):
+        mps.run_groups([[(mps.simulated_worker("a", {100: 0.01}), 100)]], backend="process",
+                       executor="ray")
+
+
+def test_ray_executor_refuses_a_stray_ray_directory(no_mps, monkeypatch):
+    """Run from /tmp, Ray's own temp dir /tmp/ray imports as an empty namespace package named
+    ray: the executor says Ray is missing instead of failing on a missing attribute."""
+    import types
+    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))
     with pytest.raises(ImportError, match="pip install ray"):
         mps.run_groups([[(mps.simulated_worker("a", {100: 0.01}), 100)]], backend="process",
                        executor="ray")

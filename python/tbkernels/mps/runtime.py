@@ -606,6 +606,10 @@ def _ray_env(s: _Slot, backend: str, daemon) -> dict:
 def _run_ray(slots: list[list[_Slot]], backend: str, daemon, setup_timeout, say) -> list[float]:
     try:
         import ray
+        # a directory named ray on sys.path (Ray's own temp dir /tmp/ray, with the current
+        # directory /tmp) imports as an empty namespace package: that is not Ray
+        if not hasattr(ray, "remote"):
+            raise ImportError
     except ImportError:
         raise ImportError("executor='ray' needs the 'ray' package (pip install ray); "
                           "the default executor='process' does not") from None
