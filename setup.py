@@ -60,7 +60,11 @@ def _extension():
     # builds, so without it the kernels silently run on one thread (they did until this flag;
     # `tbkernels._C.built_with_openmp()` reports it). Linking with -fopenmp names libgomp.so.1,
     # the soname torch's own wheel loads, so one OpenMP runtime (torch's) serves both.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # -fno-trapping-math: lets GCC turn the selections of branch-free loops (the map surrogate's
+    # clamp / maximum, csrc/flow_grpo_surrogate.h) into vector blends; without it GCC keeps them
+    # as branches, since a comparison might raise an FP exception. Results are unchanged (no
+    # reassociation, no contraction: that would be -ffast-math).
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"]
     link_flags = ["-fopenmp"]
     build_cuda, reason = _cuda_decision()
     if not build_cuda:

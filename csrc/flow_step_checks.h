@@ -166,6 +166,51 @@ inline int64_t check_surrogate_args(const at::Tensor& logp, const std::optional<
   return logp.size(0);
 }
 
+// flow_grpo_map_surrogate's arguments: logp and old_log_prob contiguous [B, P], advantage_map
+// contiguous [B, P] or [1, P], advantages (and ref_sq, kl_weight, both or neither) contiguous
+// [B], all of one accumulation dtype (float32 or float64) on one device of `device_type`.
+// Returns {B, P}.
+inline std::pair<int64_t, int64_t> check_map_surrogate_args(
+    const at::Tensor& logp, const std::optional<at::Tensor>& ref_sq,
+    const std::optional<at::Tensor>& kl_weight, const at::Tensor& old_log_prob,
+    const at::Tensor& advantages, const at::Tensor& advantage_map, double clip_range,
+    double adv_clip_max, c10::DeviceType device_type) {
+  const char* op = "flow_grpo_map_surrogate";
+  TORCH_CHECK(logp.dim() == 2, op, ": logp must be a [B, positions] tensor, got ", logp.sizes());
+  TORCH_CHECK(logp.scalar_type() == at::kFloat || logp.scalar_type() == at::kDouble, op,
+              ": logp must be float32 or float64, got ", logp.scalar_type());
+  TORCH_CHECK(logp.device().type() == device_type, op, " (", c10::DeviceTypeName(device_type, true),
+              "): tensors must be on a ", c10::DeviceTypeName(device_type), " device, got ",
+              logp.device());
+  TORCH_CHECK(ref_sq.has_value() == kl_weight.has_value(), op,
+              ": ref_sq and kl_weight go together (both for a reference policy, or neither)");
+  const int64_t B = logp.size(0), P = logp.size(1);
+  const auto check = [&](const char* name, const at::Tensor& t, at::IntArrayRef sizes) {
+    TORCH_CHECK(t.sizes() == sizes && t.scalar_type() == logp.scalar_type() &&
+                    t.is_contiguous() && t.device() == logp.device(),
+                op, ": ", name, " must be a contiguous ", sizes, " ", logp.scalar_type(),
+                " tensor on ", logp.device(), ", got ", t.sizes(), " ", t.scalar_type(), " on ",
+                t.device());
+  };
+  check("logp", logp, {B, P});
+  check("old_log_prob", old_log_prob, {B, P});
+  check("advantages", advantages, {B});
+  check("advantage_map", advantage_map,
+        {advantage_map.dim() == 2 && advantage_map.size(0) == 1 ? 1 : B, P});
+  if (ref_sq.has_value()) check("ref_sq", *ref_sq, {B});
+  if (kl_weight.has_value()) check("kl_weight", *kl_weight, {B});
+  TORCH_CHECK(clip_range > 0 && adv_clip_max > 0, op,
+              ": clip_range and adv_clip_max must be > 0, got ", clip_range, ", ", adv_clip_max);
+  return {B, P};
+}
+
+// flow_grpo_map_surrogate's outputs, allocated like logp: loss [], metrics [4], grad_ref_sq [B].
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> map_surrogate_outputs(
+    const at::Tensor& logp) {
+  return {at::empty({}, logp.options()), at::empty({4}, logp.options()),
+          at::empty({logp.size(0)}, logp.options())};
+}
+
 // flow_grpo_surrogate's outputs, allocated like logp: loss [], metrics [4], factors [2, B].
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> surrogate_outputs(const at::Tensor& logp) {
   return {at::empty({}, logp.options()), at::empty({4}, logp.options()),

@@ -36,6 +36,16 @@ TORCH_LIBRARY(tbkernels, m) {
       "flow_grpo_surrogate(Tensor logp, Tensor? ref_sq, Tensor? kl_weight, Tensor old_log_prob, "
       "Tensor advantages, float clip_range, float adv_clip_max, float beta, bool simple) "
       "-> (Tensor, Tensor, Tensor)");
+  // The same surrogate with a ViPO advantage map: one policy term per position, with the
+  // advantage advantages[b] * advantage_map[b, p]. logp, old_log_prob [B, P] and advantage_map
+  // ([B, P], or [1, P] shared by the batch) contiguous in one accumulation dtype; advantages,
+  // ref_sq, kl_weight [B]. logp is overwritten with d loss / d logp (the step's log-prob buffer
+  // becomes its backward's input, no second buffer). Returns (loss [], metrics [4],
+  // grad_ref_sq [B] = d loss / d ref_sq).
+  m.def(
+      "flow_grpo_map_surrogate(Tensor(a!) logp, Tensor? ref_sq, Tensor? kl_weight, "
+      "Tensor old_log_prob, Tensor advantages, Tensor advantage_map, float clip_range, "
+      "float adv_clip_max, float beta, bool simple) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

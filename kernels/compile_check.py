@@ -178,6 +178,26 @@ def _flow_grpo_surrogate_cases(quick: bool):
                        t, t if r else None, t if r else None, t, t, 1e-4, 5.0, b, s))
 
 
+def _flow_grpo_map_surrogate_cases(quick: bool):
+    from tbkernels.kernels import flow_step as fs
+    dtypes = ["fp32"] if quick else ["fp32", "fp64"]
+    # per position at Wan 480p B = 8 (one map per sample, and one shared by the batch), and per
+    # element at 720p (int64 offsets above 2**31 positions are not reached at these sizes)
+    sizes = {"pos480p": (8, 21 * 60 * 104), "elem720p": (8, 16 * 21 * 90 * 160)}
+    for (sname, (B, P)), dname in itertools.product(sizes.items(), dtypes):
+        lp = torch.empty(B, P, dtype=DTYPES[dname])
+        b = torch.empty(B, dtype=DTYPES[dname])
+        for shared, has_ref, beta, simple in ((False, True, 0.04, False), (True, False, 0.0, False),
+                                              (False, True, 0.04, True)):
+            if quick and sname != "pos480p" and simple:
+                continue
+            yield (f"flow_grpo_map_surrogate {sname} {dname} shared={shared} ref={has_ref} "
+                   f"simple={simple}",
+                   lambda lp=lp, b=b, sh=shared, r=has_ref, be=beta, s=simple:
+                   fs.flow_grpo_map_surrogate_triton(lp, b if r else None, b if r else None, lp, b,
+                                                     lp[:1] if sh else lp, 1e-4, 5.0, be, s))
+
+
 def _group_advantages_cases(quick: bool):
     from tbkernels.kernels import group_advantages as ga
     # (B, K, group size, with explicit ids): fused contiguous path, long groups (row kernels), ids
@@ -218,7 +238,8 @@ def record(archs: List[int], quick: bool, sms: int, only: Optional[str] = None) 
     from tbkernels.kernels import _launch
     recorder = Recorder(archs)
     with recorder, _launch.assume_gpu(sms):
-        for cases in (_flow_step_cases, _flow_grpo_surrogate_cases, _group_advantages_cases,
+        for cases in (_flow_step_cases, _flow_grpo_surrogate_cases,
+                      _flow_grpo_map_surrogate_cases, _group_advantages_cases,
                       _per_sample_mse_cases):
             for case, call in cases(quick):
                 if only is not None and not case.startswith(only):

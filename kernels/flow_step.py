@@ -227,6 +227,27 @@ def _backward_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, gl_ptr, gm_ptr,
 
 
 @triton.jit
+def _policy_term(lp, old, a, lo, hi, SIMPLE: tl.constexpr):
+    """One policy term of the surrogate (csrc/flow_grpo_surrogate.h, policy_term): the term,
+    d term / d logp, delta = logp - old and the ratio."""
+    delta = lp - old
+    r = tl.exp(delta)
+    if SIMPLE:
+        term = -(a * lp)
+        g = -a
+    else:
+        na = -a
+        c = tl.where(r < lo, lo, tl.where(r > hi, hi, r))
+        u = na * r
+        w = na * c
+        du = na * r
+        dw = tl.where((r >= lo) & (r <= hi), na * r, 0.0)
+        term = tl.where((u != u) | (u > w), u, w)     # torch.maximum, NaN wins
+        g = tl.where(u > w, du, tl.where(u < w, dw, 0.5 * (du + dw)))  # ties split
+    return term, g, delta, r
+
+
+@triton.jit
 def _surrogate_kernel(logp_ptr, refsq_ptr, klw_ptr, old_ptr, adv_ptr, const_ptr, loss_ptr,
                       metrics_ptr, factors_ptr, B, lo, hi, clip, adv_max, beta, inv_b,
                       CONST_FROM_PTR: tl.constexpr, HAS_REF: tl.constexpr,
@@ -252,20 +273,8 @@ def _surrogate_kernel(logp_ptr, refsq_ptr, klw_ptr, old_ptr, adv_ptr, const_ptr,
         lp = tl.load(logp_ptr + b, mask=m, other=0.0)
         adv = tl.load(adv_ptr + b, mask=m, other=0.0)
         a = tl.where(adv < -adv_max, -adv_max, tl.where(adv > adv_max, adv_max, adv))
-        delta = lp - tl.load(old_ptr + b, mask=m, other=0.0)
-        r = tl.exp(delta)
-        if SIMPLE:
-            term = -(a * lp)
-            g = -a
-        else:
-            na = -a
-            c = tl.where(r < lo, lo, tl.where(r > hi, hi, r))
-            u = na * r
-            w = na * c
-            du = na * r
-            dw = tl.where((r >= lo) & (r <= hi), na * r, 0.0)
-            term = tl.where((u != u) | (u > w), u, w)     # torch.maximum, NaN wins
-            g = tl.where(u > w, du, tl.where(u < w, dw, 0.5 * (du + dw)))  # ties split
+        term, g, delta, r = _policy_term(lp, tl.load(old_ptr + b, mask=m, other=0.0), a, lo,
+                                         hi, SIMPLE)
         tl.store(factors_ptr + b, (g * inv_b).to(acc_ty), mask=m)
         if HAS_REF:
             klw = tl.load(klw_ptr + b, mask=m, other=0.0)
@@ -284,6 +293,90 @@ def _surrogate_kernel(logp_ptr, refsq_ptr, klw_ptr, old_ptr, adv_ptr, const_ptr,
         ratio += tl.where(m, r, 0.0).to(tl.float64)
     n = tl.cast(B, tl.float64)
     kl_mean = tl.sum(kl_sum, axis=0) / n
+    loss = tl.sum(policy, axis=0) / n
+    if KL_IN_LOSS:
+        loss += tl.cast(beta, tl.float64) * kl_mean
+    tl.store(loss_ptr, loss.to(acc_ty))
+    tl.store(metrics_ptr + 0, (0.5 * (tl.sum(dsq, axis=0) / n)).to(acc_ty))
+    tl.store(metrics_ptr + 1, (tl.sum(clipped, axis=0) / n).to(acc_ty))
+    tl.store(metrics_ptr + 2, kl_mean.to(acc_ty))
+    tl.store(metrics_ptr + 3, (tl.sum(ratio, axis=0) / n).to(acc_ty))
+
+
+@triton.jit
+def _map_surrogate_kernel(logp_ptr, old_ptr, adv_ptr, map_ptr, const_ptr, part_ptr, P, NT, NPROG,
+                          MAP_STRIDE, lo, hi, clip, adv_max, inv_n,
+                          CONST_FROM_PTR: tl.constexpr, SIMPLE: tl.constexpr,
+                          IDX64: tl.constexpr, BLOCK: tl.constexpr):
+    """The surrogate with a ViPO map, one tile of BLOCK positions of one sample per program: the
+    gradient d loss / d logp overwrites logp, and the tile's sums of the policy term, delta^2,
+    clipped positions and ratios go to partials [4, NPROG] (float64, no atomics)."""
+    acc_ty = logp_ptr.dtype.element_ty
+    if CONST_FROM_PTR:  # float64: scalar arguments would arrive as float32
+        lo = tl.load(const_ptr + 0)
+        hi = tl.load(const_ptr + 1)
+        clip = tl.load(const_ptr + 2)
+        adv_max = tl.load(const_ptr + 3)
+        inv_n = tl.load(const_ptr + 6)
+    pid = tl.program_id(0)
+    if IDX64:
+        pid = pid.to(tl.int64)
+    b = pid // NT
+    p = (pid - b * NT) * BLOCK + tl.arange(0, BLOCK)
+    m = p < P
+    adv = tl.load(adv_ptr + b)
+    a_b = tl.where(adv < -adv_max, -adv_max, tl.where(adv > adv_max, adv_max, adv))
+    lp = tl.load(logp_ptr + b * P + p, mask=m, other=0.0)
+    old = tl.load(old_ptr + b * P + p, mask=m, other=0.0, eviction_policy="evict_first")
+    am = tl.load(map_ptr + b * MAP_STRIDE + p, mask=m, other=0.0)
+    term, g, delta, r = _policy_term(lp, old, a_b * am, lo, hi, SIMPLE)
+    tl.store(logp_ptr + b * P + p, (g * inv_n).to(acc_ty), mask=m)
+    tl.store(part_ptr + pid, tl.sum(tl.where(m, term, 0.0).to(tl.float64), axis=0))
+    tl.store(part_ptr + NPROG + pid, tl.sum(tl.where(m, delta * delta, 0.0).to(tl.float64), axis=0))
+    clipped = tl.where(m & ((r - 1.0 < -clip) | (r - 1.0 > clip)), 1.0, 0.0)
+    tl.store(part_ptr + 2 * NPROG + pid, tl.sum(clipped.to(tl.float64), axis=0))
+    tl.store(part_ptr + 3 * NPROG + pid, tl.sum(tl.where(m, r, 0.0).to(tl.float64), axis=0))
+
+
+@triton.jit
+def _map_finalize_kernel(part_ptr, refsq_ptr, klw_ptr, const_ptr, loss_ptr, metrics_ptr,
+                         dref_ptr, NPROG, B, TERMS, beta, inv_b,
+                         CONST_FROM_PTR: tl.constexpr, HAS_REF: tl.constexpr,
+                         KL_IN_LOSS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: the partials summed in float64 in a fixed order, the KL over the batch,
+    the loss, the metrics and d loss / d ref_sq."""
+    acc_ty = loss_ptr.dtype.element_ty
+    if CONST_FROM_PTR:
+        beta = tl.load(const_ptr + 4)
+        inv_b = tl.load(const_ptr + 5)
+    policy = tl.zeros([BLOCK], dtype=tl.float64)
+    dsq = tl.zeros([BLOCK], dtype=tl.float64)
+    clipped = tl.zeros([BLOCK], dtype=tl.float64)
+    ratio = tl.zeros([BLOCK], dtype=tl.float64)
+    for i0 in range(0, NPROG, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        m = i < NPROG
+        policy += tl.load(part_ptr + i, mask=m, other=0.0)
+        dsq += tl.load(part_ptr + NPROG + i, mask=m, other=0.0)
+        clipped += tl.load(part_ptr + 2 * NPROG + i, mask=m, other=0.0)
+        ratio += tl.load(part_ptr + 3 * NPROG + i, mask=m, other=0.0)
+    kl_sum = tl.zeros([BLOCK], dtype=tl.float64)
+    for b0 in range(0, B, BLOCK):
+        b = b0 + tl.arange(0, BLOCK)
+        m = b < B
+        if HAS_REF:
+            klw = tl.load(klw_ptr + b, mask=m, other=0.0)
+            kl_sum += tl.where(m, tl.load(refsq_ptr + b, mask=m, other=0.0) * klw,
+                               0.0).to(tl.float64)
+            if KL_IN_LOSS:
+                dref = beta * klw * inv_b
+            else:
+                dref = tl.zeros([BLOCK], dtype=acc_ty)
+        else:
+            dref = tl.zeros([BLOCK], dtype=acc_ty)
+        tl.store(dref_ptr + b, dref.to(acc_ty), mask=m)
+    n = tl.cast(TERMS, tl.float64)
+    kl_mean = tl.sum(kl_sum, axis=0) / tl.cast(B, tl.float64)
     loss = tl.sum(policy, axis=0) / n
     if KL_IN_LOSS:
         loss += tl.cast(beta, tl.float64) * kl_mean
@@ -508,3 +601,68 @@ def flow_grpo_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advantages
         CONST_FROM_PTR=f64, HAS_REF=has_ref, KL_IN_LOSS=has_ref and beta != 0,
         SIMPLE=bool(simple), BLOCK=min(_next_pow2(max(B, 1)), _SURROGATE_BLOCK), num_warps=4)
     return loss, metrics, factors
+
+
+# Tiles of the map surrogate: on a GPU 2048 positions (16 per thread, four 16-byte float32 vectors
+# per tensor), a few thousand programs at Wan sizes; under the interpreter whole samples.
+_MAP_TILE = {"gpu": 2048, "interpreter": 1 << 17}
+
+
+def flow_grpo_map_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advantages,
+                                   advantage_map, clip_range, adv_clip_max, beta, simple):
+    """``(loss [], metrics [4], grad_ref_sq [B])``, as ``tbkernels::flow_grpo_map_surrogate``;
+    logp ``[B, P]`` is overwritten with d loss / d logp.
+
+    logp and old_log_prob contiguous ``[B, P]``, advantage_map contiguous ``[B, P]`` or ``[1, P]``,
+    advantages (ref_sq, kl_weight: both or neither) contiguous ``[B]``, all float32 (or float64)
+    on one device. Two launches: the tiles, then one program that combines them.
+    """
+    op = "flow_grpo_map_surrogate"
+    if logp.dim() != 2:
+        raise RuntimeError(f"{op}: logp must be a [B, positions] tensor, got {list(logp.shape)}")
+    if logp.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"{op}: logp must be float32 or float64, got {logp.dtype}")
+    if (ref_sq is None) != (kl_weight is None):
+        raise RuntimeError(f"{op}: ref_sq and kl_weight go together (both for a reference "
+                           f"policy, or neither)")
+    B, P = logp.shape
+    map_rows = 1 if advantage_map.dim() == 2 and advantage_map.shape[0] == 1 else B
+    for name, t, shape in (("logp", logp, (B, P)), ("old_log_prob", old_log_prob, (B, P)),
+                           ("advantages", advantages, (B,)),
+                           ("advantage_map", advantage_map, (map_rows, P)),
+                           ("ref_sq", ref_sq, (B,)), ("kl_weight", kl_weight, (B,))):
+        if t is not None and not (tuple(t.shape) == shape and t.dtype == logp.dtype
+                                  and t.is_contiguous() and t.device == logp.device):
+            raise RuntimeError(f"{op}: {name} must be a contiguous {list(shape)} {logp.dtype} "
+                               f"tensor on {logp.device}, got {list(t.shape)} {t.dtype} on "
+                               f"{t.device}")
+    if not (clip_range > 0 and adv_clip_max > 0):
+        raise RuntimeError(f"{op}: clip_range and adv_clip_max must be > 0, got {clip_range}, "
+                           f"{adv_clip_max}")
+    _launch.require_launchable(logp, op)
+    dev = logp.device
+    loss = torch.empty((), dtype=logp.dtype, device=dev)
+    metrics = torch.empty((4,), dtype=logp.dtype, device=dev)
+    grad_ref_sq = torch.empty((B,), dtype=logp.dtype, device=dev)
+    has_ref = ref_sq is not None
+    terms = B * P
+    consts = (1.0 - clip_range, 1.0 + clip_range, clip_range, adv_clip_max, beta,
+              1.0 / B if B else 0.0, 1.0 / terms if terms else 0.0)
+    f64 = logp.dtype == torch.float64
+    const_t = torch.tensor(consts, dtype=torch.float64, device=dev) if f64 else logp
+    tile = min(_next_pow2(max(P, 1)), _MAP_TILE["gpu" if _launch.gpu_tiles(logp) else "interpreter"])
+    nt = triton.cdiv(P, tile)
+    nprog = B * nt
+    partials = torch.empty((4, max(nprog, 1)), dtype=torch.float64, device=dev)
+    if nprog:
+        _map_surrogate_kernel[(nprog,)](
+            logp, old_log_prob, advantages, advantage_map, const_t, partials, P, nt, nprog,
+            0 if map_rows == 1 else P, consts[0], consts[1], consts[2], consts[3], consts[6],
+            CONST_FROM_PTR=f64, SIMPLE=bool(simple), IDX64=_idx64(terms, tile), BLOCK=tile,
+            num_warps=_num_warps(tile, logp.element_size()))
+    _map_finalize_kernel[(1,)](
+        partials, ref_sq if has_ref else logp, kl_weight if has_ref else logp, const_t, loss,
+        metrics, grad_ref_sq, nprog, B, terms, beta, consts[5],
+        CONST_FROM_PTR=f64, HAS_REF=has_ref, KL_IN_LOSS=has_ref and beta != 0,
+        BLOCK=_FINALIZE_BLOCK, num_warps=4)
+    return loss, metrics, grad_ref_sq

@@ -286,6 +286,70 @@ def test_flow_grpo_surrogate_cuda_kernel_rejects_bad_arguments(emu):
     assert call(None, None, 0.1, DTYPE_CODE[torch.bfloat16]) != 0   # not an accumulation type
 
 
+# ------------------------------------------------------------ flow_grpo_loss's ViPO-map surrogate
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,P", [(0, 5), (4, 0), (1, 1), (3, 41), (2, 70001)])
+@pytest.mark.parametrize("shared_map", [False, True])
+@pytest.mark.parametrize("with_ref,beta,simple", [(True, 0.05, False), (False, 0.0, False),
+                                                  (True, 0.05, True)])
+def test_flow_grpo_map_surrogate_cuda_kernels(emu, dtype, B, P, shared_map, with_ref, beta,
+                                              simple):
+    """The main pass (blocks over chunks of a sample's positions; 70001 positions: 69 blocks per
+    sample, a ragged last one) writes the gradient over logp by the formula the CPU kernel
+    shares, so it matches elementwise; loss and metrics are block sums combined by the finalize
+    block, in another order than the CPU's. No positions or no samples: finalize only, NaN
+    loss."""
+    g = torch.Generator().manual_seed(B * 1000 + P)
+    logp = (torch.randn(B, P, generator=g, dtype=torch.float64) - 1).to(dtype)
+    old = (logp.double() - 0.3 * torch.randn(B, P, generator=g, dtype=torch.float64)).to(dtype)
+    old[:, ::3] = logp[:, ::3]                             # ratio 1: inside the clip range
+    adv = (4 * torch.randn(B, generator=g, dtype=torch.float64)).to(dtype)
+    amap = torch.rand(1 if shared_map else B, P, generator=g, dtype=torch.float64).to(dtype)
+    ref_sq = torch.rand(B, generator=g, dtype=torch.float64).to(dtype) if with_ref else None
+    kl_w = (1e-3 * torch.rand(B, generator=g, dtype=torch.float64)).to(dtype) if with_ref else None
+    loss = torch.full((), float("nan"), dtype=dtype)
+    metrics = torch.full((4,), float("nan"), dtype=dtype)
+    dref = torch.full((B,), float("nan"), dtype=dtype)
+    buf = logp.clone()
+    launches = ctypes.c_int(0)
+    rc = emu.emu_flow_grpo_map_surrogate(
+        DTYPE_CODE[dtype], I64(B), I64(P), ptr(buf), ptr(ref_sq), ptr(kl_w), ptr(old), ptr(adv),
+        ptr(amap), int(shared_map), ctypes.c_double(0.1), ctypes.c_double(5.0),
+        ctypes.c_double(beta), int(simple), ptr(loss), ptr(metrics), ptr(dref),
+        ctypes.byref(launches))
+    assert rc == 0
+    assert launches.value == (2 if B * P else 1)
+    e_buf = logp.clone()
+    e_loss, e_metrics, e_dref = torch.ops.tbkernels.flow_grpo_map_surrogate(
+        e_buf, ref_sq, kl_w, old, adv, amap, 0.1, 5.0, beta, simple)
+    assert_elementwise(buf, e_buf, dtype)
+    assert not torch.isnan(dref).any(), "grad_ref_sq not fully written"
+    assert_elementwise(dref, e_dref, dtype)
+    assert_reduction(loss, e_loss, B * P, dtype)           # no terms: NaN in both
+    assert_reduction(metrics[[0, 1, 3]], e_metrics[[0, 1, 3]], B * P, dtype)
+    assert_reduction(metrics[2], e_metrics[2], B, dtype)   # the KL: a mean over the batch
+    if B * P > 100 and not simple:
+        assert 0 < metrics[1].item() < 1
+
+
+def test_flow_grpo_map_surrogate_cuda_kernel_rejects_bad_arguments(emu):
+    x, buf = torch.zeros(4, 3), torch.zeros(4, 3)
+    b = torch.zeros(4)
+    out = [torch.zeros(()), torch.zeros(4), torch.zeros(4)]
+    launches = ctypes.c_int(0)
+
+    def call(ref_sq, kl_w, clip, acc=DTYPE_CODE[torch.float32], amap=x):
+        return emu.emu_flow_grpo_map_surrogate(
+            acc, I64(4), I64(3), ptr(buf), ptr(ref_sq), ptr(kl_w), ptr(x), ptr(b),
+            ptr(amap), 0, ctypes.c_double(clip), ctypes.c_double(5.0), ctypes.c_double(0.0), 0,
+            *map(ptr, out), ctypes.byref(launches))
+    assert call(None, None, 0.1) == 0
+    assert call(b, None, 0.1) != 0                          # ref_sq without kl_weight
+    assert call(None, None, 0.0) != 0                       # clip_range must be > 0
+    assert call(None, None, 0.1, amap=None) != 0            # no map
+    assert call(None, None, 0.1, DTYPE_CODE[torch.bfloat16]) != 0   # not an accumulation type
+
+
 # --------------------------------------------------------------------------------- per-sample MSE
 @pytest.mark.parametrize("pred_dtype,target_dtype", [
     (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16),

@@ -644,6 +644,116 @@ def test_surrogate_op_passes_opcheck():
                  old, adv, 0.1, 5.0, beta, False))
 
 
+# The surrogate with a ViPO map (tbkernels::flow_grpo_map_surrogate): one policy term per
+# position, the gradient written over the log-prob.
+
+def map_surrogate_inputs(batch, positions, dtype, shared_map=False, seed=0):
+    """[B, P] log-probs with every branch of the [B] inputs above, [B] advantages (inside, beyond
+    the clamp, 0) and a map >= 0 with zeros, [1, P] when shared by the batch."""
+    logp, ref_sq, kl_w, old, _ = surrogate_inputs(batch * positions, torch.float64, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    adv = torch.randn(batch, generator=g, dtype=torch.float64) * 4
+    if batch > 2:
+        adv[::3] = 0.0
+    amap = torch.rand(1 if shared_map else batch, positions, generator=g, dtype=torch.float64) * 2
+    amap[:, 3::7] = 0.0
+    ref_sq, kl_w = ref_sq[:batch] * positions, kl_w[:batch]
+    rows = (batch, positions)
+    return [t.to(dtype).to(DEVICE) for t in (logp.reshape(rows), ref_sq, kl_w, old.reshape(rows),
+                                             adv, amap)]
+
+
+def map_surrogate_by_autograd(logp, ref_sq, kl_w, old, adv, amap, clip, adv_max, beta, simple):
+    """_policy_loss (the reference backend's whole-tensor surrogate) with the map, differentiated
+    by autograd in float64: loss, metrics, d loss / d logp [B, P] and d loss / d ref_sq [B]."""
+    lp = logp.double().requires_grad_(True)
+    rs = None if ref_sq is None else ref_sq.double().requires_grad_(True)
+    loss, m = flow_grpo._policy_loss(lp, rs, None if kl_w is None else kl_w.double(), old.double(),
+                                     adv.double(), amap.double(), clip, adv_max, beta,
+                                     "simple" if simple else "clipped")
+    inputs = [lp] + ([rs] if rs is not None else [])
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    g_ref = (grads[1] if rs is not None and grads[1] is not None
+             else torch.zeros(lp.shape[0], dtype=torch.float64, device=lp.device))
+    metrics = torch.stack([m[k].double() for k in flow_grpo._METRICS])
+    return loss.detach(), metrics, grads[0], g_ref.detach()
+
+
+def _map_surrogate_op(backend):
+    _available(backend)
+    return flow_grpo._map_surrogate_op(backend)
+
+
+@pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [(1, 1), (3, 41), (2, 70001)], ids=["1x1", "3x41", "2x70001"])
+@pytest.mark.parametrize("shared_map", [False, True], ids=["map", "shared_map"])
+@pytest.mark.parametrize("with_ref,beta,simple", [(True, 0.04, False), (True, 0.0, False),
+                                                  (False, 0.0, False), (True, 0.04, True)])
+def test_map_surrogate_op_matches_autograd_of_the_formula(backend, dtype, rows, shared_map,
+                                                          with_ref, beta, simple):
+    """Loss, metrics, the per-position gradient (written over logp) and d loss / d ref_sq against
+    autograd of the plain formula in float64, every branch visited. 70001 positions span several
+    CPU tasks (32768 positions each) and GPU blocks, with a ragged tail; a [1, P] map is shared
+    by the batch."""
+    op = _map_surrogate_op(backend)
+    B, P = rows
+    logp, ref_sq, kl_w, old, adv, amap = map_surrogate_inputs(B, P, dtype, shared_map, seed=P)
+    if not with_ref:
+        ref_sq = kl_w = None
+    clip, adv_max = 0.1, 5.0
+    e_loss, e_metrics, e_grad, e_dref = map_surrogate_by_autograd(
+        logp, ref_sq, kl_w, old, adv, amap, clip, adv_max, beta, simple)
+    buf = logp.clone()
+    loss, metrics, dref = op(buf, ref_sq, kl_w, old, adv, amap, clip, adv_max, beta, simple)
+    assert loss.dtype == metrics.dtype == dref.dtype == dtype
+    assert loss.shape == () and metrics.shape == (4,) and dref.shape == (B,)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    close(loss, e_loss, tol)
+    close(metrics, e_metrics, tol)
+    close(buf, e_grad, tol)                     # logp now holds d loss / d logp
+    close(dref, e_dref, tol)
+    if not (with_ref and beta != 0):
+        assert (dref == 0).all()
+    if B * P >= 100 and not simple:             # both sides of the clip were taken
+        assert 0 < metrics[1].item() < 1
+
+
+@pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
+def test_map_surrogate_op_rejects_bad_input(backend):
+    op = _map_surrogate_op(backend)
+    logp, ref_sq, kl_w, old, adv, amap = map_surrogate_inputs(3, 5, torch.float32)
+    bad = [
+        ((logp, ref_sq, None, old, adv, amap), "go together"),
+        ((logp, ref_sq, kl_w, old[:, :4], adv, amap), "old_log_prob must be a contiguous"),
+        ((logp, ref_sq, kl_w, old, adv[:2], amap), "advantages must be a contiguous"),
+        ((logp, ref_sq, kl_w, old, adv, amap[:2]), "advantage_map must be a contiguous"),
+        ((logp, ref_sq, kl_w, old, adv, amap.t().contiguous().t()),
+         "advantage_map must be a contiguous"),
+        ((logp, ref_sq, kl_w, old, adv, amap.double()), "advantage_map must be a contiguous"),
+        ((logp.half(), None, None, old.half(), adv.half(), amap.half()), "float32 or float64"),
+        ((logp[0], None, None, old[0], adv, amap[0]), r"\[B, positions\]"),
+    ]
+    for args, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args, 0.1, 5.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="must be > 0"):
+        op(logp, None, None, old, adv, amap, 0.1, -1.0, 0.0, False)
+
+
+def test_map_surrogate_op_passes_opcheck():
+    """Schema (logp declared mutated), fake (meta) kernel and torch.compile of the C++ op."""
+    if not tbkernels.backends("cpu")["cpu"].available:
+        pytest.skip("compiled extension not built")
+    logp, ref_sq, kl_w, old, adv, amap = (t.cpu() for t in
+                                          map_surrogate_inputs(4, 9, torch.float32))
+    for ref in (True, False):
+        torch.library.opcheck(
+            torch.ops.tbkernels.flow_grpo_map_surrogate.default,
+            (logp.clone(), ref_sq if ref else None, kl_w if ref else None, old, adv, amap, 0.1,
+             5.0, 0.2, False))
+
+
 @pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
 def test_metric_only_reference_is_not_read_in_backward(backend):
     """A reference given for the KL metric only (beta = 0): the loss path's backward gets no
@@ -746,14 +856,14 @@ def test_fused_loss_under_autocast(backend):
 
 @pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
 @pytest.mark.parametrize("map_kind", ["position", "element"])
+@pytest.mark.parametrize("map_broadcast", ["none", "batch", "inner"])
 @pytest.mark.parametrize("vipo_form", ["clipped", "simple"])
-def test_map_loss_in_slabs_matches_reference(backend, map_kind, vipo_form, monkeypatch):
-    """The ViPO-map surrogate runs over slabs of each sample (here forced to one row each: the
-    slab size is patched down), overwriting the log-prob with its gradient slab by slab; loss,
-    metrics and gradient match the reference backend's whole-tensor PyTorch in float64, with a
-    broadcast map (one value per channel row for the per-element case) and beta != 0."""
+def test_map_loss_matches_reference(backend, map_kind, map_broadcast, vipo_form):
+    """flow_grpo_loss with a ViPO map through the fused map surrogate: loss, metrics and gradient
+    match the reference backend's whole-tensor PyTorch in float64, with beta != 0 and an
+    incoming gradient other than 1, for a map of the log-prob's shape, one shared by the batch
+    ([1, ...], read in place) and one broadcast inside a sample (materialised)."""
     _available(backend)
-    monkeypatch.setattr(flow_grpo, "_MAP_SLAB", 7)
     shape = (3, 4, 2, 5, 7)
     v, x, ref, noise = latents(shape, seed=35)
     s, sn = sigmas(3)
@@ -764,7 +874,11 @@ def test_map_loss_in_slabs_matches_reference(backend, map_kind, vipo_form, monke
                                               logprob_reduction=reduction,
                                               backend="reference")[1]
     g = torch.Generator().manual_seed(36)
-    amap_shape = (3, 2, 5, 7) if map_kind == "position" else (3, 4, 1, 1, 1)
+    amap_shape = list(old.shape)
+    if map_broadcast == "batch":
+        amap_shape[0] = 1
+    elif map_broadcast == "inner":
+        amap_shape[-2:] = [1, 1]
     amap = torch.rand(amap_shape, generator=g, dtype=torch.float64).to(DEVICE)
     adv = torch.tensor([1.5, -0.7, 7.0], dtype=torch.float64, device=DEVICE)
     results = []

@@ -36,6 +36,7 @@ ARCHS = (80, 90)
 EXPECTED_KERNELS = {
     ("flow_step", "_forward_kernel"), ("flow_step", "_finalize_kernel"),
     ("flow_step", "_backward_kernel"), ("flow_step", "_surrogate_kernel"),
+    ("flow_step", "_map_surrogate_kernel"), ("flow_step", "_map_finalize_kernel"),
     ("group_advantages", "_global_moments_kernel"),
     ("group_advantages", "_contiguous_fused_kernel"), ("group_advantages", "_rows_stats_kernel"),
     ("group_advantages", "_rows_sqdev_kernel"), ("group_advantages", "_finalize_kernel"),

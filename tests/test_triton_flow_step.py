@@ -349,6 +349,42 @@ def test_int64_offsets(monkeypatch):
         check_backward((2, 3, 11, 13), torch.float64, reduction, "all", seed=11)
 
 
+@pytest.mark.parametrize("idx64", [False, True])
+def test_map_surrogate_multi_tile(monkeypatch, idx64):
+    """flow_grpo_map_surrogate_triton with tiny tiles (many programs per sample, masked tails, a
+    finalize loop over more partials than its block) and the int64-offset variant: loss,
+    metrics, the gradient written over logp and d loss / d ref_sq match autograd of the plain
+    formula (flow_grpo._policy_loss) in float64."""
+    monkeypatch.setitem(fs._MAP_TILE, "gpu", 16)
+    monkeypatch.setitem(fs._MAP_TILE, "interpreter", 16)
+    monkeypatch.setattr(fs, "_FINALIZE_BLOCK", 4)
+    if idx64:
+        monkeypatch.setattr(fs, "_INT32_OFFSET_LIMIT", 0)
+    g = torch.Generator().manual_seed(40)
+    B, P = 3, 41
+    logp = torch.randn(B, P, generator=g, dtype=torch.float64) - 1
+    old = logp - 0.2 * torch.randn(B, P, generator=g, dtype=torch.float64)
+    adv = torch.tensor([2.0, -7.0, 0.5], dtype=torch.float64)
+    ref_sq = torch.rand(B, generator=g, dtype=torch.float64)
+    kl_w = torch.rand(B, generator=g, dtype=torch.float64)
+    for shared in (False, True):
+        amap = torch.rand(1 if shared else B, P, generator=g, dtype=torch.float64)
+        args = [t.to(DEVICE) for t in (ref_sq, kl_w, old, adv, amap)]
+        lp = logp.clone().requires_grad_(True)
+        rs = ref_sq.clone().requires_grad_(True)
+        e_loss, e_m = flow_grpo._policy_loss(lp, rs, kl_w, old, adv, amap, 0.1, 5.0, 0.3,
+                                             "clipped")
+        e_grad, e_dref = torch.autograd.grad(e_loss, [lp, rs])
+        buf = logp.clone().to(DEVICE)
+        loss, metrics, dref = fs.flow_grpo_map_surrogate_triton(buf, *args, 0.1, 5.0, 0.3, False)
+        torch.testing.assert_close(loss.cpu(), e_loss.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(metrics.cpu(),
+                                   torch.stack([e_m[k] for k in flow_grpo._METRICS]),
+                                   rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(buf.cpu(), e_grad, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(dref.cpu(), e_dref, rtol=1e-12, atol=1e-14)
+
+
 def test_wan_latent_fast():
     """A Wan 2.1 latent [2, 16, 21, 60, 104] (4.2M elements), fp32: forward (training form: prev
     and reference given, mean-reduced) and backward, against the float32 reference."""

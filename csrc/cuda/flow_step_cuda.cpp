@@ -146,6 +146,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_surrogate_cuda(
   return {loss, metrics, factors};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_map_surrogate_cuda(
+    at::Tensor& logp, const std::optional<at::Tensor>& ref_sq,
+    const std::optional<at::Tensor>& kl_weight, const at::Tensor& old_log_prob,
+    const at::Tensor& advantages, const at::Tensor& advantage_map, double clip_range,
+    double adv_clip_max, double beta, bool simple) {
+  const auto [B, P] = flow_step::check_map_surrogate_args(
+      logp, ref_sq, kl_weight, old_log_prob, advantages, advantage_map, clip_range, adv_clip_max,
+      c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(logp.device());
+  at::Tensor loss, metrics, grad_ref_sq;
+  std::tie(loss, metrics, grad_ref_sq) = flow_step::map_surrogate_outputs(logp);
+  cuda::FlowGrpoMapSurrogateArgs args;
+  args.acc = logp.scalar_type() == at::kDouble ? cuda::DType::kFloat64 : cuda::DType::kFloat32;
+  args.batch = B;
+  args.positions = P;
+  args.logp = logp.data_ptr();
+  args.ref_sq = opt_ptr(ref_sq);
+  args.kl_weight = opt_ptr(kl_weight);
+  args.old_log_prob = old_log_prob.data_ptr();
+  args.advantages = advantages.data_ptr();
+  args.advantage_map = advantage_map.data_ptr();
+  args.map_shared = advantage_map.size(0) == 1;
+  args.clip_range = clip_range;
+  args.adv_clip_max = adv_clip_max;
+  args.beta = beta;
+  args.simple = simple;
+  args.loss = loss.data_ptr();
+  args.metrics = metrics.data_ptr();
+  args.grad_ref_sq = grad_ref_sq.data_ptr();
+  const size_t ws_bytes = cuda::flow_grpo_map_surrogate_workspace_bytes(args);
+  at::Tensor workspace;
+  if (ws_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(ws_bytes)}, logp.options().dtype(at::kByte));
+    args.workspace = workspace.data_ptr();
+  }
+  C10_CUDA_CHECK(cuda::flow_grpo_map_surrogate(args, at::cuda::getCurrentCUDAStream()));
+  return {loss, metrics, grad_ref_sq};
+}
+
 }  // namespace
 }  // namespace tbk
 
@@ -153,4 +192,5 @@ TORCH_LIBRARY_IMPL(tbkernels, CUDA, m) {
   m.impl("flow_step_forward", &tbk::flow_step_forward_cuda);
   m.impl("flow_step_backward", &tbk::flow_step_backward_cuda);
   m.impl("flow_grpo_surrogate", &tbk::flow_grpo_surrogate_cuda);
+  m.impl("flow_grpo_map_surrogate", &tbk::flow_grpo_map_surrogate_cuda);
 }

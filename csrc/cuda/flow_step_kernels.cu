@@ -26,6 +26,9 @@
 //                                  -> fwd_finalize_kernel grid B (ref_sq)
 //   backward (any reduction):        bwd_kernel          grid B*nblk x 256, like fwd_flat_kernel
 //                                     (no workspace, no reduction)
+//   flow_grpo_loss's surrogates:     surrogate_kernel    one warp ([B] log-probs, no map)
+//                                     map_surrogate_kernel + map_finalize_kernel (ViPO map,
+//                                     [B, positions]; see their section)
 // Sizes (plan_flat / plan_forward), step = 256*VEC:
 //   flat:    chunk = min(clamp(ceil(ceil(B*D / 4096) / step), 1, 16) * step, ceil(D/step)*step),
 //            nblk = ceil(D / chunk)       (bf16 [8,16,21,60,104]: chunk 4096, 4096 blocks;
@@ -707,13 +710,13 @@ __global__ void __launch_bounds__(kWarp)
   s.delta_sq = warp_sum(s.delta_sq);
   s.clipped = warp_sum(s.clipped);
   s.ratio = warp_sum(s.ratio);
-  if (threadIdx.x == 0) surrogate::finish(k, s, B, loss, metrics);
+  if (threadIdx.x == 0) surrogate::finish(k, s, B, B, loss, metrics);
 }
 
 template <typename Acc>
 cudaError_t run_surrogate(const FlowGrpoSurrogateArgs& a, cudaStream_t stream) {
   const auto k = surrogate::make_constants<Acc>(a.clip_range, a.adv_clip_max, a.beta, a.simple,
-                                                a.ref_sq != nullptr, a.batch);
+                                                a.ref_sq != nullptr, a.batch, a.batch);
   surrogate_kernel<Acc><<<1, kWarp, 0, stream>>>(
       k, a.batch, static_cast<const Acc*>(a.logp), static_cast<const Acc*>(a.ref_sq),
       static_cast<const Acc*>(a.kl_weight), static_cast<const Acc*>(a.old_log_prob),
@@ -722,7 +725,155 @@ cudaError_t run_surrogate(const FlowGrpoSurrogateArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// ------------------------------------------------------------------------------------------
+// flow_grpo_loss's surrogate with a ViPO map: one policy term per position of [B, P] float32
+// (float64) rows. map_surrogate_kernel, grid B*nblk x 256 (plan_flat over P with 4-byte
+// elements: chunks of 1024..16384 positions): each thread strides over its block's chunk, writes
+// d loss / d logp over logp, and the block's four sums (policy, delta^2, clipped, ratio) go to
+// partials [4, B*nblk] in double. map_finalize_kernel, one block: the partials in a fixed
+// order, the KL over the batch, loss, metrics and d loss / d ref_sq. The inputs are read once and
+// logp written once: 16 bytes per position (12 with a map shared by the batch, which stays in L2).
+
+// Sum of the five fields of s over the block (as block_sum2; valid in thread 0, one call per
+// kernel).
+__device__ __forceinline__ void block_sum_sums(surrogate::Sums& s) {
+  __shared__ double sm[5 * kWarp];
+  double f[5] = {s.policy, s.kl, s.delta_sq, s.clipped, s.ratio};  // unrolled: registers
+  const int t = static_cast<int>(threadIdx.x);
+  const int nwarps = static_cast<int>(blockDim.x) / kWarp;
+  const int lane = t & (kWarp - 1), warp = t / kWarp;
+#pragma unroll
+  for (int j = 0; j < 5; ++j) {
+    f[j] = warp_sum(f[j]);
+    if (lane == 0) sm[j * kWarp + warp] = f[j];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int j = 0; j < 5; ++j) f[j] = warp_sum(lane < nwarps ? sm[j * kWarp + lane] : 0.0);
+  }
+  s.policy = f[0];
+  s.kl = f[1];
+  s.delta_sq = f[2];
+  s.clipped = f[3];
+  s.ratio = f[4];
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    map_surrogate_kernel(const surrogate::Constants<Acc> k, int64_t P, int64_t chunk,
+                         int64_t nblk, Acc* __restrict__ logp, const Acc* __restrict__ old,
+                         const Acc* __restrict__ adv, const Acc* __restrict__ amap,
+                         int64_t map_stride, double* __restrict__ part, int64_t nprog) {
+  const int64_t blk = blockIdx.x;
+  const int64_t b = blk / nblk, p0 = (blk - b * nblk) * chunk;
+  const int64_t p1 = p0 + chunk < P ? p0 + chunk : P;
+  const Acc a_b = surrogate::clamp_adv(k, adv[b]);
+  Acc* row = logp + b * P;
+  const Acc* old_row = old + b * P;
+  const Acc* map_row = amap + b * map_stride;
+  surrogate::Sums s;
+  for (int64_t p = p0 + threadIdx.x; p < p1; p += kThreads)
+    row[p] = surrogate::policy_term(k, row[p], old_row[p], a_b * map_row[p], s) * k.inv_n;
+  block_sum_sums(s);
+  if (threadIdx.x == 0) {
+    part[blk] = s.policy;
+    part[nprog + blk] = s.delta_sq;
+    part[2 * nprog + blk] = s.clipped;
+    part[3 * nprog + blk] = s.ratio;
+  }
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    map_finalize_kernel(const surrogate::Constants<Acc> k, const double* __restrict__ part,
+                        int64_t nprog, int64_t B, int64_t terms, const Acc* __restrict__ ref_sq,
+                        const Acc* __restrict__ kl_weight, Acc* __restrict__ loss,
+                        Acc* __restrict__ metrics, Acc* __restrict__ grad_ref_sq) {
+  surrogate::Sums s;
+  for (int64_t i = threadIdx.x; i < nprog; i += blockDim.x) {
+    s.policy += part[i];
+    s.delta_sq += part[nprog + i];
+    s.clipped += part[2 * nprog + i];
+    s.ratio += part[3 * nprog + i];
+  }
+  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
+    grad_ref_sq[b] = surrogate::kl_term(k, k.has_ref ? ref_sq[b] : Acc(0),
+                                        k.has_ref ? kl_weight[b] : Acc(0), s);
+  }
+  block_sum_sums(s);
+  if (threadIdx.x == 0) surrogate::finish(k, s, terms, B, loss, metrics);
+}
+
+struct MapPlan {
+  int64_t chunk = 0, nblk = 0;  // per sample; nblk == 0: no main launch
+  size_t bytes = 0;             // workspace: the partials [4, B*nblk] double
+};
+
+MapPlan plan_map(const FlowGrpoMapSurrogateArgs& a) {
+  MapPlan m;
+  const FlatPlan f = plan_flat(a.batch, a.positions, 4);
+  m.chunk = f.chunk;
+  m.nblk = f.nblk;
+  m.bytes = static_cast<size_t>(4 * a.batch * f.nblk) * sizeof(double);
+  return m;
+}
+
+template <typename Acc>
+cudaError_t run_map_surrogate(const FlowGrpoMapSurrogateArgs& a, const MapPlan& pl,
+                              cudaStream_t stream) {
+  const auto k = surrogate::make_constants<Acc>(a.clip_range, a.adv_clip_max, a.beta, a.simple,
+                                                a.ref_sq != nullptr, a.batch,
+                                                a.batch * a.positions);
+  const int64_t nprog = a.batch * pl.nblk;
+  double* part = static_cast<double*>(a.workspace);
+  if (nprog > 0) {
+    map_surrogate_kernel<Acc><<<static_cast<unsigned>(nprog), kThreads, 0, stream>>>(
+        k, a.positions, pl.chunk, pl.nblk, static_cast<Acc*>(a.logp),
+        static_cast<const Acc*>(a.old_log_prob), static_cast<const Acc*>(a.advantages),
+        static_cast<const Acc*>(a.advantage_map), a.map_shared ? 0 : a.positions, part, nprog);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  map_finalize_kernel<Acc><<<1, kFinalizeThreads, 0, stream>>>(
+      k, part, nprog, a.batch, a.batch * a.positions, static_cast<const Acc*>(a.ref_sq),
+      static_cast<const Acc*>(a.kl_weight), static_cast<Acc*>(a.loss),
+      static_cast<Acc*>(a.metrics), static_cast<Acc*>(a.grad_ref_sq));
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+size_t flow_grpo_map_surrogate_workspace_bytes(const FlowGrpoMapSurrogateArgs& args) {
+  if (args.batch < 0 || args.positions < 0) return 0;
+  return plan_map(args).bytes;
+}
+
+int flow_grpo_map_surrogate_num_launches(const FlowGrpoMapSurrogateArgs& args) {
+  if (args.batch < 0 || args.positions < 0) return -1;
+  return (plan_map(args).nblk > 0 ? 1 : 0) + 1;
+}
+
+cudaError_t flow_grpo_map_surrogate(const FlowGrpoMapSurrogateArgs& args, cudaStream_t stream) {
+  if (args.batch < 0 || args.positions < 0 ||
+      (args.ref_sq == nullptr) != (args.kl_weight == nullptr) || !(args.clip_range > 0) ||
+      !(args.adv_clip_max > 0) || args.loss == nullptr || args.metrics == nullptr)
+    return cudaErrorInvalidValue;
+  const MapPlan pl = plan_map(args);
+  if (args.batch * pl.nblk > kMaxGrid) return cudaErrorInvalidValue;
+  if (args.batch > 0 && (args.advantages == nullptr || args.grad_ref_sq == nullptr))
+    return cudaErrorInvalidValue;
+  if (pl.nblk > 0 && (args.logp == nullptr || args.old_log_prob == nullptr ||
+                      args.advantage_map == nullptr || args.workspace == nullptr))
+    return cudaErrorInvalidValue;
+  // No positions still launches the finalize: loss and metrics are NaN (means of nothing).
+  switch (args.acc) {
+    case DType::kFloat32: return run_map_surrogate<float>(args, pl, stream);
+    case DType::kFloat64: return run_map_surrogate<double>(args, pl, stream);
+    default: break;
+  }
+  return cudaErrorInvalidValue;
+}
 
 size_t flow_step_forward_workspace_bytes(const FlowStepForwardArgs& args) {
   const FwdPlan pl = plan_forward(args);

@@ -91,6 +91,26 @@ struct FlowGrpoSurrogateArgs {
   void* factors = nullptr;  // [2, B] d loss / d logp, d loss / d ref_sq
 };
 
+// flow_grpo_loss's surrogate with a ViPO map (formula: csrc/flow_grpo_surrogate.h, one policy
+// term per position). [B, P] and [B] tensors contiguous device memory of `acc`.
+struct FlowGrpoMapSurrogateArgs {
+  DType acc = DType::kFloat32;
+  int64_t batch = 0, positions = 0;    // B, P
+  void* logp = nullptr;                // [B, P]; overwritten with d loss / d logp
+  const void* ref_sq = nullptr;        // [B], with kl_weight; both nullptr: no reference
+  const void* kl_weight = nullptr;     // [B]
+  const void* old_log_prob = nullptr;  // [B, P]
+  const void* advantages = nullptr;    // [B]
+  const void* advantage_map = nullptr; // [B, P], or [1, P] with map_shared
+  bool map_shared = false;
+  double clip_range = 1e-4, adv_clip_max = 5.0, beta = 0.0;
+  bool simple = false;
+  void* loss = nullptr;         // []
+  void* metrics = nullptr;      // [4] approx_kl, clipfrac, kl, ratio_mean
+  void* grad_ref_sq = nullptr;  // [B] d loss / d ref_sq
+  void* workspace = nullptr;    // flow_grpo_map_surrogate_workspace_bytes(args) bytes
+};
+
 // Bytes of scratch `flow_step_forward` needs (pointers are ignored, only sizes and modes count).
 // Returns 0 for inconsistent arguments (flow_step_forward then reports cudaErrorInvalidValue).
 size_t flow_step_forward_workspace_bytes(const FlowStepForwardArgs& args);
@@ -108,6 +128,11 @@ cudaError_t flow_step_forward(const FlowStepForwardArgs& args, cudaStream_t stre
 cudaError_t flow_step_backward(const FlowStepBackwardArgs& args, cudaStream_t stream);
 // One launch of a single warp (B is a batch of samples; the warp strides over it). No workspace.
 cudaError_t flow_grpo_surrogate(const FlowGrpoSurrogateArgs& args, cudaStream_t stream);
+// Two launches (the main pass over [B, P], skipped when B*P == 0, and a one-block finalize);
+// workspace 32 bytes per main-pass block.
+size_t flow_grpo_map_surrogate_workspace_bytes(const FlowGrpoMapSurrogateArgs& args);
+int flow_grpo_map_surrogate_num_launches(const FlowGrpoMapSurrogateArgs& args);
+cudaError_t flow_grpo_map_surrogate(const FlowGrpoMapSurrogateArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace tbk

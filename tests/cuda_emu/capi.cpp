@@ -80,6 +80,24 @@ int emu_flow_grpo_surrogate(int acc_dtype, int64_t B, const void* logp, const vo
   return static_cast<int>(tbk::cuda::flow_grpo_surrogate(a, nullptr));
 }
 
+int emu_flow_grpo_map_surrogate(int acc_dtype, int64_t B, int64_t P, void* logp,
+                                const void* ref_sq, const void* kl_weight,
+                                const void* old_log_prob, const void* advantages,
+                                const void* advantage_map, int map_shared, double clip_range,
+                                double adv_clip_max, double beta, int simple, void* loss,
+                                void* metrics, void* grad_ref_sq, int* launches) {
+  tbk::cuda::FlowGrpoMapSurrogateArgs a;
+  a.acc = static_cast<tbk::cuda::DType>(acc_dtype); a.batch = B; a.positions = P; a.logp = logp;
+  a.ref_sq = ref_sq; a.kl_weight = kl_weight; a.old_log_prob = old_log_prob;
+  a.advantages = advantages; a.advantage_map = advantage_map; a.map_shared = map_shared != 0;
+  a.clip_range = clip_range; a.adv_clip_max = adv_clip_max; a.beta = beta;
+  a.simple = simple != 0; a.loss = loss; a.metrics = metrics; a.grad_ref_sq = grad_ref_sq;
+  Workspace ws;
+  a.workspace = ws.aligned(tbk::cuda::flow_grpo_map_surrogate_workspace_bytes(a));
+  *launches = tbk::cuda::flow_grpo_map_surrogate_num_launches(a);
+  return static_cast<int>(tbk::cuda::flow_grpo_map_surrogate(a, nullptr));
+}
+
 int emu_per_sample_mse_forward(int pred_dtype, int target_dtype, int64_t B, int64_t D,
                                const void* pred, const void* target, void* out, int* launches) {
   tbk::cuda::PerSampleMseForwardArgs a;

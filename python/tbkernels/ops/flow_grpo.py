@@ -232,6 +232,47 @@ _flow_grpo_surrogate_triton.register_autograd(_surrogate_backward,
                                               setup_context=_setup_surrogate)
 
 
+# The surrogate with a ViPO map: the same formula with one policy term per position, in place on
+# the step's [B, positions] log-prob (which becomes d loss / d logp). Used below autograd by
+# _MapLoss only (the compiled path keeps _policy_loss, which Inductor fuses), so no autograd
+# formula is registered.
+
+def _fake_map_surrogate(logp, ref_sq, kl_weight, old_log_prob, advantages, advantage_map,
+                        clip_range, adv_clip_max, beta, simple):
+    return logp.new_empty(()), logp.new_empty((4,)), logp.new_empty((logp.shape[0],))
+
+
+def _register_compiled_map_surrogate():
+    try:
+        from .. import _C  # noqa: F401  (defines the tbkernels:: schemas)
+    except ImportError:
+        return
+    torch.library.register_fake("tbkernels::flow_grpo_map_surrogate")(_fake_map_surrogate)
+
+
+_register_compiled_map_surrogate()
+
+
+@torch.library.custom_op("tbkernels::flow_grpo_map_surrogate_triton", mutates_args=("logp",))
+def _flow_grpo_map_surrogate_triton(logp: torch.Tensor, ref_sq: torch.Tensor | None,
+                                    kl_weight: torch.Tensor | None, old_log_prob: torch.Tensor,
+                                    advantages: torch.Tensor, advantage_map: torch.Tensor,
+                                    clip_range: float, adv_clip_max: float, beta: float,
+                                    simple: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from tbkernels.kernels.flow_step import flow_grpo_map_surrogate_triton
+    return flow_grpo_map_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advantages,
+                                          advantage_map, clip_range, adv_clip_max, beta, simple)
+
+
+_flow_grpo_map_surrogate_triton.register_fake(_fake_map_surrogate)
+
+
+def _map_surrogate_op(name):
+    if name == "triton":
+        return _flow_grpo_map_surrogate_triton
+    return torch.ops.tbkernels.flow_grpo_map_surrogate
+
+
 def _backward_op(name):
     if name == "triton":
         return _flow_step_backward_triton
@@ -611,8 +652,8 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
             loss, m = _FusedLoss.apply(v, x, prev, ref, coefs, kl_w, old_lp, adv, consts, name)
         return loss, dict(zip(_METRICS, m.unbind()))
     if name != "reference" and not torch.compiler.is_compiling():
-        # ViPO map, eager: the per-position surrogate over slabs (see _MapLoss)
-        amap = advantage_map.detach().to(acc).expand(_logp_shape(v.shape, reduction))
+        # ViPO map, eager: the step and the per-position surrogate as one node (see _MapLoss)
+        amap = _map_rows(advantage_map, logp_shape, acc)
         loss, m = _MapLoss.apply(v, x, prev, ref, coefs, kl_w, old_lp, adv, amap, consts, name,
                                  reduction)
         return loss, dict(zip(_METRICS, m.unbind()))
@@ -658,84 +699,55 @@ class _FusedLoss(torch.autograd.Function):
         return (grad_v,) + (None,) * 9
 
 
-_MAP_SLAB = 1 << 20
+def _map_rows(advantage_map, logp_shape, acc):
+    """The map as the [B or 1, positions] rows flow_grpo_map_surrogate reads: no copy for a map
+    of the log-prob's shape (or of one sample's, shared by the batch) already in the
+    accumulation dtype; any other broadcast is materialised (in that dtype)."""
+    m = advantage_map.detach().to(acc)
+    positions = math.prod(logp_shape[1:])
+    if tuple(m.shape[1:]) == tuple(logp_shape[1:]) and m.shape[0] in (1, logp_shape[0]):
+        return m.contiguous().view(m.shape[0], positions)
+    return m.expand(logp_shape).contiguous().view(logp_shape[0], positions)
 
 
 class _MapLoss(torch.autograd.Function):
-    """flow_grpo_loss with a ViPO advantage map, eager: one autograd node (the step's ops below
-    the autograd key), the per-position surrogate computed one sample at a time.
-
-    Written as whole-tensor PyTorch, the surrogate over a per-element map allocated some ten
-    full-size float32 temporaries (20 bf16 latents of peak at Wan 480p, B = 8). Here the
-    surrogate runs over slabs of at most 2**20 elements whose temporaries are freed before the
-    next, and one [B, positions] float32 buffer lives across them: the step's log-prob, each
-    slab overwritten by d loss / d log-prob of a unit loss once read. That buffer is saved for
-    backward, which feeds it to the step's backward and scales the result by the incoming
-    gradient (one extra rounding of grad_v when that is not a power of two). The gradient is
-    PyTorch's autograd of the plain
-    formula, in closed form: with u = -A r and w = -A clamp(r, 1 - clip, 1 + clip), d max(u, w)
-    / d logp is u where u >= w (r inside the range, where u == w and each side's half of a tie
-    sums to u, or the unclipped side larger) and 0 otherwise; -A for the simple form."""
+    """flow_grpo_loss with a ViPO advantage map, eager: one autograd node whose ops run below the
+    autograd key. The step writes the per-position log-prob (a [B, positions] float32 buffer, the
+    latent's size for a per-element map); flow_grpo_map_surrogate reads it and overwrites it with
+    d loss / d log-prob of a unit loss, in one pass and one launch (plus a tiny finalize on a
+    GPU). That buffer is saved for backward, which feeds it to the step's backward and scales the
+    result by the incoming gradient (one extra rounding of grad_v when that is not a power of
+    two). Written as whole-tensor PyTorch the same surrogate allocated some ten full-size float32
+    temporaries (20 bf16 latents of peak at Wan 480p, B = 8, per-element map) and, as slabs of
+    PyTorch ops, cost a dozen launches per sample."""
 
     @staticmethod
     def forward(ctx, v, x, prev, ref, coefs, kl_w, old_lp, adv, amap, consts, name, reduction):
-        clip, adv_max, beta, simple = consts
+        beta = consts[2]
+        rows = (v.shape[0], amap.shape[1])               # [B, positions]
         with torch._C._AutoDispatchBelowAutograd():
             logp, ref_sq, _, _ = _forward_op(name)(v, x, prev, ref, coefs, reduction, False,
                                                    False)
-        n = logp.numel()
-        a_sample = adv.clamp(-adv_max, adv_max)
-        sums = torch.zeros(4, dtype=torch.float64, device=logp.device)  # policy, dsq, clip, ratio
-        # Slabs of at most _MAP_SLAB elements (whole rows of a sample's first dim after B), so the
-        # handful of temporaries stays small whatever the latent. Each slab's d loss / d logp
-        # overwrites its log-prob once read: the buffer becomes the saved factor.
-        rows = logp.shape[1]
-        step = max(1, _MAP_SLAB // max(1, logp[0, 0].numel())) if logp.numel() else 1
-        for b in range(logp.shape[0]):
-            for r0 in range(0, rows, step):
-                lp, a = logp[b, r0:r0 + step], amap[b, r0:r0 + step] * a_sample[b]
-                delta = lp - old_lp[b, r0:r0 + step]
-                sums[1] += (delta * delta).sum(dtype=torch.float64)
-                r = delta.exp_()                               # delta is not needed any more
-                sums[3] += r.sum(dtype=torch.float64)
-                sums[2] += ((r - 1).abs_() > clip).sum(dtype=torch.float64)
-                if simple:
-                    sums[0] += -(a * lp).sum(dtype=torch.float64)
-                    torch.mul(a, -1.0 / n, out=lp)
-                    continue
-                # the products exactly as the plain formula rounds them, so that inside the
-                # clip range (clamp(r) == r) u == w holds bit for bit and the tie is seen
-                na = a.neg_()
-                u = na * r
-                w = torch.clamp(r, 1 - clip, 1 + clip).mul_(na)
-                sums[0] += torch.maximum(u, w).sum(dtype=torch.float64)
-                torch.mul(u.masked_fill_(u < w, 0.0), 1.0 / n, out=lp)
-        factor = logp
-        loss = sums[0] / n
-        kl = None if ref is None else ref_sq * kl_w
-        ctx.kl_grad = ref is not None and beta != 0
-        if ctx.kl_grad:
-            loss = loss + beta * kl.mean()
-        metrics = torch.stack([0.5 * sums[1] / n, sums[2] / n,
-                               kl.double().mean() if kl is not None else sums.new_zeros(()),
-                               sums[3] / n]).to(logp.dtype)
+            loss, metrics, grad_ref_sq = _map_surrogate_op(name)(
+                logp.view(rows), None if ref is None else ref_sq, kl_w,
+                old_lp.contiguous().view(rows), adv.contiguous(), amap, *consts)
         ctx.mark_non_differentiable(metrics)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(v, x, prev, ref if ctx.kl_grad else None, coefs, factor,
-                              kl_w if ctx.kl_grad else None)
-        ctx.backend, ctx.reduction, ctx.beta = name, reduction, beta
-        return loss.to(logp.dtype), metrics
+        ctx.kl_grad = ref is not None and beta != 0
+        ctx.save_for_backward(v, x, prev, ref if ctx.kl_grad else None, coefs, logp,
+                              grad_ref_sq if ctx.kl_grad else None)
+        ctx.backend, ctx.reduction = name, reduction
+        return loss, metrics
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:
             return (None,) * 12
-        v, x, prev, ref, coefs, factor, kl_w = ctx.saved_tensors
-        grad_ref_sq = kl_w * (ctx.beta / kl_w.shape[0]) if ctx.kl_grad else None
+        v, x, prev, ref, coefs, factor, grad_ref_sq = ctx.saved_tensors
         # The step's backward is linear in its incoming gradients: run it on the gradient of a
         # unit loss and scale the (fresh, owned) result, rather than allocating factor * g, a
-        # third [B, positions] float32 buffer.
+        # second [B, positions] float32 buffer.
         with torch._C._AutoDispatchBelowAutograd():
             grad_v = _backward_op(ctx.backend)(v, x, prev, ref, coefs, ctx.reduction, factor,
                                                None, grad_ref_sq)
