@@ -7,9 +7,12 @@ against the measured device copy bandwidth, and peak extra memory.
     python benchmarks/bench_flow_grpo.py --gpu           # GPU shapes: bf16 [8,16,21,60,104] and 720p
     python benchmarks/bench_flow_grpo.py --meta          # the GPU shapes' step memory, modeled
     python benchmarks/bench_flow_grpo.py --host          # host overhead: device ops, host time
+    python benchmarks/bench_flow_grpo.py --map both      # with a ViPO advantage map (per position
+                                                         # and per element); combines with --gpu
 
 Rows go to the results CSV (benchmarks/results/results.csv, or $TBK_RESULTS_CSV) with op
-``flow_grpo_loss``. Peak extra memory: on a GPU ``max_memory_allocated`` minus what was allocated
+``flow_grpo_loss`` (``flow_grpo_loss_map_position`` / ``_map_element`` with a map: times,
+speedups and memory; no bandwidth rows, the map path's traffic depends on the map's kind). Peak extra memory: on a GPU ``max_memory_allocated`` minus what was allocated
 before the step; on a CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) minus
 the resident set before the step, each variant in its own process (with a fixed glibc mmap
 threshold, so freed tensors leave the resident set) so one cannot inflate another's peak. "Extra" includes the gradient the step must produce, so the floor is one latent.
@@ -56,8 +59,39 @@ def make_inputs(shape, dtype, device, seed=0):
                 sigma_host=torch.full((b,), 0.8), sigma_next_host=torch.full((b,), 0.7))
 
 
+MAP_KINDS = ("position", "element")
+
+
+def add_map_inputs(d, map_kind, seed=1):
+    """ViPO inputs for ``map_kind`` "position" (``[B, (T,) H, W]``, broadcast over channels) or
+    "element" (the latent's shape): float32 ``amap`` in [0, 2) and ``old_map``, the current
+    policy's log-prob of that shape plus noise of the clip range's size, so the per-position
+    ratios straddle the clip range as in training."""
+    v = d["v"]
+    reduction = "channel_sum" if map_kind == "position" else "none"
+    shape = (v.shape[0],) + tuple(v.shape[2:]) if map_kind == "position" else tuple(v.shape)
+    if v.device.type == "meta":
+        d["amap"] = torch.empty(shape, device=v.device)
+        d["old_map"] = torch.empty(shape, device=v.device)
+        return d
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    d["amap"] = (2 * torch.rand(shape, generator=g)).to(v.device)
+    with torch.no_grad():
+        logp = tbkernels.sde_step_with_logprob(v, d["sigma_host"], d["sigma_next_host"], d["x"],
+                                               d["prev"], logprob_reduction=reduction)[1]
+    d["old_map"] = (logp + 2 * CLIP * torch.randn(shape, generator=g).to(v.device)).contiguous()
+    return d
+
+
 def eager_loss(vv, d):
     """Flow-GRPO's training-step math, written as its code writes it (fp32 casts included)."""
+    return _eager(vv, d, None)
+
+
+def _eager(vv, d, map_kind):
+    """Flow-GRPO's eager code; with a ViPO map (``map_kind`` "position" or "element") the
+    log-prob is left per position (summed over channels, ViPO's dense form) or per element, the
+    ratio is per position and the advantage is A_b * M."""
     model_output, sample, prev_sample = vv.float(), d["x"].float(), d["prev"].float()
     sigma = d["sigma"].view(-1, *([1] * (vv.ndim - 1)))
     sigma_prev = d["sigma_next"].view(-1, *([1] * (vv.ndim - 1)))
@@ -68,22 +102,30 @@ def eager_loss(vv, d):
     log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * ((std_dev_t * torch.sqrt(-1 * dt)) ** 2))
                 - torch.log(std_dev_t * torch.sqrt(-1 * dt))
                 - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi))))
-    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    if map_kind is None:
+        log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    elif map_kind == "position":
+        log_prob = log_prob.sum(dim=1)
     with torch.no_grad():
         ref = d["ref"].float()
         mean_ref = (sample * (1 + std_dev_t ** 2 / (2 * sigma) * dt)
                     + ref * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt)
     kl = ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, vv.ndim)), keepdim=True) / (2 * std_dev_t ** 2)
     advantages = torch.clamp(d["adv"], -5.0, 5.0)
-    ratio = torch.exp(log_prob - d["old"])
+    if map_kind is None:
+        ratio = torch.exp(log_prob - d["old"])
+    else:
+        ratio = torch.exp(log_prob - d["old_map"])
+        advantages = advantages.view(-1, *([1] * (log_prob.ndim - 1))) * d["amap"]
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - CLIP, 1.0 + CLIP)
     return torch.mean(torch.maximum(unclipped, clipped)) + BETA * torch.mean(kl)
 
 
-def tbk_loss(backend, sigmas="host"):
+def tbk_loss(backend, sigmas="host", map_kind=None):
     """tbkernels' loss; ``sigmas="host"`` passes the noise levels as CPU tensors (the intended
-    use), ``"device"`` as tensors on the latents' device (checks and table on the device)."""
+    use), ``"device"`` as tensors on the latents' device (checks and table on the device);
+    ``map_kind`` as in add_map_inputs."""
     key, key_next = ("sigma_host", "sigma_next_host") if sigmas == "host" else ("sigma",
                                                                               "sigma_next")
 
@@ -92,32 +134,42 @@ def tbk_loss(backend, sigmas="host"):
                                            d["old"], d["adv"], ref_model_output=d["ref"],
                                            beta=BETA, clip_range=CLIP, backend=backend)
         return loss
-    return fn
+
+    def fn_map(vv, d):
+        loss, _ = tbkernels.flow_grpo_loss(vv, d["x"], d["prev"], d[key], d[key_next],
+                                           d["old_map"], d["adv"], ref_model_output=d["ref"],
+                                           beta=BETA, clip_range=CLIP, advantage_map=d["amap"],
+                                           backend=backend)
+        return loss
+    return fn if map_kind is None else fn_map
 
 
-def variants(device):
+def variants(device, map_kind=None):
     """name -> loss function (None: built by ``build``). ``tbkernels_<backend>_compiled`` is
     ``torch.compile(fullgraph=True)`` of the tbkernels call on the fastest backend here: the bandwidth
     kernels stay the custom ops, Inductor fuses the per-sample [B] math around them (on a GPU
-    the eager [B] math is some 70 tiny launches per forward+backward)."""
-    out = {"eager": eager_loss, "torch_compile": None}
+    the eager [B] math is some 70 tiny launches per forward+backward). With a map the same
+    names, on the map inputs (add_map_inputs)."""
+    out = {"eager": eager_loss if map_kind is None else (lambda vv, d: _eager(vv, d, map_kind)),
+           "torch_compile": None}
     status = tbkernels.backends(device)
     available = [name for name in fg.IMPLEMENTED
                  if status[name].available and not (name == "triton" and device.type == "cpu")]
     for name in available:
-        out[f"tbkernels_{name}"] = tbk_loss(name)
+        out[f"tbkernels_{name}"] = tbk_loss(name, map_kind=map_kind)
     fast = [name for name in ("cuda", "cpu", "triton") if name in available]
     if fast:
         out[f"tbkernels_{fast[0]}_compiled"] = None
     return out
 
 
-def build(name, device):
+def build(name, device, map_kind=None):
     if name == "torch_compile":
-        return torch.compile(eager_loss)
+        return torch.compile(variants(device, map_kind)["eager"])
     if name.startswith("tbkernels_") and name.endswith("_compiled"):
-        return torch.compile(tbk_loss(name[len("tbkernels_"):-len("_compiled")]), fullgraph=True)
-    return variants(device)[name]
+        return torch.compile(tbk_loss(name[len("tbkernels_"):-len("_compiled")],
+                                      map_kind=map_kind), fullgraph=True)
+    return variants(device, map_kind)[name]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,9 +332,11 @@ def _rss_kib(field):
     raise RuntimeError(field)
 
 
-def peak_extra_bytes(name, shape, dtype, device):
+def peak_extra_bytes(name, shape, dtype, device, map_kind=None):
     d = make_inputs(shape, dtype, device)
-    fn = build(name, device)
+    if map_kind is not None:
+        add_map_inputs(d, map_kind)
+    fn = build(name, device, map_kind)
     vv = d["v"].clone().requires_grad_(True)
     fn(vv, d).backward()                       # warm-up: compilation, allocator growth
     vv.grad = None
@@ -377,12 +431,26 @@ def device_ops(fn, d):
     return fwd.n, bwd.n
 
 
+def _with_map(fn, kind):
+    """fn on the inputs plus a ViPO map of this kind, built once per inputs dict (so the map
+    variants can share the host-overhead harness's inputs)."""
+    def call(vv, d):
+        key = ("map", kind)
+        if key not in d:
+            d[key] = add_map_inputs(dict(d), kind)
+        return fn(vv, d[key])
+    return call
+
+
 def host_overhead(recorder, reps=300):
     """Per forward+backward: device ops at the GPU shape (meta stand-in) and host time at a tiny
     CPU shape (Python and dispatcher cost, no CUDA launch cost), per variant, side by side."""
     gpu_shape, tiny = (8, 16, 21, 60, 104), (8, 16, 1, 2, 2)
     fns = {"eager": eager_loss, "tbkernels_cpu": tbk_loss("cpu"),
            "tbkernels_cpu_device_sigmas": tbk_loss("cpu", sigmas="device")}
+    for kind in MAP_KINDS:
+        fns[f"eager_map_{kind}"] = _with_map(lambda vv, d, k=kind: _eager(vv, d, k), kind)
+        fns[f"tbkernels_cpu_map_{kind}"] = _with_map(tbk_loss("cpu", map_kind=kind), kind)
     meta = make_inputs(gpu_shape, torch.bfloat16, torch.device("meta"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -437,9 +505,11 @@ def coefficient_table_us(latent, reps):
             "cached_floats": time_call(stage_floats, cpu, reps) * 1e6}
 
 
-def measure_memory_in_child(name, shape, dtype, device):
+def measure_memory_in_child(name, shape, dtype, device, map_kind=None):
     cmd = [sys.executable, __file__, "--child-memory", name, "--shape", ",".join(map(str, shape)),
            "--dtype", str(dtype).replace("torch.", ""), "--device", device.type]
+    if map_kind is not None:
+        cmd += ["--map", map_kind]
     # A fixed mmap threshold makes glibc return every large block to the OS when it is freed
     # (its default threshold grows after the first free, and freed blocks then stay resident),
     # so the resident set tracks live tensors and its peak is the step's peak.
@@ -450,7 +520,8 @@ def measure_memory_in_child(name, shape, dtype, device):
 
 # ------------------------------------------------------------------------------------------------
 
-def run(shapes, dtypes, device, reps, recorder, memory=True):
+def run(shapes, dtypes, device, reps, recorder, memory=True, map_kind=None):
+    op_name = OP if map_kind is None else f"{OP}_map_{map_kind}"
     for shape in shapes:
         for dtype in dtypes:
             shape_s = "x".join(map(str, shape))
@@ -465,7 +536,10 @@ def run(shapes, dtypes, device, reps, recorder, memory=True):
             recorder.add("device_copy", "torch", shape_s, dtype_s, "copy_gb_per_s", bw / 1e9)
             print(f"\n{shape_s} {dtype_s}: device copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
             d = make_inputs(shape, dtype, device)
-            fns = {name: build(name, device) for name in variants(device)}
+            if map_kind is not None:
+                add_map_inputs(d, map_kind)
+                print(f"  with a per-{map_kind} ViPO advantage map", flush=True)
+            fns = {name: build(name, device, map_kind) for name in variants(device, map_kind)}
             print(f"  forward+backward, {reps} rounds interleaved over {len(fns)} variants ...",
                   flush=True)
             fwd_bwd = time_forward_backward_interleaved(fns, d, device, reps)
@@ -476,16 +550,18 @@ def run(shapes, dtypes, device, reps, recorder, memory=True):
                 phases["forward_backward"] = fwd_bwd[name]
                 medians[name] = phases
                 for phase, seconds in phases.items():
-                    op = f"{OP}.{phase}"
+                    op = f"{op_name}.{phase}"
                     recorder.add(op, name, shape_s, dtype_s, "median_us", seconds * 1e6)
+                    if map_kind is not None:
+                        continue
                     achieved = bytes_moved[phase] / seconds
                     recorder.add(op, name, shape_s, dtype_s, "bytes_moved", bytes_moved[phase])
                     recorder.add(op, name, shape_s, dtype_s, "achieved_gb_per_s", achieved / 1e9)
                     recorder.add(op, name, shape_s, dtype_s, "fraction_of_copy_bw", achieved / bw)
                 line = "  ".join(f"{p} {s * 1e3:8.2f} ms" for p, s in phases.items())
                 if memory:
-                    extra = measure_memory_in_child(name, shape, dtype, device)
-                    recorder.add(f"{OP}.forward_backward", name, shape_s, dtype_s,
+                    extra = measure_memory_in_child(name, shape, dtype, device, map_kind)
+                    recorder.add(f"{op_name}.forward_backward", name, shape_s, dtype_s,
                                  "peak_extra_bytes", extra)
                     line += f"  peak extra {extra / 2**20:8.1f} MiB"
                 print(line, flush=True)
@@ -495,15 +571,16 @@ def run(shapes, dtypes, device, reps, recorder, memory=True):
                 for base in ("eager", "torch_compile"):
                     if base in medians:
                         ratio = medians[base]["forward_backward"] / phases["forward_backward"]
-                        recorder.add(f"{OP}.forward_backward", name, shape_s, dtype_s,
+                        recorder.add(f"{op_name}.forward_backward", name, shape_s, dtype_s,
                                      f"speedup_vs_{base}", ratio)
                         print(f"  {name} forward+backward speedup vs {base}: {ratio:.2f}x")
             if device.type == "cuda":
                 device_only(fns, d, reps, bw, bytes_moved["forward_backward"], shape_s, dtype_s,
-                            recorder)
+                            recorder, op_name=op_name, bandwidth=map_kind is None)
 
 
-def device_only(fns, d, reps, bw, nbytes, shape_s, dtype_s, recorder, cuda=None):
+def device_only(fns, d, reps, bw, nbytes, shape_s, dtype_s, recorder, cuda=None, op_name=OP,
+                bandwidth=True):
     """forward+backward timed with the host ahead of the GPU (time_host_ahead): the kernels'
     own time, which is what a training step pays when the model keeps the GPU busy. Rows under
     op flow_grpo_loss.forward_backward_device, every variant by the same method."""
@@ -519,20 +596,22 @@ def device_only(fns, d, reps, bw, nbytes, shape_s, dtype_s, recorder, cuda=None)
         except HostNotAhead as e:
             print(f"  {name:<24} {e}")
             continue
-        achieved = nbytes / times[name]
-        op = f"{OP}.forward_backward_device"
+        op = f"{op_name}.forward_backward_device"
         recorder.add(op, name, shape_s, dtype_s, "median_us", times[name] * 1e6)
-        recorder.add(op, name, shape_s, dtype_s, "achieved_gb_per_s", achieved / 1e9)
-        recorder.add(op, name, shape_s, dtype_s, "fraction_of_copy_bw", achieved / bw)
-        print(f"  {name:<24} {times[name] * 1e3:8.3f} ms  {achieved / 1e9:7.1f} GB/s "
-              f"({achieved / bw:.1%} of copy)", flush=True)
+        line = f"  {name:<24} {times[name] * 1e3:8.3f} ms"
+        if bandwidth:
+            achieved = nbytes / times[name]
+            recorder.add(op, name, shape_s, dtype_s, "achieved_gb_per_s", achieved / 1e9)
+            recorder.add(op, name, shape_s, dtype_s, "fraction_of_copy_bw", achieved / bw)
+            line += f"  {achieved / 1e9:7.1f} GB/s ({achieved / bw:.1%} of copy)"
+        print(line, flush=True)
     for name in times:
         if name.startswith("tbkernels"):
             for base in ("eager", "torch_compile"):
                 if base in times:
                     ratio = times[base] / times[name]
-                    recorder.add(f"{OP}.forward_backward_device", name, shape_s, dtype_s,
-                                 f"speedup_vs_{base}", ratio)
+                    recorder.add(f"{op_name}.forward_backward_device", name, shape_s,
+                                 dtype_s, f"speedup_vs_{base}", ratio)
                     print(f"  {name} device-time speedup vs {base}: {ratio:.2f}x")
 
 
@@ -546,6 +625,8 @@ def main():
     p.add_argument("--host", action="store_true",
                    help="host overhead only: device ops per step (meta stand-in for a GPU) and "
                         "host time per step at a tiny CPU shape, eager vs tbkernels")
+    p.add_argument("--map", choices=MAP_KINDS + ("both",), default=None,
+                   help="time flow_grpo_loss with a ViPO advantage map of this kind instead")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--no-record", action="store_true", help="print only, write no CSV rows")
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
@@ -557,7 +638,7 @@ def main():
     if args.child_memory:
         shape = tuple(int(s) for s in args.shape.split(","))
         extra = peak_extra_bytes(args.child_memory, shape, getattr(torch, args.dtype),
-                                 torch.device(args.device))
+                                 torch.device(args.device), args.map)
         print(json.dumps({"peak_extra_bytes": extra}))
         return
 
@@ -592,7 +673,9 @@ def main():
     recorder = Recorder(enabled=not args.no_record, device=device_name(device),
                         commit=git_commit(), command=command.strip())
     print(f"{OP} on {recorder.device}, commit {recorder.commit}")
-    run(shapes, dtypes, device, reps, recorder, memory=not args.quick)
+    kinds = [None] if args.map is None else MAP_KINDS if args.map == "both" else [args.map]
+    for kind in kinds:
+        run(shapes, dtypes, device, reps, recorder, memory=not args.quick, map_kind=kind)
     path = recorder.finish()
     if path:
         print(f"\nrows appended to {path}")

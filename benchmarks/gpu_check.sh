@@ -5,12 +5,13 @@
 #   benchmarks/gpu_check.sh OUTDIR                 # every step, in order
 #   benchmarks/gpu_check.sh OUTDIR STEP [STEP ...]  # only these (names below), in the order given
 #
-# Steps: environment tools build backends tests benchmarks flow_grpo mps dpo_memory plot.
+# Steps: environment tools build backends tests benchmarks flow_grpo flow_grpo_map mps dpo_memory
+# plot.
 # Everything takes longer than one 10-minute device command; split it over calls on one warm
 # machine (the build stays installed between them), e.g.
 #   gpu_check.sh $OUT environment tools build backends tests
 #   gpu_check.sh $OUT environment benchmarks flow_grpo mps
-#   gpu_check.sh $OUT environment dpo_memory plot
+#   gpu_check.sh $OUT environment flow_grpo_map dpo_memory plot
 #
 # Assumes a CUDA torch and nvcc are installed; pytest, pytest-benchmark and triton are installed
 # only if missing (from PIP_FIND_LINKS wheels or the network; neither is required to exist).
@@ -22,7 +23,8 @@
 # them with nvidia-smi -L. Commit OUTDIR/results.csv into benchmarks/results/ afterwards.
 set -u
 
-ALL_STEPS=(environment tools build backends tests benchmarks flow_grpo mps dpo_memory plot)
+ALL_STEPS=(environment tools build backends tests benchmarks flow_grpo flow_grpo_map mps dpo_memory
+  plot)
 if [ $# -lt 1 ]; then
   echo "usage: $0 OUTDIR [STEP ...]   (steps: ${ALL_STEPS[*]})" >&2
   exit 2
@@ -128,6 +130,15 @@ flow_grpo_bench() {
   return $rc
 }
 
+flow_grpo_map_bench() {
+  # The same with a ViPO advantage map, per position and per element (no bandwidth rows).
+  TBK_RESULTS_CSV="$OUT/results.csv" $PY benchmarks/bench_flow_grpo.py --gpu --map both \
+    >"$OUT/flow_grpo_map.log" 2>&1
+  local rc=$?
+  tail -40 "$OUT/flow_grpo_map.log"
+  return $rc
+}
+
 mps_bench() {
   # Starts a private MPS daemon (own pipe/log directories) and stops it before returning.
   $PY benchmarks/bench_mps.py --csv "$OUT/results.csv" --out-dir "$OUT/mps" \
@@ -158,11 +169,13 @@ plot() {
 }
 
 declare -A STEP_FN=([environment]=environment [tools]=tools [build]=build [backends]=backends
-  [tests]=tests [benchmarks]=benchmarks [flow_grpo]=flow_grpo_bench [mps]=mps_bench
+  [tests]=tests [benchmarks]=benchmarks [flow_grpo]=flow_grpo_bench
+  [flow_grpo_map]=flow_grpo_map_bench [mps]=mps_bench
   [dpo_memory]=dpo_memory_bench [plot]=plot)
 declare -A STEP_NAME=([environment]="environment" [tools]="test tools"
   [build]="build tbkernels with CUDA" [backends]="backend table" [tests]="test suite on the GPU"
   [benchmarks]="benchmark suite" [flow_grpo]="flow-GRPO loss benchmark"
+  [flow_grpo_map]="flow-GRPO loss benchmark with ViPO maps"
   [mps]="MPS reward-worker benchmark" [dpo_memory]="DPO peak-memory benchmark" [plot]="plot")
 for s in "${STEPS[@]}"; do
   step "${STEP_NAME[$s]}" "${STEP_FN[$s]}"

@@ -793,6 +793,39 @@ def test_metric_only_reference_is_not_read_in_backward(backend):
         assert len(rec.refs) == 1 and (rec.refs[0] is None) == (beta == 0), rec.refs
 
 
+@pytest.mark.parametrize("map_kind", ["position", "element"])
+def test_bench_map_variants_compute_the_same_loss(map_kind):
+    """bench_flow_grpo.py --map: its eager ViPO code (Flow-GRPO's math with per-position ratios)
+    and the tbkernels calls compute the same loss and gradient on the benchmark's inputs, so the
+    timings compare like with like; the inputs' ratios straddle the clip range."""
+    if not tbkernels.backends("cpu")["cpu"].available:
+        pytest.skip("compiled extension not built")
+    bench = _load_flow_bench()
+    d = bench.add_map_inputs(bench.make_inputs((2, 16, 3, 12, 20), torch.float32,
+                                               torch.device("cpu")), map_kind)
+    out = []
+    for name, fn in bench.variants(torch.device("cpu"), map_kind).items():
+        if fn is None or name == "tbkernels_triton":
+            continue
+        vv = d["v"].clone().requires_grad_(True)
+        loss = fn(vv, d)
+        loss.backward()
+        out.append((name, loss.detach(), vv.grad))
+    assert {n for n, _, _ in out} >= {"eager", "tbkernels_cpu"}
+    (_, l0, g0) = out[0]
+    for name, l1, g1 in out[1:]:
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-9, msg=name)
+        # float32 log-probs rounded differently put a position or two on the other side of the
+        # 1e-4 clip range (its gradient then switches between 0 and A*M*r): a wrong formula
+        # would differ almost everywhere
+        off = ~torch.isclose(g1, g0, rtol=1e-4, atol=1e-4 * g0.abs().max().item())
+        assert off.float().mean().item() < 0.01, (name, off.float().mean().item())
+    _, m = tbkernels.flow_grpo_loss(d["v"], d["x"], d["prev"], d["sigma_host"],
+                                    d["sigma_next_host"], d["old_map"], d["adv"],
+                                    advantage_map=d["amap"], clip_range=bench.CLIP)
+    assert 0.05 < m["clipfrac"].item() < 0.95, m["clipfrac"]
+
+
 def test_host_overhead_counts():
     """bench_flow_grpo.py --host counts the launching ops of a forward+backward on a meta stand-in
     for a GPU: tbkernels launches fewer than Flow-GRPO's eager code, and host sigmas fewer than
@@ -807,6 +840,12 @@ def test_host_overhead_counts():
     # forward: the fused step and the [B] epilogue; backward: the implicit ones_like of
     # loss.backward(), one multiply (both per-sample gradients) and the step's backward
     assert host == (2, 3), host
+    # with a ViPO map: the step and the map surrogate; backward: ones_like, the step's backward
+    # and the scaling by the incoming gradient, whatever B (the per-sample slab loop this
+    # replaced issued 233 ops per forward at Wan 480p B = 8, per position)
+    for kind in ("position", "element"):
+        dm = bench.add_map_inputs(dict(d), kind)
+        assert bench.device_ops(bench.tbk_loss("cpu", map_kind=kind), dm) == (2, 3), kind
 
 
 @pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
