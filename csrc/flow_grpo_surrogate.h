@@ -1,7 +1,9 @@
-// The per-sample GRPO surrogate of flow_grpo_loss (no advantage map): the "[B] epilogue" that
-// follows the fused flow step. One formula shared by the C++ CPU kernel (csrc/cpu/flow_step.cpp)
-// and the CUDA kernel (csrc/cuda/flow_step_kernels.cu, also run by the CUDA emulator of the
-// tests), so both compute it identically. Torch-free on purpose: the .cu includes it.
+// The GRPO surrogate of flow_grpo_loss that follows the fused flow step: per sample (no
+// advantage map, the "[B] epilogue": sample_term) or per position with a ViPO map (policy_term
+// with the advantage A_b * M_p; the means then run over B * positions terms, the KL's over B).
+// One formula shared by the C++ CPU kernels (csrc/cpu/flow_step.cpp) and the CUDA kernels
+// (csrc/cuda/flow_step_kernels.cu, also run by the CUDA emulator of the tests), so both compute
+// it identically. Torch-free on purpose: the .cu includes it.
 //
 // Why a kernel for B numbers: on a GPU, the eager form of this arithmetic (clamp, exp, two
 // products, maximum, four means, the KL product, the metrics) is ~25 launches in the forward and

@@ -16,11 +16,16 @@ with per-sample coefficients (``_flow_grpo_coefs.py``), so one pair of ops serve
   ``[B]`` arithmetic. In eager mode the step and the surrogate run as one autograd node
   (``_FusedLoss``).
 
-The C++ CPU kernels are ``csrc/cpu/flow_step.cpp``; every op has a fake implementation and a
-registered autograd formula here, so it traces under ``torch.compile(fullgraph=True)``. With a
-ViPO map the surrogate works on ``[B, (T,) H, W]`` tensors in plain PyTorch (``_policy_loss``,
-also the reference backend's). Gradients flow into ``model_output`` only: never into
-``sample``, ``prev_sample`` or the reference.
+* ``tbkernels::flow_grpo_map_surrogate`` is the same surrogate with a ViPO advantage map, one
+  policy term per position of the step's per-position (or per-element) log-prob, which it
+  overwrites with its gradient; in eager mode the step and it are one node (``_MapLoss``).
+
+The C++ CPU kernels are ``csrc/cpu/flow_step.cpp``; every op has a fake implementation, and all
+but the map surrogate (used below autograd only) a registered autograd formula here, so they
+trace under ``torch.compile(fullgraph=True)``; compiled, a ViPO map goes through the plain
+PyTorch surrogate (``_policy_loss``, also the reference backend's), which Inductor fuses.
+Gradients flow into ``model_output`` only: never into ``sample``, ``prev_sample`` or the
+reference.
 """
 from __future__ import annotations
 
