@@ -248,6 +248,46 @@ def _policy_term(lp, old, a, lo, hi, SIMPLE: tl.constexpr):
 
 
 @triton.jit
+def _kl_terms(refsq_ptr, klw_ptr, dref_ptr, b, m, beta, inv_b, HAS_REF: tl.constexpr,
+              KL_IN_LOSS: tl.constexpr, BLOCK: tl.constexpr):
+    """Samples b (mask m) of the KL: stores d loss / d ref_sq (beta * kl_weight / B, or 0) and
+    returns their ref_sq * kl_weight in float64 (0 without a reference)."""
+    acc_ty = dref_ptr.dtype.element_ty
+    kl = tl.zeros([BLOCK], dtype=tl.float64)
+    dref = tl.zeros([BLOCK], dtype=acc_ty)
+    if HAS_REF:
+        klw = tl.load(klw_ptr + b, mask=m, other=0.0)
+        kl = tl.where(m, tl.load(refsq_ptr + b, mask=m, other=0.0) * klw, 0.0).to(tl.float64)
+        if KL_IN_LOSS:
+            dref = (beta * klw * inv_b).to(acc_ty)
+    tl.store(dref_ptr + b, dref, mask=m)
+    return kl
+
+
+@triton.jit
+def _store_loss_metrics(loss_ptr, metrics_ptr, policy, dsq, clipped, ratio, kl_sum, terms, batch,
+                        beta, KL_IN_LOSS: tl.constexpr):
+    """loss and metrics from the float64 sums (csrc/flow_grpo_surrogate.h, finish): means over
+    `terms` policy terms, the KL's over `batch` samples."""
+    acc_ty = loss_ptr.dtype.element_ty
+    n = tl.cast(terms, tl.float64)
+    kl_mean = tl.sum(kl_sum, axis=0) / tl.cast(batch, tl.float64)
+    loss = tl.sum(policy, axis=0) / n
+    if KL_IN_LOSS:
+        loss += tl.cast(beta, tl.float64) * kl_mean
+    tl.store(loss_ptr, loss.to(acc_ty))
+    tl.store(metrics_ptr + 0, (0.5 * (tl.sum(dsq, axis=0) / n)).to(acc_ty))
+    tl.store(metrics_ptr + 1, (tl.sum(clipped, axis=0) / n).to(acc_ty))
+    tl.store(metrics_ptr + 2, kl_mean.to(acc_ty))
+    tl.store(metrics_ptr + 3, (tl.sum(ratio, axis=0) / n).to(acc_ty))
+
+
+@triton.jit
+def _clamp_adv(adv, adv_max):
+    return tl.where(adv < -adv_max, -adv_max, tl.where(adv > adv_max, adv_max, adv))
+
+
+@triton.jit
 def _surrogate_kernel(logp_ptr, refsq_ptr, klw_ptr, old_ptr, adv_ptr, const_ptr, loss_ptr,
                       metrics_ptr, factors_ptr, B, lo, hi, clip, adv_max, beta, inv_b,
                       CONST_FROM_PTR: tl.constexpr, HAS_REF: tl.constexpr,
@@ -272,35 +312,17 @@ def _surrogate_kernel(logp_ptr, refsq_ptr, klw_ptr, old_ptr, adv_ptr, const_ptr,
         m = b < B
         lp = tl.load(logp_ptr + b, mask=m, other=0.0)
         adv = tl.load(adv_ptr + b, mask=m, other=0.0)
-        a = tl.where(adv < -adv_max, -adv_max, tl.where(adv > adv_max, adv_max, adv))
-        term, g, delta, r = _policy_term(lp, tl.load(old_ptr + b, mask=m, other=0.0), a, lo,
-                                         hi, SIMPLE)
+        term, g, delta, r = _policy_term(lp, tl.load(old_ptr + b, mask=m, other=0.0),
+                                         _clamp_adv(adv, adv_max), lo, hi, SIMPLE)
         tl.store(factors_ptr + b, (g * inv_b).to(acc_ty), mask=m)
-        if HAS_REF:
-            klw = tl.load(klw_ptr + b, mask=m, other=0.0)
-            kl = tl.load(refsq_ptr + b, mask=m, other=0.0) * klw
-            kl_sum += tl.where(m, kl, 0.0).to(tl.float64)
-            if KL_IN_LOSS:
-                dref = beta * klw * inv_b
-            else:
-                dref = tl.zeros([BLOCK], dtype=acc_ty)
-        else:
-            dref = tl.zeros([BLOCK], dtype=acc_ty)
-        tl.store(factors_ptr + B + b, dref.to(acc_ty), mask=m)
+        kl_sum += _kl_terms(refsq_ptr, klw_ptr, factors_ptr + B, b, m, beta, inv_b, HAS_REF,
+                            KL_IN_LOSS, BLOCK)
         policy += tl.where(m, term, 0.0).to(tl.float64)
         dsq += tl.where(m, delta * delta, 0.0).to(tl.float64)
         clipped += tl.where(m & ((r - 1.0 < -clip) | (r - 1.0 > clip)), 1.0, 0.0).to(tl.float64)
         ratio += tl.where(m, r, 0.0).to(tl.float64)
-    n = tl.cast(B, tl.float64)
-    kl_mean = tl.sum(kl_sum, axis=0) / n
-    loss = tl.sum(policy, axis=0) / n
-    if KL_IN_LOSS:
-        loss += tl.cast(beta, tl.float64) * kl_mean
-    tl.store(loss_ptr, loss.to(acc_ty))
-    tl.store(metrics_ptr + 0, (0.5 * (tl.sum(dsq, axis=0) / n)).to(acc_ty))
-    tl.store(metrics_ptr + 1, (tl.sum(clipped, axis=0) / n).to(acc_ty))
-    tl.store(metrics_ptr + 2, kl_mean.to(acc_ty))
-    tl.store(metrics_ptr + 3, (tl.sum(ratio, axis=0) / n).to(acc_ty))
+    _store_loss_metrics(loss_ptr, metrics_ptr, policy, dsq, clipped, ratio, kl_sum, B, B, beta,
+                        KL_IN_LOSS)
 
 
 @triton.jit
@@ -324,8 +346,7 @@ def _map_surrogate_kernel(logp_ptr, old_ptr, adv_ptr, map_ptr, const_ptr, part_p
     b = pid // NT
     p = (pid - b * NT) * BLOCK + tl.arange(0, BLOCK)
     m = p < P
-    adv = tl.load(adv_ptr + b)
-    a_b = tl.where(adv < -adv_max, -adv_max, tl.where(adv > adv_max, adv_max, adv))
+    a_b = _clamp_adv(tl.load(adv_ptr + b), adv_max)
     lp = tl.load(logp_ptr + b * P + p, mask=m, other=0.0)
     old = tl.load(old_ptr + b * P + p, mask=m, other=0.0, eviction_policy="evict_first")
     am = tl.load(map_ptr + b * MAP_STRIDE + p, mask=m, other=0.0)
@@ -363,28 +384,10 @@ def _map_finalize_kernel(part_ptr, refsq_ptr, klw_ptr, const_ptr, loss_ptr, metr
     kl_sum = tl.zeros([BLOCK], dtype=tl.float64)
     for b0 in range(0, B, BLOCK):
         b = b0 + tl.arange(0, BLOCK)
-        m = b < B
-        if HAS_REF:
-            klw = tl.load(klw_ptr + b, mask=m, other=0.0)
-            kl_sum += tl.where(m, tl.load(refsq_ptr + b, mask=m, other=0.0) * klw,
-                               0.0).to(tl.float64)
-            if KL_IN_LOSS:
-                dref = beta * klw * inv_b
-            else:
-                dref = tl.zeros([BLOCK], dtype=acc_ty)
-        else:
-            dref = tl.zeros([BLOCK], dtype=acc_ty)
-        tl.store(dref_ptr + b, dref.to(acc_ty), mask=m)
-    n = tl.cast(TERMS, tl.float64)
-    kl_mean = tl.sum(kl_sum, axis=0) / tl.cast(B, tl.float64)
-    loss = tl.sum(policy, axis=0) / n
-    if KL_IN_LOSS:
-        loss += tl.cast(beta, tl.float64) * kl_mean
-    tl.store(loss_ptr, loss.to(acc_ty))
-    tl.store(metrics_ptr + 0, (0.5 * (tl.sum(dsq, axis=0) / n)).to(acc_ty))
-    tl.store(metrics_ptr + 1, (tl.sum(clipped, axis=0) / n).to(acc_ty))
-    tl.store(metrics_ptr + 2, kl_mean.to(acc_ty))
-    tl.store(metrics_ptr + 3, (tl.sum(ratio, axis=0) / n).to(acc_ty))
+        kl_sum += _kl_terms(refsq_ptr, klw_ptr, dref_ptr, b, b < B, beta, inv_b, HAS_REF,
+                            KL_IN_LOSS, BLOCK)
+    _store_loss_metrics(loss_ptr, metrics_ptr, policy, dsq, clipped, ratio, kl_sum, TERMS, B,
+                        beta, KL_IN_LOSS)
 
 
 # ----------------------------------------------------------------------------------------------
