@@ -132,6 +132,38 @@ inline Layout check_backward_args(const at::Tensor& v, const at::Tensor& x,
   return L;
 }
 
+// What both surrogates require of their log-prob (`dims`-D, float32 or float64, on a
+// `device_type` device) and of the optional reference pair.
+inline void check_surrogate_logp(const char* op, const at::Tensor& logp, int64_t dims,
+                                 const char* shape_name, const std::optional<at::Tensor>& ref_sq,
+                                 const std::optional<at::Tensor>& kl_weight,
+                                 c10::DeviceType device_type) {
+  TORCH_CHECK(logp.dim() == dims, op, ": logp must be a ", shape_name, " tensor, got ",
+              logp.sizes());
+  TORCH_CHECK(logp.scalar_type() == at::kFloat || logp.scalar_type() == at::kDouble, op,
+              ": logp must be float32 or float64, got ", logp.scalar_type());
+  TORCH_CHECK(logp.device().type() == device_type, op, " (", c10::DeviceTypeName(device_type, true),
+              "): tensors must be on a ", c10::DeviceTypeName(device_type), " device, got ",
+              logp.device());
+  TORCH_CHECK(ref_sq.has_value() == kl_weight.has_value(), op,
+              ": ref_sq and kl_weight go together (both for a reference policy, or neither)");
+}
+
+// t: contiguous, of shape `sizes`, logp's dtype and device.
+inline void check_like_logp(const char* op, const char* name, const at::Tensor& t,
+                            const at::Tensor& logp, at::IntArrayRef sizes) {
+  TORCH_CHECK(t.sizes() == sizes && t.scalar_type() == logp.scalar_type() && t.is_contiguous() &&
+                  t.device() == logp.device(),
+              op, ": ", name, " must be a contiguous ", sizes, " ", logp.scalar_type(),
+              " tensor on ", logp.device(), ", got ", t.sizes(), " ", t.scalar_type(), " on ",
+              t.device());
+}
+
+inline void check_clip(const char* op, double clip_range, double adv_clip_max) {
+  TORCH_CHECK(clip_range > 0 && adv_clip_max > 0, op,
+              ": clip_range and adv_clip_max must be > 0, got ", clip_range, ", ", adv_clip_max);
+}
+
 // flow_grpo_surrogate's arguments: logp, old_log_prob, advantages (and ref_sq, kl_weight, both or
 // neither) contiguous [B] tensors of one accumulation dtype (float32 or float64) on one device of
 // `device_type`. Returns B.
@@ -141,28 +173,13 @@ inline int64_t check_surrogate_args(const at::Tensor& logp, const std::optional<
                                     double clip_range, double adv_clip_max,
                                     c10::DeviceType device_type) {
   const char* op = "flow_grpo_surrogate";
-  TORCH_CHECK(logp.dim() == 1, op, ": logp must be a [B] tensor, got ", logp.sizes());
-  TORCH_CHECK(logp.scalar_type() == at::kFloat || logp.scalar_type() == at::kDouble, op,
-              ": logp must be float32 or float64, got ", logp.scalar_type());
-  TORCH_CHECK(logp.device().type() == device_type, op, " (", c10::DeviceTypeName(device_type, true),
-              "): tensors must be on a ", c10::DeviceTypeName(device_type), " device, got ",
-              logp.device());
-  TORCH_CHECK(ref_sq.has_value() == kl_weight.has_value(), op,
-              ": ref_sq and kl_weight go together (both for a reference policy, or neither)");
-  const std::pair<const char*, const at::Tensor*> all[] = {
-      {"logp", &logp}, {"old_log_prob", &old_log_prob}, {"advantages", &advantages},
-      {"ref_sq", ref_sq.has_value() ? &*ref_sq : nullptr},
-      {"kl_weight", kl_weight.has_value() ? &*kl_weight : nullptr}};
-  for (const auto& [name, t] : all) {
-    if (t == nullptr) continue;
-    TORCH_CHECK(t->sizes() == logp.sizes() && t->scalar_type() == logp.scalar_type() &&
-                    t->is_contiguous() && t->device() == logp.device(),
-                op, ": ", name, " must be a contiguous ", logp.sizes(), " ", logp.scalar_type(),
-                " tensor on ", logp.device(), ", got ", t->sizes(), " ", t->scalar_type(), " on ",
-                t->device());
-  }
-  TORCH_CHECK(clip_range > 0 && adv_clip_max > 0, op,
-              ": clip_range and adv_clip_max must be > 0, got ", clip_range, ", ", adv_clip_max);
+  check_surrogate_logp(op, logp, 1, "[B]", ref_sq, kl_weight, device_type);
+  check_like_logp(op, "logp", logp, logp, logp.sizes());               // contiguous
+  check_like_logp(op, "old_log_prob", old_log_prob, logp, logp.sizes());
+  check_like_logp(op, "advantages", advantages, logp, logp.sizes());
+  if (ref_sq.has_value()) check_like_logp(op, "ref_sq", *ref_sq, logp, logp.sizes());
+  if (kl_weight.has_value()) check_like_logp(op, "kl_weight", *kl_weight, logp, logp.sizes());
+  check_clip(op, clip_range, adv_clip_max);
   return logp.size(0);
 }
 
@@ -176,31 +193,16 @@ inline std::pair<int64_t, int64_t> check_map_surrogate_args(
     const at::Tensor& advantages, const at::Tensor& advantage_map, double clip_range,
     double adv_clip_max, c10::DeviceType device_type) {
   const char* op = "flow_grpo_map_surrogate";
-  TORCH_CHECK(logp.dim() == 2, op, ": logp must be a [B, positions] tensor, got ", logp.sizes());
-  TORCH_CHECK(logp.scalar_type() == at::kFloat || logp.scalar_type() == at::kDouble, op,
-              ": logp must be float32 or float64, got ", logp.scalar_type());
-  TORCH_CHECK(logp.device().type() == device_type, op, " (", c10::DeviceTypeName(device_type, true),
-              "): tensors must be on a ", c10::DeviceTypeName(device_type), " device, got ",
-              logp.device());
-  TORCH_CHECK(ref_sq.has_value() == kl_weight.has_value(), op,
-              ": ref_sq and kl_weight go together (both for a reference policy, or neither)");
+  check_surrogate_logp(op, logp, 2, "[B, positions]", ref_sq, kl_weight, device_type);
   const int64_t B = logp.size(0), P = logp.size(1);
-  const auto check = [&](const char* name, const at::Tensor& t, at::IntArrayRef sizes) {
-    TORCH_CHECK(t.sizes() == sizes && t.scalar_type() == logp.scalar_type() &&
-                    t.is_contiguous() && t.device() == logp.device(),
-                op, ": ", name, " must be a contiguous ", sizes, " ", logp.scalar_type(),
-                " tensor on ", logp.device(), ", got ", t.sizes(), " ", t.scalar_type(), " on ",
-                t.device());
-  };
-  check("logp", logp, {B, P});
-  check("old_log_prob", old_log_prob, {B, P});
-  check("advantages", advantages, {B});
-  check("advantage_map", advantage_map,
-        {advantage_map.dim() == 2 && advantage_map.size(0) == 1 ? 1 : B, P});
-  if (ref_sq.has_value()) check("ref_sq", *ref_sq, {B});
-  if (kl_weight.has_value()) check("kl_weight", *kl_weight, {B});
-  TORCH_CHECK(clip_range > 0 && adv_clip_max > 0, op,
-              ": clip_range and adv_clip_max must be > 0, got ", clip_range, ", ", adv_clip_max);
+  const int64_t map_rows = advantage_map.dim() == 2 && advantage_map.size(0) == 1 ? 1 : B;
+  check_like_logp(op, "logp", logp, logp, {B, P});                       // contiguous
+  check_like_logp(op, "old_log_prob", old_log_prob, logp, {B, P});
+  check_like_logp(op, "advantages", advantages, logp, {B});
+  check_like_logp(op, "advantage_map", advantage_map, logp, {map_rows, P});
+  if (ref_sq.has_value()) check_like_logp(op, "ref_sq", *ref_sq, logp, {B});
+  if (kl_weight.has_value()) check_like_logp(op, "kl_weight", *kl_weight, logp, {B});
+  check_clip(op, clip_range, adv_clip_max);
   return {B, P};
 }
 

@@ -575,7 +575,7 @@ def flow_grpo_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advantages
     if (ref_sq is None) != (kl_weight is None):
         raise RuntimeError(f"{op}: ref_sq and kl_weight go together (both for a reference "
                            f"policy, or neither)")
-    for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages),
+    for name, t in (("logp", logp), ("old_log_prob", old_log_prob), ("advantages", advantages),
                     ("ref_sq", ref_sq), ("kl_weight", kl_weight)):
         if t is not None and not (t.shape == logp.shape and t.dtype == logp.dtype
                                   and t.is_contiguous() and t.device == logp.device):

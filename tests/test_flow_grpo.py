@@ -622,6 +622,8 @@ def test_surrogate_op_rejects_bad_input(backend):
         ((logp, ref_sq, kl_w, old, adv.double()), "advantages must be a contiguous"),
         ((logp.half(), None, None, old.half(), adv.half()), "float32 or float64"),
         ((logp[None], None, None, old, adv), r"\[B\]"),
+        ((torch.stack([logp, logp], 1)[:, 0], None, None, old, adv),       # stride 2
+         "logp must be a contiguous"),
     ]
     for args, match in bad:
         with pytest.raises(RuntimeError, match=match):
@@ -733,6 +735,7 @@ def test_map_surrogate_op_rejects_bad_input(backend):
         ((logp, ref_sq, kl_w, old, adv, amap.double()), "advantage_map must be a contiguous"),
         ((logp.half(), None, None, old.half(), adv.half(), amap.half()), "float32 or float64"),
         ((logp[0], None, None, old[0], adv, amap[0]), r"\[B, positions\]"),
+        ((logp.t().contiguous().t(), None, None, old, adv, amap), "logp must be a contiguous"),
     ]
     for args, match in bad:
         with pytest.raises(RuntimeError, match=match):
