@@ -1138,6 +1138,26 @@ def test_cached_coefficient_tables_are_keyed_and_never_handed_out():
     assert std.untyped_storage()._cdata != f64[1].untyped_storage()._cdata
 
 
+def test_coefficient_cache_is_per_cuda_stream(monkeypatch):
+    """A table copied to the device on one CUDA stream is not handed to a call on another (its
+    asynchronous copy may still be queued there): the current stream is part of the key. The
+    stream is simulated (meta latents stand in for the device; no GPU here): two streams give
+    two entries, each hit again from its own stream."""
+    assert flow_grpo._stream_key(torch.device("cpu")) is None   # CPU / meta: no stream
+    streams = iter([])
+    monkeypatch.setattr(flow_grpo, "_stream_key", lambda device: next(streams))
+    flow_grpo._COEF_CACHE.clear()
+    lat = torch.zeros((2, 4, 3, 4, 6), device="meta")
+    got = {}
+    for stream in ("s1", "s2", "s1", "s2"):
+        streams = iter([stream])
+        entry = flow_grpo._coefficients(lat, 0.8, 0.7, "flow_grpo", 0.7, None, None)
+        if stream in got:
+            assert entry[0] is got[stream][0], stream          # a hit on its own stream
+        got.setdefault(stream, entry)
+    assert got["s1"][0] is not got["s2"][0]
+
+
 def test_kl_weight_is_the_kl_formula_and_memoized_with_the_table():
     """kl = ref_sq * w with w = cv^2 / (2 numel s^2) (s: std_dev_t for kl_form "flow_grpo", the
     transition std for "exact"); a cached table keeps its w, so a revisited noise level

@@ -408,7 +408,7 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
         # a (sigmas, convention, dtype, device) seen before is reused from the device, so the
         # steady state costs a lookup -- no host arithmetic, no copy.
         key = (_host_levels(sigma, "sigma", batch), _host_levels(sigma_next, "sigma_next", batch),
-               sde_type, noise_level, sigma_max, sigma_min, acc, device)
+               sde_type, noise_level, sigma_max, sigma_min, acc, device, _stream_key(device))
         cached = _COEF_CACHE.get(key)
         if cached is not None:
             return cached
@@ -427,6 +427,17 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
         coefs, std_dev_t = _to_device(coefs, device), _to_device(std_dev_t, device)
         _COEF_CACHE.put(key, (coefs, std_dev_t, memo))
     return coefs, std_dev_t, memo
+
+
+def _stream_key(device):
+    """The current CUDA stream of ``device`` (None elsewhere), part of the coefficient cache's
+    key: a cached table is copied to the device on the stream current at the time (an async
+    copy, possibly still queued) and freed on eviction as that stream's memory, so a call on
+    another stream must neither read it before that copy has run nor have it freed under its
+    own pending work. Each stream gets its own entry."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo):
