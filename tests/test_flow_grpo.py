@@ -1139,23 +1139,29 @@ def test_cached_coefficient_tables_are_keyed_and_never_handed_out():
 
 
 def test_coefficient_cache_is_per_cuda_stream(monkeypatch):
-    """A table copied to the device on one CUDA stream is not handed to a call on another (its
-    asynchronous copy may still be queued there): the current stream is part of the key. The
-    stream is simulated (meta latents stand in for the device; no GPU here): two streams give
-    two entries, each hit again from its own stream."""
-    assert flow_grpo._stream_key(torch.device("cpu")) is None   # CPU / meta: no stream
-    streams = iter([])
-    monkeypatch.setattr(flow_grpo, "_stream_key", lambda device: next(streams))
+    """A table copied to the device on one CUDA stream is not handed to an eager call on another
+    (its asynchronous copy may still be queued there): each stream gets its own entry. A call
+    capturing a CUDA graph (on the capture's own stream) takes an entry made before the capture
+    instead of capturing a copy from a pinned host buffer. Streams and capture are simulated
+    (meta latents stand in for the device; no GPU here)."""
+    assert flow_grpo._stream_state(torch.device("cpu")) == (None, False)   # CPU / meta
+    state = [("s1", False)]
+    monkeypatch.setattr(flow_grpo, "_stream_state", lambda device: state[0])
     flow_grpo._COEF_CACHE.clear()
     lat = torch.zeros((2, 4, 3, 4, 6), device="meta")
-    got = {}
-    for stream in ("s1", "s2", "s1", "s2"):
-        streams = iter([stream])
-        entry = flow_grpo._coefficients(lat, 0.8, 0.7, "flow_grpo", 0.7, None, None)
-        if stream in got:
-            assert entry[0] is got[stream][0], stream          # a hit on its own stream
-        got.setdefault(stream, entry)
-    assert got["s1"][0] is not got["s2"][0]
+
+    def table(stream, capturing=False, sigma=0.8):
+        state[0] = (stream, capturing)
+        return flow_grpo._coefficients(lat, sigma, 0.7, "flow_grpo", 0.7, None, None)[0]
+
+    s1 = table("s1")
+    s2 = table("s2")
+    assert s2 is not s1                                   # another stream: its own copy
+    assert table("s1") is s1 and table("s2") is s2        # each hits its own entry
+    assert table("graph", capturing=True) is s1           # capture: an entry made before it
+    assert table("s3") is not s1                          # eager on a new stream: a new entry
+    fresh = table("graph", capturing=True, sigma=0.9)     # nothing made before: computed
+    assert fresh is not s1 and table("graph", capturing=True, sigma=0.9) is fresh
 
 
 def test_kl_weight_is_the_kl_formula_and_memoized_with_the_table():

@@ -408,10 +408,19 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
         # a (sigmas, convention, dtype, device) seen before is reused from the device, so the
         # steady state costs a lookup -- no host arithmetic, no copy.
         key = (_host_levels(sigma, "sigma", batch), _host_levels(sigma_next, "sigma_next", batch),
-               sde_type, noise_level, sigma_max, sigma_min, acc, device, _stream_key(device))
-        cached = _COEF_CACHE.get(key)
-        if cached is not None:
-            return cached
+               sde_type, noise_level, sigma_max, sigma_min, acc, device)
+        stream, capturing = _stream_state(device)
+        per_stream = _COEF_CACHE.get(key)
+        if per_stream:
+            cached = per_stream.get(stream)
+            if cached is None and capturing:
+                # CUDA-graph capture runs on its own stream: take a table made before it (the
+                # capture began with a device sync, so its copy is complete) rather than
+                # capturing a copy from a pinned host buffer that replays would read after it
+                # is freed
+                cached = next(iter(per_stream.values()))
+            if cached is not None:
+                return cached
     where = torch.device("cpu") if host else device
     s = _sigma_tensor(sigma, "sigma", batch, where)
     sn = _sigma_tensor(sigma_next, "sigma_next", batch, where)
@@ -425,19 +434,20 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
         # the host copies stay in the memo: the KL weight is derived from them on the host too
         memo["host_table"] = (coefs, std_dev_t)
         coefs, std_dev_t = _to_device(coefs, device), _to_device(std_dev_t, device)
-        _COEF_CACHE.put(key, (coefs, std_dev_t, memo))
+        _COEF_CACHE.put(key, stream, (coefs, std_dev_t, memo))
     return coefs, std_dev_t, memo
 
 
-def _stream_key(device):
-    """The current CUDA stream of ``device`` (None elsewhere), part of the coefficient cache's
-    key: a cached table is copied to the device on the stream current at the time (an async
-    copy, possibly still queued) and freed on eviction as that stream's memory, so a call on
-    another stream must neither read it before that copy has run nor have it freed under its
-    own pending work. Each stream gets its own entry."""
+def _stream_state(device):
+    """(current CUDA stream of ``device``, whether it is capturing a CUDA graph); (None, False)
+    off CUDA. The coefficient cache keeps one entry per stream: a table is copied to the device
+    asynchronously on the stream current when its noise levels are first seen (and is that
+    stream's memory when evicted), so a call on another stream must not read it before that
+    copy has run, nor have it freed under its own pending work."""
     if device.type != "cuda":
-        return None
-    return torch.cuda.current_stream(device).cuda_stream
+        return None, False
+    return (torch.cuda.current_stream(device).cuda_stream,
+            torch.cuda.is_current_stream_capturing())
 
 
 def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo):
@@ -460,8 +470,9 @@ def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo):
 
 
 class _LRU:
-    """A small thread-safe LRU map (device tensors of coefficient tables; never handed out for
-    writing: flow_grpo_loss uses them internally, sde_step_with_logprob returns a copy)."""
+    """A small thread-safe LRU map of dicts (per key, the device tensors of a coefficient table
+    per CUDA stream; never handed out for writing: flow_grpo_loss uses them internally,
+    sde_step_with_logprob returns a copy)."""
 
     def __init__(self, size):
         self.size, self.items, self.lock = size, collections.OrderedDict(), threading.Lock()
@@ -477,9 +488,10 @@ class _LRU:
         with self.lock:
             self.items.clear()
 
-    def put(self, key, value):
+    def put(self, key, inner, value):
+        """items[key][inner] = value: a dict per key (the coefficient cache's streams)."""
         with self.lock:
-            self.items[key] = value
+            self.items.setdefault(key, {})[inner] = value
             self.items.move_to_end(key)
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
