@@ -20,6 +20,7 @@ threshold, so freed tensors leave the resident set) so one cannot inflate anothe
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -356,16 +357,19 @@ def peak_extra_bytes(name, shape, dtype, device, map_kind=None):
     return (_rss_kib("VmHWM") - base) * 1024
 
 
-def peak_tensor_bytes(name, shape, dtype, device):
+def peak_tensor_bytes(name, shape, dtype, device, map_kind=None):
     """Exact bytes of the tensors one forward+backward creates (tbkernels.memory's count). On
     the meta device this is the memory model of a step at any size: eager's temporaries are the
     same ops' outputs there, and tbkernels' compiled op runs its meta kernel, which allocates
     what the CPU, CUDA and Triton kernels allocate (their outputs; Triton adds O(B) partials)."""
     d = make_inputs(shape, dtype, device)
+    if map_kind is not None:
+        add_map_inputs(d, map_kind)
     # meta: the compiled ops' meta kernels. Host sigmas and one step first: the step measured is
     # the steady state of a schedule whose noise levels were seen before (coefficient table
     # cached, on the CPU as on the meta device), so both devices take the same path.
-    fn = eager_loss if name == "eager" else tbk_loss(None)
+    fn = (variants(torch.device("cpu"), map_kind)["eager"] if name == "eager"
+          else tbk_loss(None, map_kind=map_kind))
     vv = d["v"].clone().requires_grad_(True)
     fn(vv, d).backward()
     vv.grad = None
@@ -374,24 +378,24 @@ def peak_tensor_bytes(name, shape, dtype, device):
     return tm.peak_bytes
 
 
-def run_meta(shapes, dtypes, recorder):
+def run_meta(shapes, dtypes, recorder, map_kinds=(None,)):
     meta = torch.device("meta")
-    for shape in shapes:
-        for dtype in dtypes:
-            shape_s, dtype_s = "x".join(map(str, shape)), str(dtype).replace("torch.", "")
-            latent = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            peaks = {name: peak_tensor_bytes(name, shape, dtype, meta)
-                     for name in ("eager", "tbkernels")}
-            print(f"\n{shape_s} {dtype_s} (one latent = {latent / 2**20:.0f} MiB):")
-            for name, b in peaks.items():
-                recorder.add(f"{OP}.forward_backward", name, shape_s, dtype_s,
-                             "peak_tensor_bytes", b)
-                print(f"  {name:<10} peak tensors of forward+backward {b / 2**20:9.1f} MiB "
-                      f"({b / latent:.2f} latents)")
-            ratio = peaks["tbkernels"] / peaks["eager"]
-            recorder.add(f"{OP}.forward_backward", "tbkernels", shape_s, dtype_s,
-                         "peak_tensor_ratio_vs_eager", ratio)
-            print(f"  tbkernels / eager: {ratio:.3f}")
+    for shape, dtype, kind in itertools.product(shapes, dtypes, map_kinds):
+        shape_s, dtype_s = "x".join(map(str, shape)), str(dtype).replace("torch.", "")
+        op = OP if kind is None else f"{OP}_map_{kind}"
+        latent = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        peaks = {name: peak_tensor_bytes(name, shape, dtype, meta, kind)
+                 for name in ("eager", "tbkernels")}
+        print(f"\n{shape_s} {dtype_s}{'' if kind is None else f', per-{kind} ViPO map'} "
+              f"(one latent = {latent / 2**20:.0f} MiB):")
+        for name, b in peaks.items():
+            recorder.add(f"{op}.forward_backward", name, shape_s, dtype_s, "peak_tensor_bytes", b)
+            print(f"  {name:<10} peak tensors of forward+backward {b / 2**20:9.1f} MiB "
+                  f"({b / latent:.2f} latents)")
+        ratio = peaks["tbkernels"] / peaks["eager"]
+        recorder.add(f"{op}.forward_backward", "tbkernels", shape_s, dtype_s,
+                     "peak_tensor_ratio_vs_eager", ratio)
+        print(f"  tbkernels / eager: {ratio:.3f}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -654,7 +658,10 @@ def main():
             host_overhead(recorder, reps=args.reps or 300)
         else:
             print(f"{OP} tensor memory on {recorder.device}, commit {recorder.commit}")
-            run_meta([(8, 16, 21, 60, 104), (8, 16, 21, 90, 160)], [torch.bfloat16], recorder)
+            kinds = ((None,) if args.map is None else MAP_KINDS if args.map == "both"
+                     else (args.map,))
+            run_meta([(8, 16, 21, 60, 104), (8, 16, 21, 90, 160)], [torch.bfloat16], recorder,
+                     kinds)
         path = recorder.finish()
         if path:
             print(f"\nrows appended to {path}")

@@ -535,6 +535,23 @@ def test_meta_memory_model_equals_cpu_count(dtype):
             assert meta >= 5 * latent
 
 
+@pytest.mark.parametrize("map_kind", ["position", "element"])
+def test_meta_memory_model_with_a_map_equals_cpu_count(map_kind):
+    """The same for bench_flow_grpo.py --meta --map: with a ViPO map, meta and CPU counts agree
+    byte for byte for eager and tbkernels (whose extra is the gradient plus the float32
+    [B, positions] log-prob buffer)."""
+    bench = _load_flow_bench()
+    shape = (2, 16, 3, 12, 20)
+    latent = math.prod(shape) * 2
+    positions = math.prod(shape) // (16 if map_kind == "position" else 1)
+    for name in ("eager", "tbkernels"):
+        counts = [bench.peak_tensor_bytes(name, shape, torch.bfloat16, torch.device(dev),
+                                          map_kind) for dev in ("cpu", "meta")]
+        assert counts[0] == counts[1], (name, counts)
+        if name == "tbkernels":
+            assert counts[1] <= latent + 4 * positions + 4096, (counts, latent)
+
+
 # ---------------------------------------------------------------------------------------------
 # The per-sample surrogate epilogue (tbkernels::flow_grpo_surrogate, csrc/flow_grpo_surrogate.h)
 
