@@ -366,7 +366,6 @@ def _map_finalize_kernel(part_ptr, refsq_ptr, klw_ptr, const_ptr, loss_ptr, metr
                          KL_IN_LOSS: tl.constexpr, BLOCK: tl.constexpr):
     """One program: the partials summed in float64 in a fixed order, the KL over the batch,
     the loss, the metrics and d loss / d ref_sq."""
-    acc_ty = loss_ptr.dtype.element_ty
     if CONST_FROM_PTR:
         beta = tl.load(const_ptr + 4)
         inv_b = tl.load(const_ptr + 5)
