@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../flow_step_checks.h"
+#include "binding_scratch.h"
 #include "flow_step_kernels.h"
 
 namespace tbk {
@@ -74,12 +75,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flow_step_forward_cud
   args.ref_sq = ref_sq.data_ptr();
   args.mean_out = write_mean ? mean.data_ptr() : nullptr;
   args.prev_out = sampling ? prev.data_ptr() : nullptr;
-  const size_t ws_bytes = cuda::flow_step_forward_workspace_bytes(args);
-  at::Tensor workspace;
-  if (ws_bytes > 0) {
-    workspace = at::empty({static_cast<int64_t>(ws_bytes)}, v.options().dtype(at::kByte));
-    args.workspace = workspace.data_ptr();
-  }
+  const at::Tensor workspace =  // alive until the kernels are queued
+      cuda_scratch(cuda::flow_step_forward_workspace_bytes(args), v, &args.workspace);
   C10_CUDA_CHECK(cuda::flow_step_forward(args, at::cuda::getCurrentCUDAStream()));
   return {logp, ref_sq, mean, prev};
 }
@@ -175,12 +172,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_map_surrogate_cuda(
   args.loss = loss.data_ptr();
   args.metrics = metrics.data_ptr();
   args.grad_ref_sq = grad_ref_sq.data_ptr();
-  const size_t ws_bytes = cuda::flow_grpo_map_surrogate_workspace_bytes(args);
-  at::Tensor workspace;
-  if (ws_bytes > 0) {
-    workspace = at::empty({static_cast<int64_t>(ws_bytes)}, logp.options().dtype(at::kByte));
-    args.workspace = workspace.data_ptr();
-  }
+  const at::Tensor workspace =  // alive until the kernels are queued
+      cuda_scratch(cuda::flow_grpo_map_surrogate_workspace_bytes(args), logp, &args.workspace);
   C10_CUDA_CHECK(cuda::flow_grpo_map_surrogate(args, at::cuda::getCurrentCUDAStream()));
   return {loss, metrics, grad_ref_sq};
 }

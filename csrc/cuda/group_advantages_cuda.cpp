@@ -18,6 +18,7 @@
 #include <string>
 #include <tuple>
 
+#include "binding_scratch.h"
 #include "group_advantages_kernels.h"
 
 namespace tbk {
@@ -115,12 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cuda
   args.std_out = sd.data_ptr();
   args.count = count.data_ptr<int64_t>();
 
-  const size_t ws_bytes = cuda::group_advantages_workspace_bytes(args);
-  at::Tensor workspace;
-  if (ws_bytes > 0) {
-    workspace = at::empty({static_cast<int64_t>(ws_bytes)}, rewards.options().dtype(at::kByte));
-    args.workspace = workspace.data_ptr();
-  }
+  const at::Tensor workspace =  // alive until the kernels are queued
+      cuda_scratch(cuda::group_advantages_workspace_bytes(args), rewards, &args.workspace);
   constexpr int64_t kNoBad = std::numeric_limits<int64_t>::max();
   at::Tensor first_bad;
   if (check_finite && B > 0) {

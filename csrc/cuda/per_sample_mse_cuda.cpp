@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "binding_scratch.h"
 #include "per_sample_mse_kernels.h"
 
 namespace tbk {
@@ -60,12 +61,8 @@ at::Tensor per_sample_mse_cuda(const at::Tensor& pred, const at::Tensor& target)
   args.pred = pred.data_ptr();
   args.target = target.data_ptr();
   args.out = out.data_ptr();
-  const size_t ws_bytes = cuda::per_sample_mse_forward_workspace_bytes(args);
-  at::Tensor workspace;
-  if (ws_bytes > 0) {
-    workspace = at::empty({static_cast<int64_t>(ws_bytes)}, pred.options().dtype(at::kByte));
-    args.workspace = workspace.data_ptr();
-  }
+  const at::Tensor workspace =  // alive until the kernels are queued
+      cuda_scratch(cuda::per_sample_mse_forward_workspace_bytes(args), pred, &args.workspace);
   C10_CUDA_CHECK(cuda::per_sample_mse_forward(args, at::cuda::getCurrentCUDAStream()));
   return out;
 }
