@@ -132,12 +132,19 @@ TBK_SURROGATE_FN Acc policy_term(const Constants<Acc>& k, Acc logp, Acc old, Acc
   return g;
 }
 
+// d loss / d ref_sq_b of a sample with KL weight kl_w: beta * kl_w / B (0 without a reference
+// or with beta == 0, where the KL is only a metric).
+template <typename Acc>
+TBK_SURROGATE_FN Acc kl_grad(const Constants<Acc>& k, Acc kl_w) {
+  return k.has_ref && k.beta != Acc(0) ? k.beta * kl_w * k.inv_b : Acc(0);
+}
+
 // One sample's KL: adds ref_sq * kl_w to `s` and returns d loss / d ref_sq_b.
 template <typename Acc>
 TBK_SURROGATE_FN Acc kl_term(const Constants<Acc>& k, Acc ref_sq, Acc kl_w, Sums& s) {
   if (!k.has_ref) return Acc(0);
   s.kl += static_cast<double>(ref_sq * kl_w);
-  return k.beta != Acc(0) ? k.beta * kl_w * k.inv_b : Acc(0);
+  return kl_grad(k, kl_w);
 }
 
 // One sample of the per-sample surrogate: adds its terms to `s` and returns d loss / d logp_b in

@@ -206,6 +206,42 @@ inline std::pair<int64_t, int64_t> check_map_surrogate_args(
   return {B, P};
 }
 
+// flow_grpo_elem_loss's arguments: the latents as flow_step_forward's (prev_sample required), and
+// old_log_prob [B, N], advantage_map [B, N] or [1, N], advantages [B] (and kl_weight [B], exactly
+// when ref is given), contiguous in the accumulation dtype on the latents' device.
+inline Layout check_elem_loss_args(const at::Tensor& v, const at::Tensor& x, const at::Tensor& prev,
+                                   const std::optional<at::Tensor>& ref, const at::Tensor& coefs,
+                                   const std::optional<at::Tensor>& kl_weight,
+                                   const at::Tensor& old_log_prob, const at::Tensor& advantages,
+                                   const at::Tensor& advantage_map, double clip_range,
+                                   double adv_clip_max, c10::DeviceType device_type) {
+  const char* op = "flow_grpo_elem_loss";
+  const Layout L = check_latents(v, x, op, device_type);
+  check_like(prev, v, "prev_sample", op);
+  check_like(ref, v, "ref_model_output", op);
+  check_coefs(coefs, v, op);
+  TORCH_CHECK(ref.has_value() == kl_weight.has_value(), op,
+              ": ref_model_output and kl_weight go together (both for a reference policy, or "
+              "neither)");
+  const int64_t N = L.C * L.S;
+  const int64_t map_rows = advantage_map.dim() == 2 && advantage_map.size(0) == 1 ? 1 : L.B;
+  check_like_logp(op, "old_log_prob", old_log_prob, coefs, {L.B, N});
+  check_like_logp(op, "advantages", advantages, coefs, {L.B});
+  check_like_logp(op, "advantage_map", advantage_map, coefs, {map_rows, N});
+  if (kl_weight.has_value()) check_like_logp(op, "kl_weight", *kl_weight, coefs, {L.B});
+  check_clip(op, clip_range, adv_clip_max);
+  return L;
+}
+
+// flow_grpo_elem_loss's outputs: loss [] and metrics [4] in the accumulation dtype, grad_v like
+// model_output (or empty without write_grad).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> elem_loss_outputs(const at::Tensor& v,
+                                                                        const at::Tensor& coefs,
+                                                                        bool write_grad) {
+  return {at::empty({}, coefs.options()), at::empty({4}, coefs.options()),
+          write_grad ? at::empty_like(v) : at::empty({0}, v.options())};
+}
+
 // flow_grpo_map_surrogate's outputs, allocated like logp: loss [], metrics [4], grad_ref_sq [B].
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> map_surrogate_outputs(
     const at::Tensor& logp) {

@@ -46,6 +46,19 @@ TORCH_LIBRARY(tbkernels, m) {
       "flow_grpo_map_surrogate(Tensor(a!) logp, Tensor? ref_sq, Tensor? kl_weight, "
       "Tensor old_log_prob, Tensor advantages, Tensor advantage_map, float clip_range, "
       "float adv_clip_max, float beta, bool simple) -> (Tensor, Tensor, Tensor)");
+  // flow_grpo_loss with a per-element ViPO map, the step and the surrogate in one pass: per
+  // element, logp = alpha d^2 + gamma (d = prev - cx x - cv v) and its policy term with the
+  // advantage advantages[b] * advantage_map[b, e]; the KL from sum (v - v_ref)^2. Latents as
+  // flow_step_forward (prev_sample required); old_log_prob [B, N] and advantage_map ([B, N], or
+  // [1, N] shared by the batch), N = C*S, and advantages, kl_weight [B], contiguous in the
+  // accumulation dtype. With write_grad the same pass writes grad_v = d loss / d model_output of
+  // a unit loss (every gradient term is elementwise), so no log-prob buffer exists at all.
+  // Returns (loss [], metrics [4], grad_v like model_output, or [0] without write_grad).
+  m.def(
+      "flow_grpo_elem_loss(Tensor model_output, Tensor sample, Tensor prev_sample, "
+      "Tensor? ref_model_output, Tensor coefs, Tensor? kl_weight, Tensor old_log_prob, "
+      "Tensor advantages, Tensor advantage_map, float clip_range, float adv_clip_max, "
+      "float beta, bool simple, bool write_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -774,6 +774,222 @@ def test_map_surrogate_op_passes_opcheck():
              5.0, 0.2, False))
 
 
+# flow_grpo_loss with a per-element map as one op (tbkernels::flow_grpo_elem_loss): the step,
+# the surrogate and d loss / d model_output in one pass.
+
+ELEM_CLIP = 0.1
+
+
+def elem_loss_inputs(shape, dtype, shared_map=False, seed=0):
+    """Latents in `dtype`; coefs, kl_weight, old_log_prob [B, N], advantages and a map (with
+    zeros; [1, N] when shared) in its accumulation dtype. old_log_prob puts each element's
+    log-ratio inside the clip range, above or below it, but at least 0.01 from its edges, so
+    float32 rounding of the log-prob (~1e-6 here) moves no element across the clip."""
+    g = torch.Generator().manual_seed(seed)
+    B, N = shape[0], math.prod(shape[1:])
+    acc = flow_grpo._acc(dtype)
+    v, x, ref, noise = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(4))
+    s, sn = (t[:B] for t in sigmas(max(B, 1), seed=seed + 1))
+    coefs = flow_grpo._coefficients(v.to(dtype), s.cpu(), sn.cpu(), "flow_grpo", 0.7, None,
+                                    None)[0].cpu()
+    cx, cv = coefs[:, 0].double(), coefs[:, 1].double()
+    bshape = (B,) + (1,) * (len(shape) - 1)
+    prev = cx.view(bshape) * x + cv.view(bshape) * v + 0.3 * noise
+    ref = v + 0.05 * ref
+    v, x, prev, ref = (t.to(dtype) for t in (v, x, prev, ref))
+    logp64 = elem_logp64(v, x, prev, coefs)
+    kind = torch.randint(0, 3, (B, N), generator=g)
+    u = torch.rand(B, N, generator=g, dtype=torch.float64)
+    # log(1.1) = 0.0953, log(0.9) = -0.1054
+    delta = torch.where(kind == 0, -0.09 + 0.175 * u,
+                        torch.where(kind == 1, 0.11 + 0.2 * u, -0.3 + 0.18 * u))
+    old = (logp64 - delta).to(acc)
+    adv = torch.randn(B, generator=g, dtype=torch.float64) * 4
+    adv[::3] = 0.0
+    if B > 1:
+        adv[1] = 9.0                                  # beyond the clamp
+    amap = torch.rand(1 if shared_map else B, N, generator=g, dtype=torch.float64) * 2
+    amap[:, 3::7] = 0.0
+    # per-element KL weights scale as 1/N (a mean over the latent); 500/N makes the KL's share of
+    # d loss / d v 10-100 % of the policy's here, so a lost KL term shows at any dtype
+    kl_w = (torch.rand(B, generator=g, dtype=torch.float64) + 0.5) * 500 / max(N, 1)
+    return ([t.to(DEVICE) for t in (v, x, prev, ref)]
+            + [t.to(acc).to(DEVICE) for t in (coefs, kl_w, old, adv, amap)])
+
+
+def elem_logp64(v, x, prev, coefs):
+    """The per-element log-prob [B, N] in float64 from the coefficient table (cx, cv, alpha,
+    gamma): the step's formula, independent of every kernel."""
+    c = coefs.double().cpu()
+    rows = (v.shape[0], math.prod(v.shape[1:]))
+    d = prev.double().cpu().reshape(rows) - (c[:, :1] * x.double().cpu().reshape(rows)
+                                             + c[:, 1:2] * v.double().cpu().reshape(rows))
+    return c[:, 2:3] * d * d + c[:, 3:4]
+
+
+def elem_loss_by_autograd(v, x, prev, ref, coefs, kl_w, old, adv, amap, beta, simple):
+    """Loss, metrics and d loss / d v in float64: the per-element log-prob, the plain-PyTorch
+    surrogate with the map (_policy_loss) and the KL from sum (v - v_ref)^2, by autograd."""
+    B = v.shape[0]
+    vv = v.double().cpu().requires_grad_(True)
+    c = coefs.double().cpu()
+    d = (prev.double().cpu().reshape(B, -1)
+         - (c[:, :1] * x.double().cpu().reshape(B, -1) + c[:, 1:2] * vv.reshape(B, -1)))
+    logp = c[:, 2:3] * d * d + c[:, 3:4]
+    ref_sq = None
+    if ref is not None:
+        ref_sq = ((vv - ref.double().cpu()) ** 2).reshape(B, -1).sum(1)
+    loss, m = flow_grpo._policy_loss(logp, ref_sq, None if kl_w is None else kl_w.double().cpu(),
+                                     old.double().cpu(), adv.double().cpu(), amap.double().cpu(),
+                                     ELEM_CLIP, 5.0, beta, "simple" if simple else "clipped")
+    (grad,) = torch.autograd.grad(loss, vv)
+    metrics = torch.stack([m[k].double() for k in flow_grpo._METRICS])
+    return loss.detach(), metrics.detach(), grad
+
+
+def close_rel(got, exp, tol):
+    """Max error relative to the largest magnitude of `exp` (gradients of a mean over millions
+    of terms are ~1e-7: an absolute floor of 1 would make the check vacuous)."""
+    err = (got.double().cpu() - exp.double().cpu()).abs().max().item()
+    scale = exp.double().abs().max().item()
+    assert err <= tol * scale, (err, scale, err / max(scale, 1e-300))
+
+
+# The output's own rounding (grad_v is stored in the latent dtype) plus float32 accumulation.
+ELEM_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def _elem_loss_op(backend):
+    _available(backend)
+    return flow_grpo._elem_loss_op(backend)
+
+
+@pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 7, 9), (2, 4, 3, 5, 7), (2, 3, 1, 150, 157)],
+                         ids=["1x1", "image_odd", "video_odd", "2x70650"])
+@pytest.mark.parametrize("shared_map", [False, True], ids=["map", "shared_map"])
+@pytest.mark.parametrize("with_ref,beta,simple", [(True, 0.04, False), (True, 0.0, False),
+                                                  (False, 0.0, False), (True, 0.04, True)])
+def test_elem_loss_op_matches_autograd_of_the_formula(backend, dtype, shape, shared_map, with_ref,
+                                                      beta, simple):
+    """Loss, metrics and d loss / d model_output of the fused per-element op against float64
+    autograd of the plain formula, every branch of the surrogate visited; 70650 elements per
+    sample span several CPU tasks (32768 each) and GPU blocks with a ragged tail."""
+    op = _elem_loss_op(backend)
+    v, x, prev, ref, coefs, kl_w, old, adv, amap = elem_loss_inputs(shape, dtype, shared_map,
+                                                                    seed=sum(shape))
+    if not with_ref:
+        ref = kl_w = None
+    e_loss, e_metrics, e_grad = elem_loss_by_autograd(v, x, prev, ref, coefs, kl_w, old, adv,
+                                                      amap, beta, simple)
+    loss, metrics, grad = op(v, x, prev, ref, coefs, kl_w, old, adv, amap, ELEM_CLIP, 5.0, beta,
+                             simple, True)
+    acc = flow_grpo._acc(dtype)
+    assert loss.dtype == metrics.dtype == acc and grad.dtype == dtype
+    assert loss.shape == () and metrics.shape == (4,) and grad.shape == v.shape
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    close_rel(loss, e_loss, tol)
+    close_rel(metrics[[0, 3]], e_metrics[[0, 3]], tol)
+    # clipfrac: the exact count ratio, rounded once to the accumulation dtype
+    assert metrics[1].item() == torch.tensor(e_metrics[1].item(), dtype=acc).item()
+    close_rel(metrics[2], e_metrics[2], tol)
+    close_rel(grad, e_grad, ELEM_TOL[dtype])
+    if math.prod(shape) >= 100 and not simple:
+        assert 0 < metrics[1].item() < 1           # both sides of the clip were taken
+    # without the gradient: the same loss and metrics, no latent-sized output
+    loss2, metrics2, grad2 = op(v, x, prev, ref, coefs, kl_w, old, adv, amap, ELEM_CLIP, 5.0,
+                                beta, simple, False)
+    assert grad2.numel() == 0
+    assert torch.equal(loss2, loss) and torch.equal(metrics2, metrics)
+
+
+@pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
+def test_elem_loss_op_empty(backend):
+    """No samples or no elements: NaN loss and metrics (means of nothing, as PyTorch's), an
+    empty gradient, no error."""
+    op = _elem_loss_op(backend)
+    for shape in ((0, 3, 4, 5), (2, 0, 4, 5)):
+        v, x, prev, ref, coefs, kl_w, old, adv, amap = elem_loss_inputs(shape, torch.float32)
+        loss, metrics, grad = op(v, x, prev, ref, coefs, kl_w, old, adv, amap, 0.1, 5.0, 0.04,
+                                 False, True)
+        assert grad.shape == v.shape
+        assert torch.isnan(loss) and torch.isnan(metrics[[0, 1, 3]]).all()
+
+
+@pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
+def test_elem_loss_op_rejects_bad_input(backend):
+    op = _elem_loss_op(backend)
+    v, x, prev, ref, coefs, kl_w, old, adv, amap = elem_loss_inputs((3, 2, 4, 5), torch.float32)
+    bad = [
+        ((v, x, prev, ref, coefs, None, old, adv, amap), "go together"),
+        ((v, x[:2], prev, ref, coefs, kl_w, old, adv, amap), "sample"),
+        ((v, x, prev.double(), ref, coefs, kl_w, old, adv, amap), "prev_sample"),
+        ((v, x, prev, ref, coefs[:2], kl_w, old, adv, amap), "coefs"),
+        ((v, x, prev, ref, coefs, kl_w, old[:, :4], adv, amap), "old_log_prob must be a contiguous"),
+        ((v, x, prev, ref, coefs, kl_w, old, adv[:2], amap), "advantages must be a contiguous"),
+        ((v, x, prev, ref, coefs, kl_w, old, adv, amap[:2]), "advantage_map must be a contiguous"),
+        ((v, x, prev, ref, coefs, kl_w, old, adv, amap.double()),
+         "advantage_map must be a contiguous"),
+        ((v, x, prev, ref, coefs, kl_w, old, adv, amap.t().contiguous().t()),
+         "advantage_map must be a contiguous"),
+        ((v.transpose(2, 3), x, prev, ref, coefs, kl_w, old, adv, amap), "contiguous|sample"),
+    ]
+    for args, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args, 0.1, 5.0, 0.0, False, True)
+    with pytest.raises(RuntimeError, match="must be > 0"):
+        op(v, x, prev, ref, coefs, kl_w, old, adv, amap, 0.0, 5.0, 0.0, False, True)
+
+
+def test_elem_loss_op_passes_opcheck():
+    """Schema, fake (meta) kernel and torch.compile of the C++ op."""
+    if not tbkernels.backends("cpu")["cpu"].available:
+        pytest.skip("compiled extension not built")
+    v, x, prev, ref, coefs, kl_w, old, adv, amap = (
+        t.cpu() for t in elem_loss_inputs((2, 3, 4, 5), torch.float32))
+    for with_ref in (True, False):
+        for write_grad in (True, False):
+            torch.library.opcheck(
+                torch.ops.tbkernels.flow_grpo_elem_loss.default,
+                (v, x, prev, ref if with_ref else None, coefs, kl_w if with_ref else None, old,
+                 adv, amap, 0.1, 5.0, 0.2, False, write_grad))
+
+
+@pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
+def test_elem_loss_retain_graph_and_no_grad(backend):
+    """flow_grpo_loss with a per-element map: a second backward through a retained graph gives
+    the same gradient again (the first backward hands its buffer to autograd, the second
+    recomputes it), and under no_grad (or a model_output without grad) the op writes no
+    gradient yet returns the same loss and metrics."""
+    _available(backend)
+    shape = (2, 3, 2, 4, 5)
+    v, x, ref, noise = latents(shape, seed=37)
+    prev = (x + 0.1 * noise).contiguous()
+    with torch.no_grad():
+        old = tbkernels.sde_step_with_logprob(v + 0.05 * ref, 0.9, 0.8, x, prev,
+                                              logprob_reduction="none", backend="reference")[1]
+    amap = torch.rand(shape, generator=torch.Generator().manual_seed(38),
+                      dtype=torch.float64).to(DEVICE)
+    adv = torch.tensor([1.5, -0.7], dtype=torch.float64, device=DEVICE)
+    kw = dict(ref_model_output=ref, beta=0.3, advantage_map=amap, clip_range=0.01,
+              backend=backend)
+    vv = v.clone().requires_grad_(True)
+    loss, m = tbkernels.flow_grpo_loss(vv, x, prev, 0.9, 0.8, old, adv, **kw)
+    (loss * 2.0).backward(retain_graph=True)
+    g1 = vv.grad.clone()
+    vv.grad = None
+    (loss * 3.0).backward()
+    close_rel(vv.grad, g1 * 1.5, 1e-12)
+    with torch.no_grad():
+        loss_ng, m_ng = tbkernels.flow_grpo_loss(vv, x, prev, 0.9, 0.8, old, adv, **kw)
+    assert not loss_ng.requires_grad
+    assert torch.equal(loss_ng, loss.detach())
+    for key in flow_grpo._METRICS:
+        assert torch.equal(m_ng[key], m[key])
+
+
 @pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
 def test_metric_only_reference_is_not_read_in_backward(backend):
     """A reference given for the KL metric only (beta = 0): the loss path's backward gets no
@@ -860,12 +1076,14 @@ def test_host_overhead_counts():
     # forward: the fused step and the [B] epilogue; backward: the implicit ones_like of
     # loss.backward(), one multiply (both per-sample gradients) and the step's backward
     assert host == (2, 3), host
-    # with a ViPO map: the step and the map surrogate; backward: ones_like, the step's backward
-    # and the scaling by the incoming gradient, whatever B (the per-sample slab loop this
-    # replaced issued 233 ops per forward at Wan 480p B = 8, per position)
-    for kind in ("position", "element"):
-        dm = bench.add_map_inputs(dict(d), kind)
-        assert bench.device_ops(bench.tbk_loss("cpu", map_kind=kind), dm) == (2, 3), kind
+    # with a per-position map: the step and the map surrogate; backward: ones_like, the step's
+    # backward and the scaling by the incoming gradient, whatever B (the per-sample slab loop
+    # this replaced issued 233 ops per forward at Wan 480p B = 8, per position)
+    dm = bench.add_map_inputs(dict(d), "position")
+    assert bench.device_ops(bench.tbk_loss("cpu", map_kind="position"), dm) == (2, 3)
+    # per element: one op that also writes the gradient; backward: ones_like and the scaling
+    dm = bench.add_map_inputs(dict(d), "element")
+    assert bench.device_ops(bench.tbk_loss("cpu", map_kind="element"), dm) == (1, 2)
 
 
 @pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
@@ -958,9 +1176,9 @@ def test_map_loss_matches_reference(backend, map_kind, map_broadcast, vipo_form)
 
 def test_map_loss_memory_at_wan_size():
     """Peak tensor bytes of a forward+backward with a ViPO map on the meta device at Wan 480p,
-    B = 8, bf16: the gradient plus one [B, positions] float32 buffer (2 latents for a
-    per-element map, 1/8 latent per position); the whole-tensor formula took 20 latents
-    per-element."""
+    B = 8, bf16: per position the gradient plus one [B, positions] float32 buffer (1/8 latent);
+    per element the gradient alone (the fused op keeps no log-prob; the unfused one kept 2
+    latents of it, and the whole-tensor formula took 20 latents)."""
     if not tbkernels.backends("cpu")["cpu"].available:
         pytest.skip("compiled extension not built")
     shape = (8, 16, 21, 60, 104)
@@ -982,7 +1200,7 @@ def test_map_loss_memory_at_wan_size():
         step()
         with tbkernels.memory.peak_tensor_memory() as tm:
             step()
-        buffer = math.prod(map_shape) * 4
+        buffer = math.prod(map_shape) * 4 if per_position else 0
         assert tm.peak_bytes <= latent + buffer + 2**20, (per_position, tm.peak_bytes / latent)
 
 

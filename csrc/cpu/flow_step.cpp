@@ -18,6 +18,7 @@
 
 #include "../flow_grpo_surrogate.h"
 #include "../flow_step_checks.h"
+#include "vec_exp.h"
 
 namespace tbk {
 namespace {
@@ -329,12 +330,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_surrogate_cpu(
   return {loss, metrics, factors};
 }
 
-// One task's positions of the map surrogate, in blocks of kMapBlock: the ratios first (scalar
-// libm expf, which does not vectorise without -ffast-math), then one branch-free pass that
-// vectorises (the selections become blends; setup.py's -fno-trapping-math): the term, the
-// gradient written over logp, and the sums, in double as everywhere else. Measured on this AMD
-// EPYC VM, one thread, [4, 2.1M] float32: written as one scalar loop with branches the op took
-// 17 ns per position; as below 4.1 ns, of which expf alone ~3.4.
+// One task's positions of the map surrogate, in blocks of kMapBlock: the ratios first (the
+// vectorisable exp of vec_exp.h), then one branch-free pass that vectorises (the selections
+// become blends; setup.py's -fno-trapping-math): the term, the gradient written over logp, and
+// the sums, in double as everywhere else. Measured on this AMD EPYC VM, one thread, [4, 2.1M]
+// float32: written as one scalar loop with branches the op took 17 ns per position; with the
+// ratios by libm expf 4.1 ns, of which expf alone ~3.4.
 constexpr int64_t kMapBlock = 256;
 
 template <bool kSimple, typename Acc>
@@ -346,7 +347,8 @@ void map_surrogate_row(const surrogate::Constants<Acc>& k, Acc a_b, Acc* row, co
     Acc* lp = row + j0;
     const Acc* old = old_row + j0;
     const Acc* amap = map_row + j0;
-    for (int64_t j = 0; j < m; ++j) ratio[j] = surrogate::exp_acc(lp[j] - old[j]);
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) ratio[j] = vec::exp(lp[j] - old[j]);
     double policy = 0, delta_sq = 0, clipped = 0, ratio_sum = 0;   // vectorised in double too
 #pragma omp simd reduction(+ : policy, delta_sq, clipped, ratio_sum)
     for (int64_t j = 0; j < m; ++j) {
@@ -422,6 +424,165 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_map_surrogate_cpu(
   return {loss, metrics, grad_ref_sq};
 }
 
+// flow_grpo_loss with a per-element map, the step and the surrogate fused (formula: csrc/ops.cpp
+// and csrc/flow_grpo_surrogate.h). Every gradient term is elementwise once the per-sample
+// constants are known, so one pass computes per element the log-prob, the ratio, the policy term
+// and d loss / d v: the inputs are read once, grad_v written once, and no [B, N] float32 log-prob
+// ever exists. Each block of kMapBlock elements goes in three vectorised sweeps whose scratch
+// (d, logp, ratio) stays in L1: written as one loop, GCC's if-conversion gave up on the body and
+// the loop ran scalar (measured 5x slower).
+enum ElemRef : int { kNoRef = 0, kRefSum = 1, kRefSumGrad = 2 };
+
+template <typename scalar_t, typename Acc>
+struct ElemRow {  // one task's slice of one sample, and that sample's constants
+  const scalar_t *v, *x, *prev, *ref;
+  const Acc *old, *amap;
+  scalar_t* grad_v;
+  Acc cx, cv, alpha, gamma, a_b, lp_scale, gq2;
+};
+
+template <bool kSimple, int kRef, bool kGrad, typename scalar_t, typename Acc>
+void elem_loss_row(const surrogate::Constants<Acc>& k, const ElemRow<scalar_t, Acc>& r,
+                   int64_t n, surrogate::Sums& s, double& ref_sq) {
+  // Locals, not r's fields: a store through grad_v (an Acc* for float32) could alias a field of
+  // r as far as the compiler knows, which reloads every field per element and stops the
+  // vectorisation (measured 2.5x slower).
+  const Acc cx = r.cx, cv = r.cv, alpha = r.alpha, gamma = r.gamma, a_b = r.a_b;
+  const Acc lp_scale = r.lp_scale, gq2 = r.gq2, inv_n = k.inv_n;
+  const surrogate::Constants<Acc> kc = k;
+  Acc d[kMapBlock], lp[kMapBlock], ratio[kMapBlock];
+  for (int64_t j0 = 0; j0 < n; j0 += kMapBlock) {
+    const int64_t m = std::min(kMapBlock, n - j0);
+    const scalar_t* __restrict__ v = r.v + j0;
+    const scalar_t* __restrict__ x = r.x + j0;
+    const scalar_t* __restrict__ prev = r.prev + j0;
+    const scalar_t* __restrict__ ref = kRef != kNoRef ? r.ref + j0 : nullptr;
+    const Acc* __restrict__ old = r.old + j0;
+    const Acc* __restrict__ amap = r.amap + j0;
+    scalar_t* __restrict__ grad_v = kGrad ? r.grad_v + j0 : nullptr;
+    double rsq = 0;
+#pragma omp simd reduction(+ : rsq)
+    for (int64_t j = 0; j < m; ++j) {
+      const Acc vi = static_cast<Acc>(v[j]);
+      const Acc dj = static_cast<Acc>(prev[j]) - (cx * static_cast<Acc>(x[j]) + cv * vi);
+      d[j] = dj;
+      lp[j] = alpha * (dj * dj) + gamma;
+      if constexpr (kRef != kNoRef) {
+        const Acc dr = vi - static_cast<Acc>(ref[j]);
+        rsq += static_cast<double>(dr * dr);
+      }
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) ratio[j] = vec::exp(lp[j] - old[j]);
+    double policy = 0, delta_sq = 0, clipped = 0, ratio_sum = 0;
+#pragma omp simd reduction(+ : policy, delta_sq, clipped, ratio_sum)
+    for (int64_t j = 0; j < m; ++j) {
+      const Acc logp = lp[j], delta = logp - old[j], rt = ratio[j];
+      Acc term, g;
+      surrogate::policy_value<kSimple>(kc, logp, a_b * amap[j], rt, term, g);
+      if constexpr (kGrad) {
+        // the grouping of the unfused path: d loss / d logp first, then the step's chain rule
+        Acc gv = (lp_scale * (g * inv_n)) * d[j];
+        if constexpr (kRef == kRefSumGrad) gv += gq2 * (static_cast<Acc>(v[j]) - static_cast<Acc>(ref[j]));
+        grad_v[j] = static_cast<scalar_t>(gv);
+      }
+      policy += static_cast<double>(term);
+      delta_sq += static_cast<double>(delta * delta);
+      clipped += surrogate::is_clipped(kc, rt) ? 1.0 : 0.0;
+      ratio_sum += static_cast<double>(rt);
+    }
+    s.policy += policy;
+    s.delta_sq += delta_sq;
+    s.clipped += clipped;
+    s.ratio += ratio_sum;
+    ref_sq += rsq;
+  }
+}
+
+template <bool kSimple, int kRef, typename scalar_t, typename Acc>
+void elem_loss_row_grad(bool grad, const surrogate::Constants<Acc>& k,
+                        const ElemRow<scalar_t, Acc>& r, int64_t n, surrogate::Sums& s,
+                        double& ref_sq) {
+  grad ? elem_loss_row<kSimple, kRef, true>(k, r, n, s, ref_sq)
+       : elem_loss_row<kSimple, kRef, false>(k, r, n, s, ref_sq);
+}
+
+template <bool kSimple, typename scalar_t, typename Acc>
+void elem_loss_row_ref(int ref_mode, bool grad, const surrogate::Constants<Acc>& k,
+                       const ElemRow<scalar_t, Acc>& r, int64_t n, surrogate::Sums& s,
+                       double& ref_sq) {
+  if (ref_mode == kRefSumGrad) elem_loss_row_grad<kSimple, kRefSumGrad>(grad, k, r, n, s, ref_sq);
+  else if (ref_mode == kRefSum) elem_loss_row_grad<kSimple, kRefSum>(grad, k, r, n, s, ref_sq);
+  else elem_loss_row_grad<kSimple, kNoRef>(grad, k, r, n, s, ref_sq);
+}
+
+// Tasks of kChunk elements of one sample, each with its own partial sums, combined afterwards in
+// task order (deterministic whatever the thread count), as flow_grpo_map_surrogate_cpu.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cpu(
+    const at::Tensor& v, const at::Tensor& x, const at::Tensor& prev,
+    const std::optional<at::Tensor>& ref, const at::Tensor& coefs,
+    const std::optional<at::Tensor>& kl_weight, const at::Tensor& old_log_prob,
+    const at::Tensor& advantages, const at::Tensor& advantage_map, double clip_range,
+    double adv_clip_max, double beta, bool simple, bool write_grad) {
+  const Layout L = flow_step::check_elem_loss_args(v, x, prev, ref, coefs, kl_weight,
+                                                   old_log_prob, advantages, advantage_map,
+                                                   clip_range, adv_clip_max, c10::DeviceType::CPU);
+  at::Tensor loss, metrics, grad_v;
+  std::tie(loss, metrics, grad_v) = flow_step::elem_loss_outputs(v, coefs, write_grad);
+  const int64_t B = L.B, N = L.C * L.S;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "flow_grpo_elem_loss_cpu", [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    const auto k = surrogate::make_constants<Acc>(clip_range, adv_clip_max, beta, simple,
+                                                  ref.has_value(), B, B * N);
+    const int ref_mode = !ref.has_value() ? kNoRef : (beta != 0 && write_grad ? kRefSumGrad : kRefSum);
+    const Acc* cf = coefs.data_ptr<Acc>();
+    const Acc* adv = advantages.data_ptr<Acc>();
+    const Acc* kw = opt_ptr<Acc>(kl_weight);
+    const int64_t map_stride = advantage_map.size(0) == 1 ? 0 : N;
+    const int64_t nchunk = (N + kChunk - 1) / kChunk, tasks = B * nchunk;
+    std::vector<surrogate::Sums> part(tasks);
+    std::vector<double> part_ref(tasks, 0.0);
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / nchunk, e0 = (t % nchunk) * kChunk;
+        const int64_t n = std::min(kChunk, N - e0), base = b * N + e0;
+        ElemRow<scalar_t, Acc> r;
+        r.v = v.data_ptr<scalar_t>() + base;
+        r.x = x.data_ptr<scalar_t>() + base;
+        r.prev = prev.data_ptr<scalar_t>() + base;
+        r.ref = ref.has_value() ? ref->data_ptr<scalar_t>() + base : nullptr;
+        r.old = old_log_prob.data_ptr<Acc>() + base;
+        r.amap = advantage_map.data_ptr<Acc>() + b * map_stride + e0;
+        r.grad_v = write_grad ? grad_v.data_ptr<scalar_t>() + base : nullptr;
+        r.cx = cf[b * 5], r.cv = cf[b * 5 + 1], r.alpha = cf[b * 5 + 2], r.gamma = cf[b * 5 + 3];
+        r.a_b = surrogate::clamp_adv(k, adv[b]);
+        r.lp_scale = Acc(-2) * r.alpha * r.cv;                 // d logp / d v = lp_scale * d
+        r.gq2 = Acc(2) * surrogate::kl_grad(k, kw ? kw[b] : Acc(0));
+        surrogate::Sums s;
+        double rsq = 0.0;
+        if (k.simple) elem_loss_row_ref<true>(ref_mode, write_grad, k, r, n, s, rsq);
+        else elem_loss_row_ref<false>(ref_mode, write_grad, k, r, n, s, rsq);
+        part[t] = s;
+        part_ref[t] = rsq;
+      }
+    });
+    surrogate::Sums total;
+    for (const auto& s : part) {
+      total.policy += s.policy;
+      total.delta_sq += s.delta_sq;
+      total.clipped += s.clipped;
+      total.ratio += s.ratio;
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      double rs = 0.0;
+      for (int64_t c = 0; c < nchunk; ++c) rs += part_ref[b * nchunk + c];
+      surrogate::kl_term(k, static_cast<Acc>(rs), kw ? kw[b] : Acc(0), total);
+    }
+    surrogate::finish(k, total, B * N, B, loss.data_ptr<Acc>(), metrics.data_ptr<Acc>());
+  });
+  return {loss, metrics, grad_v};
+}
+
 }  // namespace
 }  // namespace tbk
 
@@ -430,4 +591,5 @@ TORCH_LIBRARY_IMPL(tbkernels, CPU, m) {
   m.impl("flow_step_backward", &tbk::flow_step_backward_cpu);
   m.impl("flow_grpo_surrogate", &tbk::flow_grpo_surrogate_cpu);
   m.impl("flow_grpo_map_surrogate", &tbk::flow_grpo_map_surrogate_cpu);
+  m.impl("flow_grpo_elem_loss", &tbk::flow_grpo_elem_loss_cpu);
 }

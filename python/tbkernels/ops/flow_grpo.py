@@ -17,8 +17,12 @@ with per-sample coefficients (``_flow_grpo_coefs.py``), so one pair of ops serve
   (``_FusedLoss``).
 
 * ``tbkernels::flow_grpo_map_surrogate`` is the same surrogate with a ViPO advantage map, one
-  policy term per position of the step's per-position (or per-element) log-prob, which it
+  policy term per position of the step's per-position (channel-summed) log-prob, which it
   overwrites with its gradient; in eager mode the step and it are one node (``_MapLoss``).
+
+* ``tbkernels::flow_grpo_elem_loss`` is the per-element map case whole: step, surrogate, KL and
+  d loss / d model_output in one pass, since every gradient term is then elementwise; in eager
+  mode it is one node (``_ElemLoss``) and no latent-sized log-prob exists.
 
 The C++ CPU kernels are ``csrc/cpu/flow_step.cpp``; every op has a fake implementation, and all
 but the map surrogate (used below autograd only) a registered autograd formula here, so they
@@ -270,6 +274,53 @@ def _flow_grpo_map_surrogate_triton(logp: torch.Tensor, ref_sq: torch.Tensor | N
 
 
 _flow_grpo_map_surrogate_triton.register_fake(_fake_map_surrogate)
+
+
+# flow_grpo_loss with a per-element map: the step and the surrogate as one op that also writes
+# the gradient of a unit loss (every term of it is elementwise), so no [B, N] float32 log-prob
+# buffer exists. Used below autograd by _ElemLoss only (compiled: _policy_loss, as for maps).
+
+def _fake_elem_loss(model_output, sample, prev_sample, ref_model_output, coefs, kl_weight,
+                    old_log_prob, advantages, advantage_map, clip_range, adv_clip_max, beta,
+                    simple, write_grad):
+    grad_v = (torch.empty_like(model_output) if write_grad
+              else model_output.new_empty((0,)))
+    return coefs.new_empty(()), coefs.new_empty((4,)), grad_v
+
+
+def _register_compiled_elem_loss():
+    try:
+        from .. import _C  # noqa: F401  (defines the tbkernels:: schemas)
+    except ImportError:
+        return
+    torch.library.register_fake("tbkernels::flow_grpo_elem_loss")(_fake_elem_loss)
+
+
+_register_compiled_elem_loss()
+
+
+@torch.library.custom_op("tbkernels::flow_grpo_elem_loss_triton", mutates_args=())
+def _flow_grpo_elem_loss_triton(model_output: torch.Tensor, sample: torch.Tensor,
+                                prev_sample: torch.Tensor, ref_model_output: torch.Tensor | None,
+                                coefs: torch.Tensor, kl_weight: torch.Tensor | None,
+                                old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                                advantage_map: torch.Tensor, clip_range: float,
+                                adv_clip_max: float, beta: float, simple: bool,
+                                write_grad: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from tbkernels.kernels.flow_step import flow_grpo_elem_loss_triton
+    return flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_output, coefs,
+                                      kl_weight, old_log_prob, advantages, advantage_map,
+                                      clip_range, adv_clip_max, beta, simple, write_grad)
+
+
+_flow_grpo_elem_loss_triton.register_fake(_fake_elem_loss)
+
+
+def _elem_loss_op(name):
+    if name == "triton":
+        return _flow_grpo_elem_loss_triton
+    return torch.ops.tbkernels.flow_grpo_elem_loss
 
 
 def _map_surrogate_op(name):
@@ -679,8 +730,19 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
         else:
             loss, m = _FusedLoss.apply(v, x, prev, ref, coefs, kl_w, old_lp, adv, consts, name)
         return loss, dict(zip(_METRICS, m.unbind()))
+    if name != "reference" and not torch.compiler.is_compiling() and reduction == 2:
+        # per-element ViPO map, eager: step, surrogate and gradient in one op (see _ElemLoss)
+        amap = _map_rows(advantage_map, logp_shape, acc)
+        old_rows = old_lp.contiguous().view(batch, amap.shape[1])
+        if torch.is_grad_enabled() and v.requires_grad:
+            loss, m = _ElemLoss.apply(v, x, prev, ref, coefs, kl_w, old_rows, adv.contiguous(),
+                                      amap, consts, name)
+        else:
+            loss, m, _ = _elem_loss_op(name)(v, x, prev, ref, coefs, kl_w, old_rows,
+                                             adv.contiguous(), amap, *consts, False)
+        return loss, dict(zip(_METRICS, m.unbind()))
     if name != "reference" and not torch.compiler.is_compiling():
-        # ViPO map, eager: the step and the per-position surrogate as one node (see _MapLoss)
+        # ViPO map per position, eager: the step and the surrogate as one node (see _MapLoss)
         amap = _map_rows(advantage_map, logp_shape, acc)
         loss, m = _MapLoss.apply(v, x, prev, ref, coefs, kl_w, old_lp, adv, amap, consts, name,
                                  reduction)
@@ -739,9 +801,9 @@ def _map_rows(advantage_map, logp_shape, acc):
 
 
 class _MapLoss(torch.autograd.Function):
-    """flow_grpo_loss with a ViPO advantage map, eager: one autograd node whose ops run below the
-    autograd key. The step writes the per-position log-prob (a [B, positions] float32 buffer, the
-    latent's size for a per-element map); flow_grpo_map_surrogate reads it and overwrites it with
+    """flow_grpo_loss with a per-position ViPO map, eager: one autograd node whose ops run below
+    the autograd key. The step writes the channel-summed log-prob (a [B, positions] float32
+    buffer, 1/C of the latent); flow_grpo_map_surrogate reads it and overwrites it with
     d loss / d log-prob of a unit loss, in one pass and one launch (plus a tiny finalize on a
     GPU). That buffer is saved for backward, which feeds it to the step's backward and scales the
     result by the incoming gradient (one extra rounding of grad_v when that is not a power of
@@ -780,6 +842,41 @@ class _MapLoss(torch.autograd.Function):
             grad_v = _backward_op(ctx.backend)(v, x, prev, ref, coefs, ctx.reduction, factor,
                                                None, grad_ref_sq)
         return (grad_v.mul_(grad_loss),) + (None,) * 11
+
+
+class _ElemLoss(torch.autograd.Function):
+    """flow_grpo_loss with a per-element ViPO map, eager: one op computes the loss, the metrics
+    and d loss / d model_output of a unit loss in one pass (flow_grpo_elem_loss), and the backward
+    scales that gradient in place by the incoming one (one extra rounding of grad_v when that is
+    not a power of two, as _MapLoss). So the loss's only latent-sized allocation is the gradient
+    it returns, created in the forward instead of the backward; the unfused form kept a [B, N]
+    float32 log-prob (two bf16 latents) from the forward to the backward as well.
+
+    A second backward through a retained graph recomputes the gradient from the saved inputs
+    (the first one hands its buffer to autograd)."""
+
+    @staticmethod
+    def forward(ctx, v, x, prev, ref, coefs, kl_w, old_rows, adv, amap, consts, name):
+        with torch._C._AutoDispatchBelowAutograd():
+            loss, metrics, grad_v = _elem_loss_op(name)(v, x, prev, ref, coefs, kl_w, old_rows,
+                                                        adv, amap, *consts, True)
+        ctx.mark_non_differentiable(metrics)
+        ctx.set_materialize_grads(False)
+        ctx.grad_v = grad_v                # an intermediate, not an input or output: kept as is
+        ctx.save_for_backward(v, x, prev, ref, coefs, kl_w, old_rows, adv, amap)
+        ctx.consts, ctx.backend = consts, name
+        return loss, metrics
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_metrics):
+        if grad_loss is None:
+            return (None,) * 11
+        grad_v, ctx.grad_v = ctx.grad_v, None
+        if grad_v is None:                 # retain_graph: the first backward took the buffer
+            with torch._C._AutoDispatchBelowAutograd():
+                _, _, grad_v = _elem_loss_op(ctx.backend)(*ctx.saved_tensors, *ctx.consts, True)
+        return (grad_v.mul_(grad_loss),) + (None,) * 10
 
 
 def _policy_loss(logp, ref_sq, kl_w, old_log_prob, advantages, advantage_map, clip_range,
