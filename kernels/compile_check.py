@@ -198,6 +198,34 @@ def _flow_grpo_map_surrogate_cases(quick: bool):
                                                      lp[:1] if sh else lp, 1e-4, 5.0, be, s))
 
 
+def _flow_grpo_elem_loss_cases(quick: bool):
+    from tbkernels.kernels import flow_step as fs
+    # a Wan 480p latent (N = C*S divisible by 16: vectorized) and an odd one (masked tails); the
+    # size names avoid "wan480p", which selects the step kernels' cases in the compile tests
+    shapes = {"elem480p": (2, 16, 21, 60, 104), "odd": (3, 5, 7, 9)}
+    dtypes = ["fp32", "bf16"] if quick else list(DTYPES)
+    # (shared map, reference, beta, simple, write_grad): training with the KL in the loss, no
+    # reference with a batch-shared map, a metric-only reference without the gradient, simple
+    variants = ((False, True, 0.04, False, True), (True, False, 0.0, False, True),
+                (False, True, 0.0, False, False), (False, True, 0.04, True, True))
+    for (sname, shape), dname in itertools.product(shapes.items(), dtypes):
+        dt = DTYPES[dname]
+        v = torch.empty(shape, dtype=dt)
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        B, N = shape[0], v[0].numel()
+        coefs = torch.empty(B, 5, dtype=acc)
+        rows, b = torch.empty(B, N, dtype=acc), torch.empty(B, dtype=acc)
+        for shared, has_ref, beta, simple, grad in variants:
+            if quick and sname != "elem480p" and (simple or not grad):
+                continue
+            yield (f"flow_grpo_elem_loss {sname} {dname} shared={shared} ref={has_ref} "
+                   f"beta={beta} simple={simple} grad={grad}",
+                   lambda v=v, c=coefs, rows=rows, b=b, sh=shared, r=has_ref, be=beta, s=simple,
+                   g=grad: fs.flow_grpo_elem_loss_triton(
+                       v, v, v, v if r else None, c, b if r else None, rows, b,
+                       rows[:1] if sh else rows, 1e-4, 5.0, be, s, g))
+
+
 def _group_advantages_cases(quick: bool):
     from tbkernels.kernels import group_advantages as ga
     # (B, K, group size, with explicit ids): fused contiguous path, long groups (row kernels), ids
@@ -239,8 +267,8 @@ def record(archs: List[int], quick: bool, sms: int, only: Optional[str] = None) 
     recorder = Recorder(archs)
     with recorder, _launch.assume_gpu(sms):
         for cases in (_flow_step_cases, _flow_grpo_surrogate_cases,
-                      _flow_grpo_map_surrogate_cases, _group_advantages_cases,
-                      _per_sample_mse_cases):
+                      _flow_grpo_map_surrogate_cases, _flow_grpo_elem_loss_cases,
+                      _group_advantages_cases, _per_sample_mse_cases):
             for case, call in cases(quick):
                 if only is not None and not case.startswith(only):
                     continue

@@ -48,6 +48,8 @@ identical, correctly rounded bits.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -248,6 +250,19 @@ def _policy_term(lp, old, a, lo, hi, SIMPLE: tl.constexpr):
 
 
 @triton.jit
+def _kl_grad(klw, beta, inv_b):
+    """d loss / d ref_sq of samples with KL weight klw when the KL is in the loss: beta * klw / B
+    (csrc/flow_grpo_surrogate.h, kl_grad)."""
+    return beta * klw * inv_b
+
+
+@triton.jit
+def _kl_products(ref_sq, klw, m):
+    """ref_sq * kl_weight of samples (mask m) in the accumulation dtype, widened to float64."""
+    return tl.where(m, ref_sq * klw, 0.0).to(tl.float64)
+
+
+@triton.jit
 def _kl_terms(refsq_ptr, klw_ptr, dref_ptr, b, m, beta, inv_b, HAS_REF: tl.constexpr,
               KL_IN_LOSS: tl.constexpr, BLOCK: tl.constexpr):
     """Samples b (mask m) of the KL: stores d loss / d ref_sq (beta * kl_weight / B, or 0) and
@@ -257,9 +272,9 @@ def _kl_terms(refsq_ptr, klw_ptr, dref_ptr, b, m, beta, inv_b, HAS_REF: tl.const
     dref = tl.zeros([BLOCK], dtype=acc_ty)
     if HAS_REF:
         klw = tl.load(klw_ptr + b, mask=m, other=0.0)
-        kl = tl.where(m, tl.load(refsq_ptr + b, mask=m, other=0.0) * klw, 0.0).to(tl.float64)
+        kl = _kl_products(tl.load(refsq_ptr + b, mask=m, other=0.0), klw, m)
         if KL_IN_LOSS:
-            dref = (beta * klw * inv_b).to(acc_ty)
+            dref = _kl_grad(klw, beta, inv_b).to(acc_ty)
     tl.store(dref_ptr + b, dref, mask=m)
     return kl
 
@@ -326,6 +341,35 @@ def _surrogate_kernel(logp_ptr, refsq_ptr, klw_ptr, old_ptr, adv_ptr, const_ptr,
 
 
 @triton.jit
+def _store_policy_partials(part_ptr, pid, NPROG, m, term, delta, r, clip):
+    """A tile's float64 sums (lanes m) of the policy terms, delta^2, clipped positions and ratios
+    -> partials[0..3, pid] of a [>= 4, NPROG] buffer (one slot per program: no atomics)."""
+    tl.store(part_ptr + pid, tl.sum(tl.where(m, term, 0.0).to(tl.float64), axis=0))
+    tl.store(part_ptr + NPROG + pid, tl.sum(tl.where(m, delta * delta, 0.0).to(tl.float64), axis=0))
+    clipped = tl.where(m & ((r - 1.0 < -clip) | (r - 1.0 > clip)), 1.0, 0.0)
+    tl.store(part_ptr + 2 * NPROG + pid, tl.sum(clipped.to(tl.float64), axis=0))
+    tl.store(part_ptr + 3 * NPROG + pid, tl.sum(tl.where(m, r, 0.0).to(tl.float64), axis=0))
+
+
+@triton.jit
+def _sum_policy_partials(part_ptr, NPROG, BLOCK: tl.constexpr):
+    """The rows 0..3 of _store_policy_partials summed over the programs in a fixed order:
+    [BLOCK] float64 vectors, reduced by _store_loss_metrics."""
+    policy = tl.zeros([BLOCK], dtype=tl.float64)
+    dsq = tl.zeros([BLOCK], dtype=tl.float64)
+    clipped = tl.zeros([BLOCK], dtype=tl.float64)
+    ratio = tl.zeros([BLOCK], dtype=tl.float64)
+    for i0 in range(0, NPROG, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        m = i < NPROG
+        policy += tl.load(part_ptr + i, mask=m, other=0.0)
+        dsq += tl.load(part_ptr + NPROG + i, mask=m, other=0.0)
+        clipped += tl.load(part_ptr + 2 * NPROG + i, mask=m, other=0.0)
+        ratio += tl.load(part_ptr + 3 * NPROG + i, mask=m, other=0.0)
+    return policy, dsq, clipped, ratio
+
+
+@triton.jit
 def _map_surrogate_kernel(logp_ptr, old_ptr, adv_ptr, map_ptr, const_ptr, part_ptr, P, NT, NPROG,
                           MAP_STRIDE, lo, hi, clip, adv_max, inv_n,
                           CONST_FROM_PTR: tl.constexpr, SIMPLE: tl.constexpr,
@@ -352,11 +396,7 @@ def _map_surrogate_kernel(logp_ptr, old_ptr, adv_ptr, map_ptr, const_ptr, part_p
     am = tl.load(map_ptr + b * MAP_STRIDE + p, mask=m, other=0.0)
     term, g, delta, r = _policy_term(lp, old, a_b * am, lo, hi, SIMPLE)
     tl.store(logp_ptr + b * P + p, (g * inv_n).to(acc_ty), mask=m)
-    tl.store(part_ptr + pid, tl.sum(tl.where(m, term, 0.0).to(tl.float64), axis=0))
-    tl.store(part_ptr + NPROG + pid, tl.sum(tl.where(m, delta * delta, 0.0).to(tl.float64), axis=0))
-    clipped = tl.where(m & ((r - 1.0 < -clip) | (r - 1.0 > clip)), 1.0, 0.0)
-    tl.store(part_ptr + 2 * NPROG + pid, tl.sum(clipped.to(tl.float64), axis=0))
-    tl.store(part_ptr + 3 * NPROG + pid, tl.sum(tl.where(m, r, 0.0).to(tl.float64), axis=0))
+    _store_policy_partials(part_ptr, pid, NPROG, m, term, delta, r, clip)
 
 
 @triton.jit
@@ -369,22 +409,103 @@ def _map_finalize_kernel(part_ptr, refsq_ptr, klw_ptr, const_ptr, loss_ptr, metr
     if CONST_FROM_PTR:
         beta = tl.load(const_ptr + 4)
         inv_b = tl.load(const_ptr + 5)
-    policy = tl.zeros([BLOCK], dtype=tl.float64)
-    dsq = tl.zeros([BLOCK], dtype=tl.float64)
-    clipped = tl.zeros([BLOCK], dtype=tl.float64)
-    ratio = tl.zeros([BLOCK], dtype=tl.float64)
-    for i0 in range(0, NPROG, BLOCK):
-        i = i0 + tl.arange(0, BLOCK)
-        m = i < NPROG
-        policy += tl.load(part_ptr + i, mask=m, other=0.0)
-        dsq += tl.load(part_ptr + NPROG + i, mask=m, other=0.0)
-        clipped += tl.load(part_ptr + 2 * NPROG + i, mask=m, other=0.0)
-        ratio += tl.load(part_ptr + 3 * NPROG + i, mask=m, other=0.0)
+    policy, dsq, clipped, ratio = _sum_policy_partials(part_ptr, NPROG, BLOCK)
     kl_sum = tl.zeros([BLOCK], dtype=tl.float64)
     for b0 in range(0, B, BLOCK):
         b = b0 + tl.arange(0, BLOCK)
         kl_sum += _kl_terms(refsq_ptr, klw_ptr, dref_ptr, b, b < B, beta, inv_b, HAS_REF,
                             KL_IN_LOSS, BLOCK)
+    _store_loss_metrics(loss_ptr, metrics_ptr, policy, dsq, clipped, ratio, kl_sum, TERMS, B,
+                        beta, KL_IN_LOSS)
+
+
+@triton.jit
+def _elem_loss_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, klw_ptr, old_ptr, adv_ptr,
+                      map_ptr, const_ptr, grad_ptr, part_ptr, N, NT, NPROG, MAP_STRIDE,
+                      lo, hi, clip, adv_max, beta, inv_b, inv_n,
+                      CONST_FROM_PTR: tl.constexpr, SIMPLE: tl.constexpr, HAS_REF: tl.constexpr,
+                      KL_GRAD: tl.constexpr, WRITE_GRAD: tl.constexpr, IDX64: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """flow_grpo_elem_loss, one tile of BLOCK elements of one sample per program: the step's
+    per-element log-prob, its policy term with the map-weighted advantage and (WRITE_GRAD)
+    d loss / d v of the element; the tile's policy sums go to partials[0..3, pid] and its sum of
+    (v - v_ref)^2 to partials[4, pid] (float64, no atomics)."""
+    acc_ty = coefs_ptr.dtype.element_ty
+    lat_ty = v_ptr.dtype.element_ty
+    if CONST_FROM_PTR:  # float64: scalar arguments would arrive as float32
+        lo = tl.load(const_ptr + 0)
+        hi = tl.load(const_ptr + 1)
+        clip = tl.load(const_ptr + 2)
+        adv_max = tl.load(const_ptr + 3)
+        beta = tl.load(const_ptr + 4)
+        inv_b = tl.load(const_ptr + 5)
+        inv_n = tl.load(const_ptr + 6)
+    pid = tl.program_id(0)
+    if IDX64:
+        pid = pid.to(tl.int64)
+    b = pid // NT
+    e = (pid - b * NT) * BLOCK + tl.arange(0, BLOCK)
+    m = e < N
+    offs = b * N + e
+
+    cx = tl.load(coefs_ptr + b * 5 + 0)
+    cv = tl.load(coefs_ptr + b * 5 + 1)
+    alpha = tl.load(coefs_ptr + b * 5 + 2)
+    gamma = tl.load(coefs_ptr + b * 5 + 3)
+    # the forward step's d and log-prob (reduction none), operation for operation
+    v = tl.load(v_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first").to(acc_ty)
+    x = tl.load(x_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first").to(acc_ty)
+    prev = tl.load(prev_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first").to(acc_ty)
+    d = prev - (cx * x + cv * v)
+    lp = alpha * (d * d) + gamma
+    old = tl.load(old_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first")
+    # no evict-first hint: a [1, N] map is read again by every sample
+    am = tl.load(map_ptr + b * MAP_STRIDE + e, mask=m, other=0.0)
+    a = _clamp_adv(tl.load(adv_ptr + b), adv_max) * am
+    term, g, delta, r = _policy_term(lp, old, a, lo, hi, SIMPLE)
+    _store_policy_partials(part_ptr, pid, NPROG, m, term, delta, r, clip)
+    if HAS_REF:
+        dr = v - tl.load(ref_ptr + offs, mask=m, other=0.0,
+                         eviction_policy="evict_first").to(acc_ty)
+        # masked lanes load v = v_ref = 0: no mask needed
+        tl.store(part_ptr + 4 * NPROG + pid, tl.sum((dr * dr).to(tl.float64), axis=0))
+    if WRITE_GRAD:
+        # the unfused path's grouping: d loss / d logp (g / n) first, then the step's chain rule
+        # d logp / d v = -2 alpha cv d, then the KL's 2 (d loss / d ref_sq) (v - v_ref)
+        lp_scale = -2.0 * alpha * cv
+        gv = (lp_scale * (g * inv_n)) * d
+        if KL_GRAD:
+            gq2 = 2.0 * _kl_grad(tl.load(klw_ptr + b), beta, inv_b)
+            gv += gq2 * dr
+        tl.store(grad_ptr + offs, _to_output(gv, lat_ty), mask=m, eviction_policy="evict_first")
+
+
+@triton.jit
+def _elem_finalize_kernel(part_ptr, klw_ptr, const_ptr, loss_ptr, metrics_ptr, NPROG, B, NT,
+                          TERMS, beta, CONST_FROM_PTR: tl.constexpr, HAS_REF: tl.constexpr,
+                          KL_IN_LOSS: tl.constexpr, BLOCK: tl.constexpr,
+                          BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One program: the policy partials summed as _map_finalize_kernel's; per sample its tiles'
+    (v - v_ref)^2 sums (row 4) in a fixed order, rounded to the accumulation dtype as ref_sq and
+    weighted by kl_weight; the loss and the metrics. [BLOCK_B, BLOCK_T] blocks of the row cover
+    many samples per step when each has few tiles, and a long row per step when they have many."""
+    acc_ty = loss_ptr.dtype.element_ty
+    if CONST_FROM_PTR:
+        beta = tl.load(const_ptr + 4)
+    policy, dsq, clipped, ratio = _sum_policy_partials(part_ptr, NPROG, BLOCK)
+    kl_sum = tl.zeros([BLOCK_B], dtype=tl.float64)
+    if HAS_REF:
+        for b0 in range(0, B, BLOCK_B):
+            b = b0 + tl.arange(0, BLOCK_B)
+            mb = b < B
+            rs = tl.zeros([BLOCK_B, BLOCK_T], dtype=tl.float64)
+            for t0 in range(0, NT, BLOCK_T):
+                t = t0 + tl.arange(0, BLOCK_T)
+                mt = mb[:, None] & (t < NT)[None, :]
+                rs += tl.load(part_ptr + 4 * NPROG + b[:, None] * NT + t[None, :], mask=mt,
+                              other=0.0)
+            ref_sq = tl.sum(rs, axis=1).to(acc_ty)
+            kl_sum += _kl_products(ref_sq, tl.load(klw_ptr + b, mask=mb, other=0.0), mb)
     _store_loss_metrics(loss_ptr, metrics_ptr, policy, dsq, clipped, ratio, kl_sum, TERMS, B,
                         beta, KL_IN_LOSS)
 
@@ -416,9 +537,9 @@ def _layout(v: torch.Tensor, x: torch.Tensor, op: str):
     if x.device != v.device:
         raise RuntimeError(f"{op}: sample is on {x.device} but model_output on {v.device}")
     _launch.require_launchable(v, op)
-    B, C = v.shape[0], v.shape[1]
-    S = v.numel() // max(1, B * C)
-    return B, C, S
+    # S from the dims (not numel / (B*C)): with B = 0 a sample still has C*S elements, which
+    # flow_grpo_elem_loss's [B, N] arguments are checked against
+    return v.shape[0], v.shape[1], math.prod(v.shape[2:])
 
 
 def _check_like(t, v, what, op):
@@ -447,6 +568,29 @@ def _logp_shape(shape, reduction):
     if reduction == 1:
         return (shape[0],) + tuple(shape[2:])
     return tuple(shape)
+
+
+def _check_acc_args(op, checks, dtype, device):
+    """Each (name, tensor or None, shape) of `checks`: contiguous, of that shape, dtype, device."""
+    for name, t, shape in checks:
+        if t is not None and not (tuple(t.shape) == tuple(shape) and t.dtype == dtype
+                                  and t.is_contiguous() and t.device == device):
+            raise RuntimeError(f"{op}: {name} must be a contiguous {list(shape)} {dtype} tensor "
+                               f"on {device}, got {list(t.shape)} {t.dtype} on {t.device}")
+
+
+def _check_clip(op, clip_range, adv_clip_max):
+    if not (clip_range > 0 and adv_clip_max > 0):
+        raise RuntimeError(f"{op}: clip_range and adv_clip_max must be > 0, got {clip_range}, "
+                           f"{adv_clip_max}")
+
+
+def _surrogate_consts(clip_range, adv_clip_max, beta, batch, terms):
+    """(lo, hi, clip, adv_max, beta, 1/B, 1/terms) formed in double as make_constants forms them,
+    then rounded once to the accumulation dtype: by the float32 scalar arguments of a kernel, or
+    not at all for float64 (passed in a tensor, read by CONST_FROM_PTR kernels)."""
+    return (1.0 - clip_range, 1.0 + clip_range, clip_range, adv_clip_max, beta,
+            1.0 / batch if batch else 0.0, 1.0 / terms if terms else 0.0)
 
 
 def _idx64(numel: int, block: int) -> bool:
@@ -574,16 +718,10 @@ def flow_grpo_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advantages
     if (ref_sq is None) != (kl_weight is None):
         raise RuntimeError(f"{op}: ref_sq and kl_weight go together (both for a reference "
                            f"policy, or neither)")
-    for name, t in (("logp", logp), ("old_log_prob", old_log_prob), ("advantages", advantages),
-                    ("ref_sq", ref_sq), ("kl_weight", kl_weight)):
-        if t is not None and not (t.shape == logp.shape and t.dtype == logp.dtype
-                                  and t.is_contiguous() and t.device == logp.device):
-            raise RuntimeError(f"{op}: {name} must be a contiguous {list(logp.shape)} "
-                               f"{logp.dtype} tensor on {logp.device}, got {list(t.shape)} "
-                               f"{t.dtype} on {t.device}")
-    if not (clip_range > 0 and adv_clip_max > 0):
-        raise RuntimeError(f"{op}: clip_range and adv_clip_max must be > 0, got {clip_range}, "
-                           f"{adv_clip_max}")
+    _check_acc_args(op, [(name, t, logp.shape) for name, t in (
+        ("logp", logp), ("old_log_prob", old_log_prob), ("advantages", advantages),
+        ("ref_sq", ref_sq), ("kl_weight", kl_weight))], logp.dtype, logp.device)
+    _check_clip(op, clip_range, adv_clip_max)
     _launch.require_launchable(logp, op)
     B = logp.shape[0]
     dev = logp.device
@@ -591,8 +729,7 @@ def flow_grpo_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advantages
     metrics = torch.empty((4,), dtype=logp.dtype, device=dev)
     factors = torch.empty((2, B), dtype=logp.dtype, device=dev)
     has_ref = ref_sq is not None
-    consts = (1.0 - clip_range, 1.0 + clip_range, clip_range, adv_clip_max, beta,
-              1.0 / B if B else 0.0)
+    consts = _surrogate_consts(clip_range, adv_clip_max, beta, B, B)[:6]
     f64 = logp.dtype == torch.float64
     # float64 constants travel in a tensor (a copy per call; float64 is the checking path, not
     # the fast one); float32 ones as scalar arguments, rounded as PyTorch rounds a Python float
@@ -629,18 +766,12 @@ def flow_grpo_map_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advant
                            f"policy, or neither)")
     B, P = logp.shape
     map_rows = 1 if advantage_map.dim() == 2 and advantage_map.shape[0] == 1 else B
-    for name, t, shape in (("logp", logp, (B, P)), ("old_log_prob", old_log_prob, (B, P)),
-                           ("advantages", advantages, (B,)),
-                           ("advantage_map", advantage_map, (map_rows, P)),
-                           ("ref_sq", ref_sq, (B,)), ("kl_weight", kl_weight, (B,))):
-        if t is not None and not (tuple(t.shape) == shape and t.dtype == logp.dtype
-                                  and t.is_contiguous() and t.device == logp.device):
-            raise RuntimeError(f"{op}: {name} must be a contiguous {list(shape)} {logp.dtype} "
-                               f"tensor on {logp.device}, got {list(t.shape)} {t.dtype} on "
-                               f"{t.device}")
-    if not (clip_range > 0 and adv_clip_max > 0):
-        raise RuntimeError(f"{op}: clip_range and adv_clip_max must be > 0, got {clip_range}, "
-                           f"{adv_clip_max}")
+    _check_acc_args(op, (("logp", logp, (B, P)), ("old_log_prob", old_log_prob, (B, P)),
+                         ("advantages", advantages, (B,)),
+                         ("advantage_map", advantage_map, (map_rows, P)),
+                         ("ref_sq", ref_sq, (B,)), ("kl_weight", kl_weight, (B,))),
+                    logp.dtype, logp.device)
+    _check_clip(op, clip_range, adv_clip_max)
     _launch.require_launchable(logp, op)
     dev = logp.device
     loss = torch.empty((), dtype=logp.dtype, device=dev)
@@ -648,8 +779,7 @@ def flow_grpo_map_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advant
     grad_ref_sq = torch.empty((B,), dtype=logp.dtype, device=dev)
     has_ref = ref_sq is not None
     terms = B * P
-    consts = (1.0 - clip_range, 1.0 + clip_range, clip_range, adv_clip_max, beta,
-              1.0 / B if B else 0.0, 1.0 / terms if terms else 0.0)
+    consts = _surrogate_consts(clip_range, adv_clip_max, beta, B, terms)
     f64 = logp.dtype == torch.float64
     const_t = torch.tensor(consts, dtype=torch.float64, device=dev) if f64 else logp
     tile = min(_next_pow2(max(P, 1)), _MAP_TILE["gpu" if _launch.gpu_tiles(logp) else "interpreter"])
@@ -668,3 +798,75 @@ def flow_grpo_map_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advant
         CONST_FROM_PTR=f64, HAS_REF=has_ref, KL_IN_LOSS=has_ref and beta != 0,
         BLOCK=_FINALIZE_BLOCK, num_warps=4)
     return loss, metrics, grad_ref_sq
+
+
+# Tiles of the fused per-element loss: on a GPU 2048 elements (8 warps; one 16-byte vector per
+# thread and tensor for bf16 latents, two for float32), 1024 for float64 (2048 needed 175
+# registers with the KL gradient: one block of 8 warps per SM), under the interpreter whole
+# samples.
+_ELEM_TILE = {"gpu": 2048, "gpu_f64": 1024, "interpreter": 1 << 17}
+
+
+def flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_output, coefs,
+                               kl_weight, old_log_prob, advantages, advantage_map, clip_range,
+                               adv_clip_max, beta, simple, write_grad):
+    """``(loss [], metrics [4], grad_v)``, as ``tbkernels::flow_grpo_elem_loss``: the step's
+    per-element log-prob, the surrogate with a per-element ViPO map and the KL in one pass over
+    the latents, and with ``write_grad`` d loss / d model_output of a unit loss (like
+    model_output; ``[0]`` without).
+
+    Latents as ``flow_step_forward_triton``'s (prev_sample required, ref_model_output optional);
+    old_log_prob ``[B, N]`` (N = C*S), advantage_map ``[B, N]`` or ``[1, N]``, advantages and
+    kl_weight (given exactly with ref_model_output) ``[B]``, contiguous, float32 (float64 for
+    float64 latents). Two launches: the tiles, then one program that combines them.
+    """
+    op = "flow_grpo_elem_loss"
+    v, x, prev, ref = model_output, sample, prev_sample, ref_model_output
+    B, C, S = _layout(v, x, op)
+    if prev is None:
+        raise RuntimeError(f"{op}: prev_sample must be a contiguous tensor like model_output "
+                           f"{list(v.shape)} {v.dtype}, got None")
+    _check_like(prev, v, "prev_sample", op)
+    _check_like(ref, v, "ref_model_output", op)
+    _check_coefs(coefs, v, op)
+    if (ref is None) != (kl_weight is None):
+        raise RuntimeError(f"{op}: ref_model_output and kl_weight go together (both for a "
+                           f"reference policy, or neither)")
+    N = C * S
+    map_rows = 1 if advantage_map.dim() == 2 and advantage_map.shape[0] == 1 else B
+    acc, dev = coefs.dtype, v.device
+    _check_acc_args(op, (("old_log_prob", old_log_prob, (B, N)), ("advantages", advantages, (B,)),
+                         ("advantage_map", advantage_map, (map_rows, N)),
+                         ("kl_weight", kl_weight, (B,))), acc, dev)
+    _check_clip(op, clip_range, adv_clip_max)
+    simple, write_grad = bool(simple), bool(write_grad)
+    loss = torch.empty((), dtype=acc, device=dev)
+    metrics = torch.empty((4,), dtype=acc, device=dev)
+    grad_v = torch.empty_like(v) if write_grad else v.new_empty((0,))
+    has_ref = ref is not None
+    kl_in_loss = has_ref and beta != 0
+    terms = B * N
+    consts = _surrogate_consts(clip_range, adv_clip_max, beta, B, terms)
+    f64 = acc == torch.float64
+    const_t = torch.tensor(consts, dtype=torch.float64, device=dev) if f64 else coefs
+    plan = ("gpu_f64" if f64 else "gpu") if _launch.gpu_tiles(v) else "interpreter"
+    tile = min(_next_pow2(max(N, 1)), _ELEM_TILE[plan])
+    nt = triton.cdiv(N, tile)
+    nprog = B * nt
+    partials = torch.empty((5, max(nprog, 1)), dtype=torch.float64, device=dev)
+    if nprog:
+        _elem_loss_kernel[(nprog,)](
+            v, x, prev, ref if has_ref else v, coefs, kl_weight if has_ref else coefs,
+            old_log_prob, advantages, advantage_map, const_t, grad_v if write_grad else v,
+            partials, N, nt, nprog, 0 if map_rows == 1 else N, *consts,
+            CONST_FROM_PTR=f64, SIMPLE=simple, HAS_REF=has_ref,
+            KL_GRAD=kl_in_loss and write_grad, WRITE_GRAD=write_grad,
+            IDX64=_idx64(terms, tile), BLOCK=tile, num_warps=_num_warps(tile, v.element_size()))
+    # B = 0 or N = 0 still finalizes: the means over no terms are NaN, as the C++ op's
+    block_t = min(_next_pow2(max(nt, 1)), _FINALIZE_BLOCK)
+    _elem_finalize_kernel[(1,)](
+        partials, kl_weight if has_ref else coefs, const_t, loss, metrics, nprog, B, nt, terms,
+        consts[4], CONST_FROM_PTR=f64, HAS_REF=has_ref, KL_IN_LOSS=kl_in_loss,
+        BLOCK=_FINALIZE_BLOCK, BLOCK_B=max(1, _FINALIZE_BLOCK // block_t), BLOCK_T=block_t,
+        num_warps=4)
+    return loss, metrics, grad_v

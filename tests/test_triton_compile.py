@@ -37,6 +37,7 @@ EXPECTED_KERNELS = {
     ("flow_step", "_forward_kernel"), ("flow_step", "_finalize_kernel"),
     ("flow_step", "_backward_kernel"), ("flow_step", "_surrogate_kernel"),
     ("flow_step", "_map_surrogate_kernel"), ("flow_step", "_map_finalize_kernel"),
+    ("flow_step", "_elem_loss_kernel"), ("flow_step", "_elem_finalize_kernel"),
     ("group_advantages", "_global_moments_kernel"),
     ("group_advantages", "_contiguous_fused_kernel"), ("group_advantages", "_rows_stats_kernel"),
     ("group_advantages", "_rows_sqdev_kernel"), ("group_advantages", "_finalize_kernel"),
@@ -110,6 +111,23 @@ def test_wan_latent_accesses_are_128_bit_vectors(report):
             assert r["st_global_v4"] == r["st_global"] > 0, r["label"]
         assert set(r["narrow_masked"]) <= allowed, (r["label"], r["narrow_masked"])
     assert checked >= 40 and mixed == len(ARCHS)
+
+
+def test_elem_loss_accesses_are_128_bit_vectors(report):
+    """The fused per-element loss streams three or four latents and two float32 [B, N] rows and
+    writes grad_v: at a Wan latent's N (divisible by 16) every per-element load and the gradient
+    store are v4 accesses; the only narrow masked access is the tile's float64 partial-sum
+    stores (one thread)."""
+    checked = 0
+    for r in report["results"]:
+        if _short(r) != ("flow_step", "_elem_loss_kernel") or "elem480p" not in r["case"]:
+            continue
+        checked += 1
+        assert r["ld_global_v4"] >= 7, (r["label"], r["ld_global_v4"])
+        if "grad=True" in r["case"]:
+            assert r["st_global_v4"] > 0, r["label"]
+        assert set(r["narrow_masked"]) <= {"st.global.b64"}, (r["label"], r["narrow_masked"])
+    assert checked >= 4 * len(ARCHS)
 
 
 def test_elementwise_backward_kernels_use_no_shared_memory(report):

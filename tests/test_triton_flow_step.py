@@ -11,8 +11,10 @@ natively on CUDA tensors when a GPU is present.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
+import math
 import os
 import pathlib
 import sys
@@ -98,7 +100,7 @@ def acc_of(dtype):
 def make_coefs(batch, dtype, seed=1, sde_type="flow_grpo"):
     g = torch.Generator().manual_seed(seed)
     s = torch.rand(batch, generator=g, dtype=torch.float64) * 0.8 + 0.15
-    s[0] = 1.0                                                      # the first step
+    s[:1] = 1.0                                                     # the first step
     coefs, _ = step_coefficients(s, s - 0.07, sde_type, 0.7)
     return coefs.to(acc_of(dtype)).contiguous().to(DEVICE)
 
@@ -383,6 +385,263 @@ def test_map_surrogate_multi_tile(monkeypatch, idx64):
                                    rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(buf.cpu(), e_grad, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(dref.cpu(), e_dref, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused per-element loss (flow_grpo_elem_loss_triton)
+# ------------------------------------------------------------------------------------------------
+
+elem_loss = fs.flow_grpo_elem_loss_triton
+ELEM_SHAPES = {"1x1x1x1": (1, 1, 1, 1), "3x5x7x9": (3, 5, 7, 9), "2x4x3x5x7": (2, 4, 3, 5, 7)}
+# (reference given, beta, simple form, map shared by the batch, write_grad)
+ELEM_MODES = {
+    "kl": (True, 0.3, False, False, True),          # a reference policy in the loss
+    "kl_metric": (True, 0.0, False, True, True),    # reference for the metric only
+    "no_ref": (False, 0.0, False, False, True),
+    "simple": (True, 0.3, True, True, True),        # vipo_form="simple"
+    "no_grad": (True, 0.3, False, False, False),
+}
+ELEM_CLIP, ELEM_ADV_MAX = 0.05, 5.0
+
+
+def elem_loss_inputs(shape, dtype, has_ref=True, shared_map=False, seed=0):
+    """The op's arguments: latents as make_inputs (prev a plausible stored sample), old_log_prob
+    near the float64 log-prob so that the ratios straddle both clip bounds, advantages inside,
+    beyond the clamp and 0, a map >= 0 with zeros ([1, N] when shared)."""
+    v, x, prev, _, ref, coefs = make_inputs(shape, dtype, seed)
+    B, N = shape[0], math.prod(shape[1:])
+    g = torch.Generator().manual_seed(seed + 31)
+    c = coefs.double().cpu()
+    d = prev.double().cpu().reshape(B, N) - (c[:, :1] * x.double().cpu().reshape(B, N)
+                                             + c[:, 1:2] * v.double().cpu().reshape(B, N))
+    logp = c[:, 2:3] * (d * d) + c[:, 3:4]
+    old = logp + 0.08 * torch.randn(B, N, generator=g, dtype=torch.float64)
+    adv = torch.tensor([1.5, -7.0, 0.0, -0.4, 3.0] * B, dtype=torch.float64)[:B]
+    amap = torch.rand(1 if shared_map else B, N, generator=g, dtype=torch.float64) * 2
+    amap[:, 3::7] = 0.0
+    kl_w = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
+    acc = acc_of(dtype)
+    old, adv, amap, kl_w = (t.to(acc).to(DEVICE) for t in (old, adv, amap, kl_w))
+    return (v, x, prev, ref if has_ref else None, coefs, kl_w if has_ref else None, old, adv,
+            amap)
+
+
+def elem_loss_by_autograd(v, x, prev, ref, coefs, kl_w, old, adv, amap, clip, adv_max, beta,
+                          simple, dt):
+    """The op's formula in plain PyTorch computed in dt: the step's per-element log-prob, the
+    clipped (or simple) surrogate with the map-weighted advantage, the KL from the reference.
+    Returns loss, metrics [4], d loss / d v by autograd (in dt, shaped like v) and the ratios."""
+    B = v.shape[0]
+    vv = v.to(dt).reshape(B, -1).detach().requires_grad_(True)
+    xx, pp = x.to(dt).reshape(B, -1), prev.to(dt).reshape(B, -1)
+    cx, cv, alpha, gamma = (coefs.to(dt)[:, i:i + 1] for i in range(4))
+    d = pp - (cx * xx + cv * vv)
+    logp = alpha * (d * d) + gamma
+    a = adv.to(dt).clamp(-adv_max, adv_max)[:, None] * amap.to(dt)
+    delta = logp - old.to(dt)
+    ratio = torch.exp(delta)
+    if simple:
+        terms = -(a * logp)
+    else:
+        terms = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip, 1 + clip))
+    loss = terms.mean()
+    kl = torch.zeros((), dtype=dt, device=v.device)
+    if ref is not None:
+        ref_sq = ((vv - ref.to(dt).reshape(B, -1)) ** 2).sum(1)
+        kl = (ref_sq * kl_w.to(dt)).mean()
+        if beta != 0:
+            loss = loss + beta * kl
+    (grad,) = torch.autograd.grad(loss, vv)
+    metrics = torch.stack([0.5 * (delta.detach() ** 2).mean(),
+                           ((ratio.detach() - 1).abs() > clip).to(dt).mean(), kl.detach(),
+                           ratio.detach().mean()])
+    return loss.detach(), metrics, grad.reshape(v.shape), ratio.detach()
+
+
+def near_clip_bounds(r_exact, r_acc, clip, acc):
+    """Positions whose float64 ratio is within the accumulation dtype's error of a clip bound
+    (the eager ratio's error there, or 16 ulps): the clamp's gradient switches at the bound, and
+    the clipfrac count at |r - 1| = clip, so there the dtype may legitimately take the other
+    side."""
+    band = 4 * (r_acc.double() - r_exact).abs() + 16 * torch.finfo(acc).eps * r_exact.abs()
+    return (((r_exact - (1 - clip)).abs() <= band) | ((r_exact - (1 + clip)).abs() <= band))
+
+
+def check_elem_loss(shape, dtype, mode, seed=0):
+    has_ref, beta, simple, shared, write_grad = ELEM_MODES[mode]
+    args = elem_loss_inputs(shape, dtype, has_ref, shared, seed)
+    consts = (ELEM_CLIP, ELEM_ADV_MAX, beta, simple)
+    loss, metrics, grad_v = elem_loss(*args, *consts, write_grad)
+    acc = acc_of(dtype)
+    assert loss.shape == () and metrics.shape == (4,) and loss.dtype == metrics.dtype == acc
+    assert grad_v.dtype == dtype and grad_v.shape == (shape if write_grad else (0,))
+
+    exact = elem_loss_by_autograd(*(up(t) for t in args), *consts, torch.float64)
+    eager = elem_loss_by_autograd(*args, *consts, acc)          # PyTorch in the accumulation dtype
+    near = near_clip_bounds(exact[3], eager[3], ELEM_CLIP, acc).reshape(shape)
+    assert near.double().mean() < 0.05                          # what is excluded stays rare
+    if not simple and math.prod(shape) >= 100:                  # both sides of the clip taken
+        assert 0 < exact[1][1].item() < 1
+    slack = near.sum().item() / near.numel()                    # clipfrac: near positions may flip
+    far = ~near
+    if dtype == torch.float64:
+        close(loss, exact[0], 1e-12)
+        close(metrics[[0, 2, 3]], exact[1][[0, 2, 3]], 1e-12)
+        assert abs(metrics[1].item() - exact[1][1].item()) <= slack + 1e-12
+        if write_grad:
+            scale = exact[2].abs().max().item()
+            assert max_err(grad_v[far], exact[2][far]) <= 1e-12 * scale
+        return
+    name = str(dtype).replace("torch.", "")
+    assert_rule(f"{name} elem loss", loss, eager[0], exact[0])
+    for i, key in ((0, "approx_kl"), (2, "kl"), (3, "ratio_mean")):
+        assert_rule(f"{name} elem {key}", metrics[i], eager[1][i], exact[1][i])
+    assert abs(metrics[1].item() - exact[1][1].item()) <= slack + 1e-7
+    if write_grad:
+        assert_rule(f"{name} elem grad_v", grad_v[far], eager[2].to(dtype)[far], exact[2][far])
+
+
+@pytest.mark.parametrize("mode", list(ELEM_MODES))
+@pytest.mark.parametrize("shape", list(ELEM_SHAPES.values()), ids=list(ELEM_SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_elem_loss(dtype, shape, mode):
+    """Loss, metrics and d loss / d model_output against autograd of the formula in float64,
+    under the numerics rule (eager PyTorch in the accumulation dtype as the yardstick)."""
+    check_elem_loss(shape, dtype, mode, seed=sum(shape) + len(mode))
+
+
+@pytest.mark.parametrize("plan", ["small_tiles", "small_tiles_idx64", "gpu"])
+def test_elem_loss_tiling(monkeypatch, plan):
+    """Tiny tiles (many programs per sample, masked tails; the finalize loops over more
+    partials than its block, and over [BLOCK_B, BLOCK_T] blocks of the per-sample sums both
+    ways: 20 tiles per sample in blocks of 4, and 1 tile per sample for 5 samples in blocks of
+    4), their int64-offset variant, and the GPU plan (2048-element tiles, 2 per sample)."""
+    if plan == "gpu":
+        monkeypatch.setattr(fs._launch, "_assumed_sm_count", 132)
+        cases = [((2, 3, 30, 30), torch.float64), ((2, 3, 30, 30), torch.bfloat16)]
+    else:
+        for key in list(fs._ELEM_TILE):
+            monkeypatch.setitem(fs._ELEM_TILE, key, 16)
+        monkeypatch.setattr(fs, "_FINALIZE_BLOCK", 4)
+        if plan == "small_tiles_idx64":
+            monkeypatch.setattr(fs, "_INT32_OFFSET_LIMIT", 0)
+        cases = [((3, 5, 7, 9), torch.float64), ((5, 1, 3, 5), torch.float64),
+                 ((3, 5, 7, 9), torch.bfloat16)]
+    for shape, dtype in cases:
+        for mode in ("kl", "kl_metric", "no_ref"):
+            check_elem_loss(shape, dtype, mode, seed=41)
+
+
+def test_elem_loss_empty():
+    """B = 0 and N = 0: no tile launch; the means over no policy terms are NaN (as the map
+    surrogate's), the KL mean is NaN over no samples and 0 over samples without elements."""
+    nan = float("nan")
+    for shape, kl in (((0, 3, 4, 5), nan), ((2, 0, 3, 4), 0.0), ((2, 3, 0), 0.0)):
+        B, N = shape[0], math.prod(shape[1:])
+        v = torch.zeros(shape, device=DEVICE)
+        coefs = torch.ones(B, 5, device=DEVICE)
+        rows = torch.zeros(B, N, device=DEVICE)
+        b = torch.ones(B, device=DEVICE)
+        for write_grad in (False, True):
+            loss, metrics, grad_v = elem_loss(v, v, v, v, coefs, b, rows, b, rows, 0.1, 5.0, 0.5,
+                                              False, write_grad)
+            assert loss.isnan() and grad_v.shape == (shape if write_grad else (0,))
+            expect = torch.tensor([nan, nan, kl, nan])
+            torch.testing.assert_close(metrics.cpu(), expect, equal_nan=True)
+
+
+def _cpp_elem_loss_registered():
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("tbkernels::flow_grpo_elem_loss",
+                                                              "CPU")
+    except RuntimeError:                                        # the schema is not defined
+        return False
+
+
+def test_elem_loss_bad_arguments():
+    v, x, prev, ref, coefs, kl_w, old, adv, amap = elem_loss_inputs((2, 3, 4, 5), torch.float32)
+
+    def call(op=elem_loss, **kw):
+        a = dict(model_output=v, sample=x, prev_sample=prev, ref_model_output=ref, coefs=coefs,
+                 kl_weight=kl_w, old_log_prob=old, advantages=adv, advantage_map=amap,
+                 clip_range=0.1, adv_clip_max=5.0, beta=0.1, simple=False, write_grad=True)
+        a.update(kw)
+        return op(*a.values())
+
+    bad = [
+        (dict(model_output=v[0, 0], sample=x[0, 0]), r"model_output must be \[B, C"),
+        (dict(sample=x.double()), "sample and model_output dtypes differ"),
+        (dict(prev_sample=prev[:1]), "prev_sample must be a contiguous"),
+        (dict(prev_sample=None), "prev_sample must be a contiguous"),
+        (dict(ref_model_output=ref.transpose(2, 3).contiguous().transpose(2, 3)),
+         "ref_model_output must be a contiguous"),
+        (dict(coefs=coefs.double()), "coefs must be"),
+        (dict(kl_weight=None), "go together"),
+        (dict(ref_model_output=None), "go together"),
+        (dict(old_log_prob=old[:, :-1]), "old_log_prob must be a contiguous"),
+        (dict(old_log_prob=old.double()), "old_log_prob must be a contiguous"),
+        (dict(advantages=adv[:1]), "advantages must be a contiguous"),
+        (dict(advantage_map=amap.reshape(2, 3, 20)), "advantage_map must be a contiguous"),
+        (dict(advantage_map=amap[:, :-1]), "advantage_map must be a contiguous"),
+        (dict(advantage_map=amap.t().contiguous().t()), "advantage_map must be a contiguous"),
+        (dict(kl_weight=kl_w.double()), "kl_weight must be a contiguous"),
+        (dict(clip_range=0.0), "must be > 0"),
+        (dict(adv_clip_max=-1.0), "must be > 0"),
+    ]
+    for kw, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            call(**kw)
+    if _cpp_elem_loss_registered() and not HAS_CUDA:
+        # the C++ op rejects the same arguments with the same messages (a missing prev_sample is
+        # the schema's error there)
+        call = functools.partial(call, op=torch.ops.tbkernels.flow_grpo_elem_loss)
+        for kw, match in bad:
+            if "prev_sample" not in kw:
+                with pytest.raises(RuntimeError, match=match):
+                    call(**kw)
+
+
+@pytest.mark.skipif(not _cpp_elem_loss_registered(),
+                    reason="tbkernels::flow_grpo_elem_loss has no CPU kernel in the installed "
+                           "extension")
+@pytest.mark.skipif(HAS_CUDA, reason="compares the interpreter's numpy float math with the C++ "
+                                     "op's; compiled Triton may contract products into FMAs and "
+                                     "approximates exp (test_elem_loss's numerics rule holds)")
+@pytest.mark.parametrize("mode", list(ELEM_MODES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_elem_loss_matches_cpp_op(dtype, mode):
+    """Against the C++ CPU op on the same inputs: the same float32 (float64) operations per
+    element, so grad_v within one output ulp plus a few accumulation-dtype ulps of the largest
+    gradient (the two exps may differ in the last bits), the loss and metrics to a few ulps;
+    [1, N] maps, empty tensors and several CPU tasks (N > 32768) included."""
+    has_ref, beta, simple, shared, write_grad = ELEM_MODES[mode]
+    acc = acc_of(dtype)
+    for shape in ((3, 5, 7, 9), (2, 4, 3, 64, 65), (0, 3, 4, 5), (2, 3, 0)):
+        args = elem_loss_inputs(shape, dtype, has_ref, shared, seed=len(mode))
+        consts = (ELEM_CLIP, ELEM_ADV_MAX, beta, simple, write_grad)
+        c_loss, c_metrics, c_grad = torch.ops.tbkernels.flow_grpo_elem_loss(*args, *consts)
+        loss, metrics, grad_v = elem_loss(*args, *consts)
+        assert grad_v.shape == c_grad.shape and grad_v.dtype == c_grad.dtype
+        tol = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(acc).eps
+        torch.testing.assert_close(loss, c_loss, rtol=tol, atol=tol, equal_nan=True)
+        torch.testing.assert_close(metrics, c_metrics, rtol=tol, atol=tol, equal_nan=True)
+        if c_grad.numel():
+            ex = elem_loss_by_autograd(*(up(t) for t in args), *consts[:4], torch.float64)
+            eager = elem_loss_by_autograd(*args, *consts[:4], acc)
+            far = ~near_clip_bounds(ex[3], eager[3], ELEM_CLIP, acc).reshape(shape)
+            tol_g = ulp(dtype, c_grad) + 4 * ulp(acc, c_grad)
+            assert max_err(grad_v[far], c_grad[far]) <= tol_g
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.tbkernels, "flow_grpo_elem_loss_triton"),
+                    reason="tbkernels::flow_grpo_elem_loss_triton is not registered")
+@pytest.mark.parametrize("mode", ["kl", "no_ref", "no_grad"])
+def test_elem_loss_opcheck(mode):
+    """Schema, fake (shapes, dtypes, no aliasing between outputs) of the registered custom op."""
+    has_ref, beta, simple, shared, write_grad = ELEM_MODES[mode]
+    args = elem_loss_inputs((2, 3, 4, 5), torch.float32, has_ref, shared, seed=3)
+    torch.library.opcheck(torch.ops.tbkernels.flow_grpo_elem_loss_triton,
+                          (*args, ELEM_CLIP, ELEM_ADV_MAX, beta, simple, write_grad))
 
 
 def test_wan_latent_fast():
