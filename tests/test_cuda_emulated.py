@@ -350,6 +350,217 @@ def test_flow_grpo_map_surrogate_cuda_kernel_rejects_bad_arguments(emu):
     assert call(None, None, 0.1, DTYPE_CODE[torch.bfloat16]) != 0   # not an accumulation type
 
 
+# ------------------------------------------------- flow_grpo_loss with a per-element map, fused
+def _has_cpu_kernel(op):
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"tbkernels::{op}", "CPU")
+    except RuntimeError:                                   # no such schema
+        return False
+
+
+needs_cpu_elem_loss = pytest.mark.skipif(
+    not _has_cpu_kernel("flow_grpo_elem_loss"),
+    reason="the installed package has no C++ CPU flow_grpo_elem_loss (the comparison) yet")
+
+# (B, C, S): no samples, no elements, one element; N = 111 (no whole vectors: strided fragments);
+# N = 4000 (128-bit fragments, several blocks per sample, the last one ragged); N = 21003 (odd:
+# strided fragments over many blocks, ragged tail)
+ELEM_SHAPES = [(0, 4, 5), (3, 0, 7), (1, 1, 1), (2, 3, 37), (2, 4, 1000), (2, 3, 7001)]
+ELEM_VARIANTS = {  # with_ref, beta, simple, shared_map, write_grad
+    "kl": (True, 0.05, False, False, True),
+    "kl_simple_shared": (True, 0.05, True, True, True),
+    "kl_metric_only": (True, 0.0, False, True, True),   # beta 0: no KL term in the gradient
+    "no_ref": (False, 0.0, False, False, True),
+    "no_grad": (True, 0.05, False, True, False),
+    "no_ref_simple_no_grad": (False, 0.0, True, False, False),
+}
+ELEM_CLIP = 0.1
+
+
+def elem_loss_inputs(shape, dtype, with_ref, shared_map, seed=0):
+    """flow_grpo_elem_loss's inputs with old_log_prob near the step's log-prob (ratios on both
+    sides of the clip range, every third exactly 1) and a KL weight that makes the gradient's KL
+    term comparable to its policy term (so that either one missing shows)."""
+    B, C, S = shape
+    N = C * S
+    v, x, prev, _, ref, coefs = flow_inputs(shape, dtype, seed)
+    acc = acc_dtype(dtype)
+    g = torch.Generator().manual_seed(seed + 17)
+    logp = elem_logp(v, x, prev, coefs)
+    old = (logp.double() - 0.3 * torch.randn(B, N, generator=g, dtype=torch.float64)).to(acc)
+    old[:, ::3] = logp[:, ::3]
+    adv = (4 * torch.randn(B, generator=g, dtype=torch.float64)).to(acc)
+    amap = torch.rand(1 if shared_map else B, N, generator=g, dtype=torch.float64).to(acc)
+    kl_w = ((0.5 + torch.rand(B, generator=g, dtype=torch.float64)) / max(N, 1)).to(acc)
+    return v, x, prev, ref if with_ref else None, coefs, kl_w if with_ref else None, old, adv, amap
+
+
+def elem_logp(v, x, prev, coefs):
+    """The step's per-element log-prob [B, N] in the accumulation type, rounded as the kernels
+    round it (separate products and sums)."""
+    acc = coefs.dtype
+    B, N = v.shape[0], v.shape[1:].numel()
+    vv, xx, pp = (t.to(acc).reshape(B, N) for t in (v, x, prev))
+    cx, cv, alpha, gamma = (coefs[:, i:i + 1] for i in range(4))
+    d = pp - (cx * xx + cv * vv)
+    return alpha * (d * d) + gamma
+
+
+def run_emu_elem_loss(emu, dtype, shape, v, x, prev, ref, coefs, kl_w, old, adv, amap, beta,
+                      simple, write_grad, clip=ELEM_CLIP, adv_max=5.0):
+    """The emulated kernels: (rc, loss, metrics, grad_v or None, launches, workspace bytes)."""
+    acc = acc_dtype(dtype)
+    loss = torch.full((), float("nan"), dtype=acc)
+    metrics = torch.full((4,), float("nan"), dtype=acc)
+    grad_v = torch.full(v.shape, float("nan")).to(dtype) if write_grad else None
+    launches, ws = ctypes.c_int(0), ctypes.c_int64(0)
+    rc = emu.emu_flow_grpo_elem_loss(
+        DTYPE_CODE[dtype], *map(I64, shape), ptr(v), ptr(x), ptr(prev), ptr(ref), ptr(coefs),
+        ptr(kl_w), ptr(old), ptr(adv), ptr(amap), int(amap.shape[0] == 1),
+        ctypes.c_double(clip), ctypes.c_double(adv_max), ctypes.c_double(beta), int(simple),
+        ptr(loss), ptr(metrics), ptr(grad_v), ctypes.byref(launches), ctypes.byref(ws))
+    return rc, loss, metrics, grad_v, launches.value, ws.value
+
+
+def flat_blocks(B, N, dtype):
+    """plan_flat's blocks per sample (flow_step_kernels.cu), for the launch and workspace checks."""
+    def cdiv(a, b):
+        return -(-a // b)
+    if B == 0 or N == 0:
+        return 0
+    step = 256 * (128 // torch.finfo(dtype).bits)            # 256 threads x one 16-byte word
+    steps = min(max(cdiv(cdiv(B * N, 4096), step), 1), 16)
+    chunk = min(steps * step, cdiv(N, step) * step)
+    return cdiv(N, chunk)
+
+
+def assert_elem_grad(got, exp, dtype, kl_part, near_clip):
+    """grad_v against the CPU kernel's: within one rounding of the latent dtype, apart from the
+    ratio. The CPU computes it with its own vectorised exp (within 2 ulp, csrc/cpu/vec_exp.h),
+    the CUDA kernel with expf, so in float32 the policy part of the gradient may differ by a few
+    ulp of float (float64: the same libm exp, no difference); that part is at most |grad| +
+    |KL part|. Where the ratio lies at a clip bound (near_clip) the two may pick different
+    branches: left out."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    fi = torch.finfo(dtype)
+    got, exp = got.double().flatten(), exp.double().flatten()
+    keep = ~near_clip.flatten()
+    tol = fi.eps * exp.abs() + fi.tiny * fi.eps               # one ulp, subnormals included
+    if acc == torch.float32:
+        tol = tol + 8 * torch.finfo(acc).eps * (exp.abs() + kl_part.double().abs().flatten())
+    err = (got - exp).abs()
+    bad = keep & ~(err <= tol)                                # NaN counts as bad
+    assert not bad.any(), (f"{int(bad.sum())} elements off, worst "
+                           f"{(err / tol)[bad].max().item():.3g}x the tolerance")
+
+
+@needs_cpu_elem_loss
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ELEM_SHAPES)
+@pytest.mark.parametrize("variant", list(ELEM_VARIANTS))
+def test_flow_grpo_elem_loss_cuda_kernels(emu, dtype, shape, variant):
+    """The main pass (blocks over chunks of a sample's elements, as the backward) computes per
+    element the step's log-prob, its policy term and d loss / d v by the formula the CPU kernel
+    shares; the finalize block combines the blocks' partial sums (each sample's ref_sq from its
+    own blocks) in another order than the CPU's. No elements or no samples: finalize only, NaN
+    loss."""
+    with_ref, beta, simple, shared_map, write_grad = ELEM_VARIANTS[variant]
+    B, C, S = shape
+    N = C * S
+    inputs = elem_loss_inputs(shape, dtype, with_ref, shared_map, seed=B * 100 + N)
+    v, x, prev, ref, coefs, kl_w, old, adv, amap = inputs
+    rc, loss, metrics, grad_v, launches, ws = run_emu_elem_loss(emu, dtype, shape, *inputs, beta,
+                                                                simple, write_grad)
+    assert rc == 0
+    nblk = flat_blocks(B, N, dtype)
+    assert launches == (2 if nblk else 1)
+    assert ws == 5 * 8 * B * nblk                          # [5, B*nblk] double partials
+    e_loss, e_metrics, e_grad = torch.ops.tbkernels.flow_grpo_elem_loss(
+        *inputs, ELEM_CLIP, 5.0, beta, simple, write_grad)
+    acc = acc_dtype(dtype)
+    assert_reduction(loss, e_loss, B * N, acc)             # no terms: NaN in both
+    assert_reduction(metrics[[0, 1, 3]], e_metrics[[0, 1, 3]], B * N, acc)
+    assert_reduction(metrics[2], e_metrics[2], N, acc)     # the KL: sums over each sample
+    if not with_ref:
+        assert metrics[2].item() == 0 or B == 0
+    if B * N > 1000 and not simple:
+        assert 0 < metrics[1].item() < 1                   # ratios on both sides of the bounds
+    if not write_grad:
+        assert e_grad.numel() == 0
+        return
+    assert not torch.isnan(grad_v).any(), "grad_v not fully written"
+    logp = elem_logp(v, x, prev, coefs)
+    ratio = torch.exp(logp.double() - old.double())
+    near_clip = torch.zeros_like(ratio, dtype=torch.bool)
+    if not simple:
+        for bound in (1 - ELEM_CLIP, 1 + ELEM_CLIP):
+            near_clip |= (ratio - bound).abs() <= 1e-5 * bound
+    kl_part = torch.zeros(B, N, dtype=acc)
+    if with_ref and beta != 0:
+        gq2 = 2 * (beta * kl_w.double() / B)
+        kl_part = gq2[:, None] * (v.double() - ref.double()).reshape(B, N)
+    assert_elem_grad(grad_v, e_grad, dtype, kl_part, near_clip)
+
+
+def misaligned(t):
+    """A contiguous copy of t whose data starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)[1:]
+    return buf.view(t.shape).copy_(t)
+
+
+@needs_cpu_elem_loss
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", [0, 6])                  # model_output, old_log_prob
+def test_flow_grpo_elem_loss_cuda_kernels_unaligned(emu, dtype, which):
+    """Rows of whole vectors (N = 4000) but one input off a 16-byte boundary: the strided
+    fragments instead of the 128-bit ones, over the same blocks. Elementwise results are those of
+    the aligned run bit for bit; the sums are the same terms in another order."""
+    shape, beta = (2, 4, 1000), 0.05
+    inputs = list(elem_loss_inputs(shape, dtype, True, False, seed=5))
+    _, loss, metrics, grad_v, _, _ = run_emu_elem_loss(emu, dtype, shape, *inputs, beta, False,
+                                                       True)
+    inputs[which] = misaligned(inputs[which])
+    assert inputs[which].data_ptr() % 16 != 0
+    rc, u_loss, u_metrics, u_grad, launches, ws = run_emu_elem_loss(emu, dtype, shape, *inputs,
+                                                                    beta, False, True)
+    assert rc == 0 and launches == 2 and ws == 5 * 8 * 2 * flat_blocks(2, 4000, dtype)
+    assert torch.equal(u_grad, grad_v)
+    assert_reduction(u_loss, loss, 8000, acc_dtype(dtype))
+    assert_reduction(u_metrics, metrics, 8000, acc_dtype(dtype))
+
+
+def test_flow_grpo_elem_loss_cuda_kernel_rejects_bad_arguments(emu):
+    shape = (2, 3, 4)
+    lat = [torch.zeros(shape) for _ in range(4)]           # v, x, prev, ref
+    coefs, per_b, per_e = torch.zeros(2, 5), torch.zeros(2), torch.zeros(2, 12)
+    out = [torch.zeros(()), torch.zeros(4), torch.zeros(shape)]
+    launches, ws = ctypes.c_int(0), ctypes.c_int64(0)
+
+    def call(dims=shape, dtype=DTYPE_CODE[torch.float32], prev=lat[2], ref=lat[3], kl_w=per_b,
+             old=per_e, amap=per_e, clip=0.1, adv_max=5.0, loss=out[0]):
+        return emu.emu_flow_grpo_elem_loss(
+            dtype, *map(I64, dims), ptr(lat[0]), ptr(lat[1]), ptr(prev), ptr(ref), ptr(coefs),
+            ptr(kl_w), ptr(old), ptr(per_b), ptr(amap), 0, ctypes.c_double(clip),
+            ctypes.c_double(adv_max), ctypes.c_double(0.05), 0, ptr(loss), ptr(out[1]),
+            ptr(out[2]), ctypes.byref(launches), ctypes.byref(ws))
+    assert call() == 0 and launches.value == 2
+    assert call(ref=None, kl_w=None) == 0
+    # no elements: the latents and [B, N] arrays may have no storage, the reference included
+    assert call(dims=(2, 0, 4), prev=None, ref=None, old=None, amap=None) == 0
+    assert launches.value == 1
+    assert call(kl_w=None) != 0                             # ref without kl_weight
+    assert call(ref=None) != 0                              # kl_weight without ref (elements)
+    assert call(clip=0.0) != 0                              # clip_range must be > 0
+    assert call(adv_max=0.0) != 0                           # adv_clip_max must be > 0
+    assert call(prev=None) != 0                             # prev_sample is required
+    assert call(old=None) != 0
+    assert call(amap=None) != 0
+    assert call(loss=None) != 0
+    assert call(dtype=7) != 0 and launches.value == -1      # no such dtype
+    assert call(dims=(2, -1, 4)) != 0 and launches.value == -1 and ws.value == 0
+    assert call(dims=(2, 2**62, 4)) != 0 and launches.value == -1   # C*S overflows int64
+
+
 # --------------------------------------------------------------------------------- per-sample MSE
 @pytest.mark.parametrize("pred_dtype,target_dtype", [
     (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16),

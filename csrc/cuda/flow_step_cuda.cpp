@@ -178,6 +178,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_map_surrogate_cuda(
   return {loss, metrics, grad_ref_sq};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cuda(
+    const at::Tensor& v, const at::Tensor& x, const at::Tensor& prev,
+    const std::optional<at::Tensor>& ref, const at::Tensor& coefs,
+    const std::optional<at::Tensor>& kl_weight, const at::Tensor& old_log_prob,
+    const at::Tensor& advantages, const at::Tensor& advantage_map, double clip_range,
+    double adv_clip_max, double beta, bool simple, bool write_grad) {
+  const char* op = "flow_grpo_elem_loss";
+  const Layout L = flow_step::check_elem_loss_args(v, x, prev, ref, coefs, kl_weight,
+                                                   old_log_prob, advantages, advantage_map,
+                                                   clip_range, adv_clip_max, c10::DeviceType::CUDA);
+  const cuda::DType dtype = kernel_dtype(v.scalar_type(), op);
+  const c10::cuda::CUDAGuard guard(v.device());
+  at::Tensor loss, metrics, grad_v;
+  std::tie(loss, metrics, grad_v) = flow_step::elem_loss_outputs(v, coefs, write_grad);
+  cuda::FlowGrpoElemLossArgs args;
+  args.dtype = dtype;
+  args.batch = L.B;
+  args.channels = L.C;
+  args.spatial = L.S;
+  args.model_output = v.data_ptr();
+  args.sample = x.data_ptr();
+  args.prev_sample = prev.data_ptr();
+  args.ref_model_output = opt_ptr(ref);
+  args.coefs = coefs.data_ptr();
+  args.kl_weight = opt_ptr(kl_weight);
+  args.old_log_prob = old_log_prob.data_ptr();
+  args.advantages = advantages.data_ptr();
+  args.advantage_map = advantage_map.data_ptr();
+  args.map_shared = advantage_map.size(0) == 1;
+  args.clip_range = clip_range;
+  args.adv_clip_max = adv_clip_max;
+  args.beta = beta;
+  args.simple = simple;
+  args.loss = loss.data_ptr();
+  args.metrics = metrics.data_ptr();
+  args.grad_v = write_grad ? grad_v.data_ptr() : nullptr;  // without write_grad: [0], unwritten
+  const at::Tensor workspace =  // alive until the kernels are queued
+      cuda_scratch(cuda::flow_grpo_elem_loss_workspace_bytes(args), v, &args.workspace);
+  C10_CUDA_CHECK(cuda::flow_grpo_elem_loss(args, at::cuda::getCurrentCUDAStream()));
+  return {loss, metrics, grad_v};
+}
+
 }  // namespace
 }  // namespace tbk
 
@@ -186,4 +228,5 @@ TORCH_LIBRARY_IMPL(tbkernels, CUDA, m) {
   m.impl("flow_step_backward", &tbk::flow_step_backward_cuda);
   m.impl("flow_grpo_surrogate", &tbk::flow_grpo_surrogate_cuda);
   m.impl("flow_grpo_map_surrogate", &tbk::flow_grpo_map_surrogate_cuda);
+  m.impl("flow_grpo_elem_loss", &tbk::flow_grpo_elem_loss_cuda);
 }

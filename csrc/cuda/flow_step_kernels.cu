@@ -29,6 +29,9 @@
 //   flow_grpo_loss's surrogates:     surrogate_kernel    one warp ([B] log-probs, no map)
 //                                     map_surrogate_kernel + map_finalize_kernel (ViPO map,
 //                                     [B, positions]; see their section)
+//   flow_grpo_elem_loss:             elem_loss_kernel    grid B*nblk x 256, like fwd_flat_kernel
+//                                     (5 double partials per block)
+//                                  -> elem_finalize_kernel one block (see their section)
 // Sizes (plan_flat / plan_forward), step = 256*VEC:
 //   flat:    chunk = min(clamp(ceil(ceil(B*D / 4096) / step), 1, 16) * step, ceil(D/step)*step),
 //            nblk = ceil(D / chunk)       (bf16 [8,16,21,60,104]: chunk 4096, 4096 blocks;
@@ -36,7 +39,8 @@
 //   channel: G doubles from 1 while 2G <= C, G < 8 and B*ceil(S/VEC)*G < 262144; TX = 256/G,
 //            nblk = ceil(S / (TX*VEC))
 //   workspace bytes = (reduction == mean ? 2 : 1) * round_up(B*nblk*sizeof(Acc), 256), or 0 when
-//            nblk == 0 (D == 0, or S == 0 for channel_sum).
+//            nblk == 0 (D == 0, or S == 0 for channel_sum); elem loss (flat plan):
+//            5 * B*nblk * 8 (double partials)
 #include "flow_step_kernels.h"
 
 #include "../flow_grpo_surrogate.h"
@@ -842,6 +846,202 @@ cudaError_t run_map_surrogate(const FlowGrpoMapSurrogateArgs& a, const MapPlan& 
   return cudaGetLastError();
 }
 
+// ------------------------------------------------------------------------------------------
+// flow_grpo_loss with a per-element ViPO map, the step and the surrogate fused: per element the
+// log-prob, its policy term, and (write_grad) d loss / d v, which is elementwise once the
+// per-sample constants are known. elem_loss_kernel, grid B*nblk x 256 (plan_flat over the N =
+// C*S elements of a sample, as the backward): each thread walks its fragments of the block's
+// chunk (VEC latents, and VEC old_log_prob / map values read as 128-bit words too when aligned),
+// and the block's five sums (policy, delta^2, clipped, ratio, and sum (v - v_ref)^2) go to
+// partials [5, B*nblk] in double. elem_finalize_kernel, one block: the policy partials in a fixed
+// order, each sample's ref_sq from its own blocks in block order, the KL, loss and metrics. Per
+// element the inputs are read once and grad_v written once; no log-prob buffer exists.
+
+template <typename T>
+struct ElemParams {
+  using Acc = typename Elem<T>::Acc;
+  const T* v;
+  const T* x;
+  const T* prev;
+  const T* ref;  // may be null (no reference)
+  const Acc* coefs;
+  const Acc* kl_weight;  // with ref
+  const Acc* old;
+  const Acc* adv;
+  const Acc* amap;
+  T* grad_v;     // may be null (no gradient)
+  double* part;  // [5, nprog]
+  int64_t N, map_stride;  // map_stride: 0 for a map shared by the batch, else N
+  int64_t chunk, nblk, nprog;
+  bool kl_on;  // the gradient's KL term: a reference and beta != 0
+};
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads)
+    elem_loss_kernel(const surrogate::Constants<typename Elem<T>::Acc> k, const ElemParams<T> p) {
+  using Acc = typename Elem<T>::Acc;
+  constexpr int V = kVecOf<T>;
+  constexpr int64_t kStep = static_cast<int64_t>(kThreads) * V;
+  const int64_t blk = blockIdx.x;
+  const int64_t b = blk / p.nblk, kb = blk - b * p.nblk;
+  const Acc* cf = p.coefs + b * 5;
+  const Acc cx = cf[0], cv = cf[1], alpha = cf[2], gamma = cf[3];
+  const Acc a_b = surrogate::clamp_adv(k, p.adv[b]);
+  const bool has_ref = p.ref != nullptr, grad = p.grad_v != nullptr;
+  const bool ref_grad = grad && p.kl_on;
+  // The CPU kernel's per-sample factors: d logp / d v = lp_scale * d, d loss / d v's KL term
+  // gq2 * (v - v_ref).
+  const Acc lp_scale = Acc(-2) * alpha * cv;
+  const Acc gq2 = Acc(2) * surrogate::kl_grad(k, has_ref ? p.kl_weight[b] : Acc(0));
+  const int64_t e1 = (kb + 1) * p.chunk < p.N ? (kb + 1) * p.chunk : p.N;
+  const int64_t base = b * p.N;
+  const Acc* map_row = p.amap + b * p.map_stride;
+  const int64_t stride = kVec ? 1 : kThreads;
+  const int tx = static_cast<int>(threadIdx.x);
+
+  // s.kl carries this thread's sum of (v - v_ref)^2: the KL itself is the finalize's, per sample.
+  surrogate::Sums s;
+  for (int64_t e = kb * p.chunk + (kVec ? tx * V : tx); e < e1; e += kStep) {
+    const int nvalid =
+        kVec ? V : static_cast<int>((e1 - e + kThreads - 1) / kThreads < V
+                                        ? (e1 - e + kThreads - 1) / kThreads
+                                        : V);
+    const int64_t i = base + e;
+    // every load of the fragment issued before any arithmetic, as the backward
+    Acc vv[V], xx[V], pp[V], rr[V], oo[V], mm[V];
+    load_frag<kVec>(p.v + i, stride, nvalid, vv);
+    load_frag<kVec>(p.x + i, stride, nvalid, xx);
+    load_frag<kVec>(p.prev + i, stride, nvalid, pp);
+    if (has_ref) load_frag<kVec>(p.ref + i, stride, nvalid, rr);
+    load_frag<kVec>(p.old + i, stride, nvalid, oo);
+    load_frag<kVec>(map_row + e, stride, nvalid, mm);
+    T out[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      // past the tail: nothing to add (policy_term adds to the sums) and nothing to store
+      if (!kVec && j >= nvalid) continue;
+      // The mean and the log-prob rounded step by step as the CPU kernel does (no FMA): delta =
+      // logp - old cancels, so an ulp of logp is many ulps of the ratio.
+      const Acc d = pp[j] - add_rn(mul_rn(cx, xx[j]), mul_rn(cv, vv[j]));
+      const Acc logp = add_rn(alpha * (d * d), gamma);
+      const Acc g = surrogate::policy_term(k, logp, oo[j], a_b * mm[j], s);
+      if (has_ref) {
+        const Acc dr = vv[j] - rr[j];
+        s.kl += static_cast<double>(dr * dr);
+      }
+      if (grad) {
+        // the grouping of the CPU kernel: d loss / d logp first, then the step's chain rule
+        Acc gv = (lp_scale * (g * k.inv_n)) * d;
+        if (ref_grad) gv += gq2 * (vv[j] - rr[j]);
+        out[j] = Elem<T>::from_acc(gv);
+      }
+    }
+    if (grad) store_frag<kVec>(p.grad_v + i, stride, nvalid, out);
+  }
+  block_sum_sums(s);
+  if (tx == 0) {
+    p.part[blk] = s.policy;
+    p.part[p.nprog + blk] = s.delta_sq;
+    p.part[2 * p.nprog + blk] = s.clipped;
+    p.part[3 * p.nprog + blk] = s.ratio;
+    p.part[4 * p.nprog + blk] = s.kl;
+  }
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    elem_finalize_kernel(const surrogate::Constants<Acc> k, const double* __restrict__ part,
+                         int64_t nprog, int64_t B, int64_t nblk, int64_t terms,
+                         const Acc* __restrict__ kl_weight, Acc* __restrict__ loss,
+                         Acc* __restrict__ metrics) {
+  surrogate::Sums s;
+  for (int64_t i = threadIdx.x; i < nprog; i += blockDim.x) {
+    s.policy += part[i];
+    s.delta_sq += part[nprog + i];
+    s.clipped += part[2 * nprog + i];
+    s.ratio += part[3 * nprog + i];
+  }
+  if (k.has_ref) {
+    // a sample's ref_sq from its blocks in order (as the CPU's from its chunks), rounded to Acc
+    // once like the ref_sq that the unfused step hands to the surrogate
+    const double* part_ref = part + 4 * nprog;
+    for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
+      double r = 0.0;
+      for (int64_t kb = 0; kb < nblk; ++kb) r += part_ref[b * nblk + kb];
+      (void)surrogate::kl_term(k, static_cast<Acc>(r), kl_weight[b], s);
+    }
+  }
+  block_sum_sums(s);
+  if (threadIdx.x == 0) surrogate::finish(k, s, terms, B, loss, metrics);
+}
+
+struct ElemPlan {
+  bool ok = false;
+  int64_t N = 0;                // elements per sample
+  int64_t chunk = 0, nblk = 0;  // per sample; nblk == 0: no main launch
+  size_t bytes = 0;             // workspace: the partials [5, B*nblk] double
+};
+
+ElemPlan plan_elem(const FlowGrpoElemLossArgs& a) {
+  ElemPlan pl;
+  const int es = elem_size(a.dtype);
+  if (es == 0 || a.batch < 0 || a.channels < 0 || a.spatial < 0) return pl;
+  if (a.channels > 0 && a.spatial > INT64_MAX / a.channels) return pl;
+  pl.N = a.channels * a.spatial;
+  if (a.batch > 0 && pl.N > INT64_MAX / a.batch) return pl;
+  const FlatPlan f = plan_flat(a.batch, pl.N, es);
+  if (a.batch * f.nblk > kMaxGrid) return pl;
+  pl.ok = true;
+  pl.chunk = f.chunk;
+  pl.nblk = f.nblk;
+  pl.bytes = static_cast<size_t>(5 * a.batch * f.nblk) * sizeof(double);
+  return pl;
+}
+
+template <typename T>
+cudaError_t run_elem_loss(const FlowGrpoElemLossArgs& a, const ElemPlan& pl,
+                          cudaStream_t stream) {
+  using Acc = typename Elem<T>::Acc;
+  constexpr int V = kVecOf<T>;
+  const bool has_ref = a.kl_weight != nullptr;
+  const auto k = surrogate::make_constants<Acc>(a.clip_range, a.adv_clip_max, a.beta, a.simple,
+                                                has_ref, a.batch, a.batch * pl.N);
+  ElemParams<T> p{};
+  p.v = static_cast<const T*>(a.model_output);
+  p.x = static_cast<const T*>(a.sample);
+  p.prev = static_cast<const T*>(a.prev_sample);
+  p.ref = has_ref ? static_cast<const T*>(a.ref_model_output) : nullptr;
+  p.coefs = static_cast<const Acc*>(a.coefs);
+  p.kl_weight = static_cast<const Acc*>(a.kl_weight);
+  p.old = static_cast<const Acc*>(a.old_log_prob);
+  p.adv = static_cast<const Acc*>(a.advantages);
+  p.amap = static_cast<const Acc*>(a.advantage_map);
+  p.grad_v = static_cast<T*>(a.grad_v);
+  p.part = static_cast<double*>(a.workspace);
+  p.N = pl.N;
+  p.map_stride = a.map_shared ? 0 : pl.N;
+  p.chunk = pl.chunk;
+  p.nblk = pl.nblk;
+  p.nprog = a.batch * pl.nblk;
+  p.kl_on = has_ref && a.beta != 0;
+  if (p.nprog > 0) {
+    // 128-bit fragments: every streamed pointer 16-byte aligned and whole vectors per row, which
+    // keeps a fragment of old_log_prob / the map (VEC Acc values) whole 16-byte words too.
+    const bool vec = pl.N % V == 0 && aligned16(p.v) && aligned16(p.x) && aligned16(p.prev) &&
+                     aligned16(p.ref) && aligned16(p.old) && aligned16(p.amap) &&
+                     aligned16(p.grad_v);
+    const dim3 grid(static_cast<unsigned>(p.nprog));
+    if (vec) elem_loss_kernel<T, true><<<grid, kThreads, 0, stream>>>(k, p);
+    else elem_loss_kernel<T, false><<<grid, kThreads, 0, stream>>>(k, p);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  elem_finalize_kernel<Acc><<<1, kFinalizeThreads, 0, stream>>>(
+      k, p.part, p.nprog, a.batch, pl.nblk, a.batch * pl.N, p.kl_weight,
+      static_cast<Acc*>(a.loss), static_cast<Acc*>(a.metrics));
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 size_t flow_grpo_map_surrogate_workspace_bytes(const FlowGrpoMapSurrogateArgs& args) {
@@ -871,6 +1071,43 @@ cudaError_t flow_grpo_map_surrogate(const FlowGrpoMapSurrogateArgs& args, cudaSt
     case DType::kFloat32: return run_map_surrogate<float>(args, pl, stream);
     case DType::kFloat64: return run_map_surrogate<double>(args, pl, stream);
     default: break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+size_t flow_grpo_elem_loss_workspace_bytes(const FlowGrpoElemLossArgs& args) {
+  const ElemPlan pl = plan_elem(args);
+  return pl.ok ? pl.bytes : 0;
+}
+
+int flow_grpo_elem_loss_num_launches(const FlowGrpoElemLossArgs& args) {
+  const ElemPlan pl = plan_elem(args);
+  return pl.ok ? (pl.nblk > 0 ? 1 : 0) + 1 : -1;
+}
+
+cudaError_t flow_grpo_elem_loss(const FlowGrpoElemLossArgs& args, cudaStream_t stream) {
+  const ElemPlan pl = plan_elem(args);
+  if (!pl.ok || (args.ref_model_output != nullptr && args.kl_weight == nullptr) ||
+      !(args.clip_range > 0) || !(args.adv_clip_max > 0) || args.loss == nullptr ||
+      args.metrics == nullptr)
+    return cudaErrorInvalidValue;
+  // The per-sample pointers whenever there are samples, the latents and [B, N] arrays only when
+  // the main pass runs: a tensor with no elements may have no storage, so kl_weight alone says
+  // whether there is a reference.
+  if (args.batch > 0 && (args.coefs == nullptr || args.advantages == nullptr))
+    return cudaErrorInvalidValue;
+  if (pl.nblk > 0 && (args.model_output == nullptr || args.sample == nullptr ||
+                      args.prev_sample == nullptr || args.old_log_prob == nullptr ||
+                      args.advantage_map == nullptr || args.workspace == nullptr ||
+                      (args.kl_weight != nullptr && args.ref_model_output == nullptr)))
+    return cudaErrorInvalidValue;
+  // No elements (or no samples) still launches the finalize: loss and metrics are NaN (means of
+  // nothing), as on the CPU.
+  switch (args.dtype) {
+    case DType::kFloat32: return run_elem_loss<float>(args, pl, stream);
+    case DType::kFloat64: return run_elem_loss<double>(args, pl, stream);
+    case DType::kFloat16: return run_elem_loss<__half>(args, pl, stream);
+    case DType::kBFloat16: return run_elem_loss<__nv_bfloat16>(args, pl, stream);
   }
   return cudaErrorInvalidValue;
 }

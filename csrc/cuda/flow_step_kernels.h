@@ -111,6 +111,31 @@ struct FlowGrpoMapSurrogateArgs {
   void* workspace = nullptr;    // flow_grpo_map_surrogate_workspace_bytes(args) bytes
 };
 
+// flow_grpo_loss with a per-element ViPO map, the step and the surrogate fused
+// (flow_grpo_elem_loss; formula: csrc/ops.cpp, csrc/flow_grpo_surrogate.h). Latents as
+// FlowStepForwardArgs with a stored prev_sample; [B, N] and [B] tensors (N = C*S) contiguous
+// device memory of the accumulation type.
+struct FlowGrpoElemLossArgs {
+  DType dtype = DType::kFloat32;                 // element type of the latents
+  int64_t batch = 0, channels = 0, spatial = 0;  // B, C, S
+  const void* model_output = nullptr;            // v
+  const void* sample = nullptr;                  // x
+  const void* prev_sample = nullptr;             // required
+  const void* ref_model_output = nullptr;        // v_ref, needed when kl_weight is given
+  const void* coefs = nullptr;                   // [B, 5] Acc
+  const void* kl_weight = nullptr;               // [B]; nullptr: no reference
+  const void* old_log_prob = nullptr;            // [B, N]
+  const void* advantages = nullptr;              // [B]
+  const void* advantage_map = nullptr;           // [B, N], or [1, N] with map_shared
+  bool map_shared = false;
+  double clip_range = 1e-4, adv_clip_max = 5.0, beta = 0.0;
+  bool simple = false;
+  void* loss = nullptr;       // []
+  void* metrics = nullptr;    // [4] approx_kl, clipfrac, kl, ratio_mean
+  void* grad_v = nullptr;     // [B, C, S] `dtype`, d loss / d v of a unit loss; nullptr: none
+  void* workspace = nullptr;  // flow_grpo_elem_loss_workspace_bytes(args) bytes
+};
+
 // Bytes of scratch `flow_step_forward` needs (pointers are ignored, only sizes and modes count).
 // Returns 0 for inconsistent arguments (flow_step_forward then reports cudaErrorInvalidValue).
 size_t flow_step_forward_workspace_bytes(const FlowStepForwardArgs& args);
@@ -133,6 +158,12 @@ cudaError_t flow_grpo_surrogate(const FlowGrpoSurrogateArgs& args, cudaStream_t 
 size_t flow_grpo_map_surrogate_workspace_bytes(const FlowGrpoMapSurrogateArgs& args);
 int flow_grpo_map_surrogate_num_launches(const FlowGrpoMapSurrogateArgs& args);
 cudaError_t flow_grpo_map_surrogate(const FlowGrpoMapSurrogateArgs& args, cudaStream_t stream);
+// Two launches (the main pass over the latents, skipped when B*C*S == 0, and a one-block
+// finalize); workspace 40 bytes per main-pass block. workspace_bytes is 0 and num_launches -1
+// for inconsistent sizes or dtype.
+size_t flow_grpo_elem_loss_workspace_bytes(const FlowGrpoElemLossArgs& args);
+int flow_grpo_elem_loss_num_launches(const FlowGrpoElemLossArgs& args);
+cudaError_t flow_grpo_elem_loss(const FlowGrpoElemLossArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace tbk

@@ -98,6 +98,28 @@ int emu_flow_grpo_map_surrogate(int acc_dtype, int64_t B, int64_t P, void* logp,
   return static_cast<int>(tbk::cuda::flow_grpo_map_surrogate(a, nullptr));
 }
 
+int emu_flow_grpo_elem_loss(int dtype, int64_t B, int64_t C, int64_t S, const void* v,
+                            const void* x, const void* prev, const void* ref, const void* coefs,
+                            const void* kl_weight, const void* old_log_prob,
+                            const void* advantages, const void* advantage_map, int map_shared,
+                            double clip_range, double adv_clip_max, double beta, int simple,
+                            void* loss, void* metrics, void* grad_v, int* launches,
+                            int64_t* workspace_bytes) {
+  tbk::cuda::FlowGrpoElemLossArgs a;
+  a.dtype = static_cast<tbk::cuda::DType>(dtype); a.batch = B; a.channels = C; a.spatial = S;
+  a.model_output = v; a.sample = x; a.prev_sample = prev; a.ref_model_output = ref;
+  a.coefs = coefs; a.kl_weight = kl_weight; a.old_log_prob = old_log_prob;
+  a.advantages = advantages; a.advantage_map = advantage_map; a.map_shared = map_shared != 0;
+  a.clip_range = clip_range; a.adv_clip_max = adv_clip_max; a.beta = beta;
+  a.simple = simple != 0; a.loss = loss; a.metrics = metrics; a.grad_v = grad_v;
+  Workspace ws;
+  const size_t bytes = tbk::cuda::flow_grpo_elem_loss_workspace_bytes(a);
+  a.workspace = ws.aligned(bytes);
+  *launches = tbk::cuda::flow_grpo_elem_loss_num_launches(a);
+  *workspace_bytes = static_cast<int64_t>(bytes);
+  return static_cast<int>(tbk::cuda::flow_grpo_elem_loss(a, nullptr));
+}
+
 int emu_per_sample_mse_forward(int pred_dtype, int target_dtype, int64_t B, int64_t D,
                                const void* pred, const void* target, void* out, int* launches) {
   tbk::cuda::PerSampleMseForwardArgs a;
