@@ -36,6 +36,19 @@ using flow_step::Layout;
 // (32768 floats, 128 KiB) stays in L2.
 constexpr int64_t kChunk = 32768;
 
+// The ViPO-map surrogates' row functions below are compute-bound on a CPU (an exp, the clipped
+// term's selections and four double sums per element), and the extension is built for baseline
+// x86-64, whose vectors are 128-bit SSE. On x86-64 with GCC or Clang their entry points get an
+// AVX2 clone beside the baseline one, picked when the library loads (ifunc); `flatten` inlines
+// the templated loops into each clone so that they are compiled for its ISA. AVX2 without FMA:
+// no multiply-add is contracted, so both clones round every operation alike (only the lane
+// count of the double reductions differs).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#define TBK_CPU_CLONES __attribute__((target_clones("avx2", "default"), flatten))
+#else
+#define TBK_CPU_CLONES
+#endif
+
 inline int64_t num_chunks(const Layout& L) { return (L.S + kChunk - 1) / kChunk; }
 
 template <typename T>
@@ -368,6 +381,26 @@ void map_surrogate_row(const surrogate::Constants<Acc>& k, Acc a_b, Acc* row, co
   }
 }
 
+template <typename Acc>
+inline void map_surrogate_row_form(const surrogate::Constants<Acc>& k, Acc a_b, Acc* row,
+                                   const Acc* old_row, const Acc* map_row, int64_t n,
+                                   surrogate::Sums& s) {
+  if (k.simple) map_surrogate_row<true>(k, a_b, row, old_row, map_row, n, s);
+  else map_surrogate_row<false>(k, a_b, row, old_row, map_row, n, s);
+}
+
+TBK_CPU_CLONES void map_surrogate_rows(const surrogate::Constants<float>& k, float a_b,
+                                       float* row, const float* old_row, const float* map_row,
+                                       int64_t n, surrogate::Sums& s) {
+  map_surrogate_row_form(k, a_b, row, old_row, map_row, n, s);
+}
+
+TBK_CPU_CLONES void map_surrogate_rows(const surrogate::Constants<double>& k, double a_b,
+                                       double* row, const double* old_row,
+                                       const double* map_row, int64_t n, surrogate::Sums& s) {
+  map_surrogate_row_form(k, a_b, row, old_row, map_row, n, s);
+}
+
 // The surrogate with a ViPO map (formula: csrc/flow_grpo_surrogate.h, one policy term per
 // position). Tasks of kChunk positions of one sample, each with its own partial sums, combined
 // afterwards in task order (deterministic whatever the thread count); each position's gradient
@@ -402,8 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_map_surrogate_cpu(
         const Acc* old_row = old + b * P + p0;
         const Acc* map_row = amap + b * map_stride + p0;
         surrogate::Sums s;
-        if (k.simple) map_surrogate_row<true>(k, a_b, row, old_row, map_row, n, s);
-        else map_surrogate_row<false>(k, a_b, row, old_row, map_row, n, s);
+        map_surrogate_rows(k, a_b, row, old_row, map_row, n, s);
         part[t] = s;
       }
     });
@@ -516,6 +548,27 @@ void elem_loss_row_ref(int ref_mode, bool grad, const surrogate::Constants<Acc>&
   else elem_loss_row_grad<kSimple, kNoRef>(grad, k, r, n, s, ref_sq);
 }
 
+template <typename scalar_t, typename Acc>
+inline void elem_loss_row_form(const surrogate::Constants<Acc>& k, int ref_mode, bool grad,
+                               const ElemRow<scalar_t, Acc>& r, int64_t n, surrogate::Sums& s,
+                               double& ref_sq) {
+  if (k.simple) elem_loss_row_ref<true>(ref_mode, grad, k, r, n, s, ref_sq);
+  else elem_loss_row_ref<false>(ref_mode, grad, k, r, n, s, ref_sq);
+}
+
+// One entry point per latent dtype (target_clones needs plain functions, not templates).
+#define TBK_ELEM_ROWS(scalar_t, Acc)                                                         \
+  TBK_CPU_CLONES void elem_loss_rows(const surrogate::Constants<Acc>& k, int ref_mode,       \
+                                     bool grad, const ElemRow<scalar_t, Acc>& r, int64_t n,  \
+                                     surrogate::Sums& s, double& ref_sq) {                   \
+    elem_loss_row_form(k, ref_mode, grad, r, n, s, ref_sq);                                  \
+  }
+TBK_ELEM_ROWS(float, float)
+TBK_ELEM_ROWS(double, double)
+TBK_ELEM_ROWS(c10::Half, float)
+TBK_ELEM_ROWS(c10::BFloat16, float)
+#undef TBK_ELEM_ROWS
+
 // Tasks of kChunk elements of one sample, each with its own partial sums, combined afterwards in
 // task order (deterministic whatever the thread count), as flow_grpo_map_surrogate_cpu.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cpu(
@@ -560,8 +613,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cpu(
         r.gq2 = Acc(2) * surrogate::kl_grad(k, kw ? kw[b] : Acc(0));
         surrogate::Sums s;
         double rsq = 0.0;
-        if (k.simple) elem_loss_row_ref<true>(ref_mode, write_grad, k, r, n, s, rsq);
-        else elem_loss_row_ref<false>(ref_mode, write_grad, k, r, n, s, rsq);
+        elem_loss_rows(k, ref_mode, write_grad, r, n, s, rsq);
         part[t] = s;
         part_ref[t] = rsq;
       }
