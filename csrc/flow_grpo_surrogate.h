@@ -79,6 +79,13 @@ TBK_SURROGATE_FN Acc clamp_adv(const Constants<Acc>& k, Acc adv) {
 // Sums over the policy terms (and the batch, for kl), accumulated in double.
 struct Sums {
   double policy = 0, kl = 0, delta_sq = 0, clipped = 0, ratio = 0;
+  // The policy sums of one block of terms (the vectorised loops' own reduction variables).
+  TBK_SURROGATE_FN void add_policy(double p, double dsq, double c, double r) {
+    policy += p;
+    delta_sq += dsq;
+    clipped += c;
+    ratio += r;
+  }
 };
 
 // The policy term with advantage `a` at ratio r = exp(logp - old): the term and d term / d logp

@@ -374,10 +374,7 @@ void map_surrogate_row(const surrogate::Constants<Acc>& k, Acc a_b, Acc* row, co
       clipped += surrogate::is_clipped(k, r) ? 1.0 : 0.0;
       ratio_sum += static_cast<double>(r);
     }
-    s.policy += policy;
-    s.delta_sq += delta_sq;
-    s.clipped += clipped;
-    s.ratio += ratio_sum;
+    s.add_policy(policy, delta_sq, clipped, ratio_sum);
   }
 }
 
@@ -441,10 +438,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_map_surrogate_cpu(
     });
     surrogate::Sums total;
     for (const auto& s : part) {
-      total.policy += s.policy;
-      total.delta_sq += s.delta_sq;
-      total.clipped += s.clipped;
-      total.ratio += s.ratio;
+      total.add_policy(s.policy, s.delta_sq, s.clipped, s.ratio);
     }
     const Acc* rs = opt_ptr<Acc>(ref_sq);
     const Acc* kw = opt_ptr<Acc>(kl_weight);
@@ -523,10 +517,7 @@ void elem_loss_row(const surrogate::Constants<Acc>& k, const ElemRow<scalar_t, A
       clipped += surrogate::is_clipped(kc, rt) ? 1.0 : 0.0;
       ratio_sum += static_cast<double>(rt);
     }
-    s.policy += policy;
-    s.delta_sq += delta_sq;
-    s.clipped += clipped;
-    s.ratio += ratio_sum;
+    s.add_policy(policy, delta_sq, clipped, ratio_sum);
     ref_sq += rsq;
   }
 }
@@ -620,10 +611,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cpu(
     });
     surrogate::Sums total;
     for (const auto& s : part) {
-      total.policy += s.policy;
-      total.delta_sq += s.delta_sq;
-      total.clipped += s.clipped;
-      total.ratio += s.ratio;
+      total.add_policy(s.policy, s.delta_sq, s.clipped, s.ratio);
     }
     for (int64_t b = 0; b < B; ++b) {
       double rs = 0.0;
