@@ -524,6 +524,28 @@ def measure_memory_in_child(name, shape, dtype, device, map_kind=None):
 
 # ------------------------------------------------------------------------------------------------
 
+def fused_bytes_moved(shape, elt, map_kind=None):
+    """Bytes tbkernels' fused path must move per phase; eager moves far more, and the same count
+    is its useful work. Latents of `elt` bytes, float32 log-probs and maps, beta != 0 (the
+    reference is read for the gradient too).
+    No map: forward reads v, x, prev, ref; backward reads them again and writes grad_v.
+    Per position (P = numel / C): the step also writes the [B, P] log-prob, the map surrogate
+    reads it with old_log_prob and the map and overwrites it; the backward reads it once more
+    beside the four latents, writes grad_v, and scales grad_v in place (read + write).
+    Per element: one pass reads the four latents, old_log_prob and the map and writes grad_v;
+    the backward scales grad_v in place."""
+    numel = math.prod(shape)
+    latent = numel * elt
+    if map_kind is None:
+        fwd, bwd = 4 * latent, 5 * latent
+    elif map_kind == "position":
+        positions = numel // shape[1]
+        fwd, bwd = 4 * latent + 20 * positions, 7 * latent + 4 * positions
+    else:
+        fwd, bwd = 5 * latent + 8 * numel, 2 * latent
+    return {"forward": fwd, "backward": bwd, "forward_backward": fwd + bwd}
+
+
 def run(shapes, dtypes, device, reps, recorder, memory=True, map_kind=None):
     op_name = OP if map_kind is None else f"{OP}_map_{map_kind}"
     for shape in shapes:
@@ -532,10 +554,7 @@ def run(shapes, dtypes, device, reps, recorder, memory=True, map_kind=None):
             dtype_s = str(dtype).replace("torch.", "")
             numel = math.prod(shape)
             elt = torch.empty((), dtype=dtype).element_size()
-            # Bytes the fused step must move: forward reads v, x, prev, ref; backward reads them
-            # again and writes grad_v. Eager moves far more; the same count is its useful work.
-            bytes_moved = {"forward": 4 * numel * elt, "backward": 5 * numel * elt,
-                           "forward_backward": 9 * numel * elt}
+            bytes_moved = fused_bytes_moved(shape, elt, map_kind)
             bw = copy_bandwidth(shape, dtype, device, reps)
             recorder.add("device_copy", "torch", shape_s, dtype_s, "copy_gb_per_s", bw / 1e9)
             print(f"\n{shape_s} {dtype_s}: device copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
@@ -556,8 +575,6 @@ def run(shapes, dtypes, device, reps, recorder, memory=True, map_kind=None):
                 for phase, seconds in phases.items():
                     op = f"{op_name}.{phase}"
                     recorder.add(op, name, shape_s, dtype_s, "median_us", seconds * 1e6)
-                    if map_kind is not None:
-                        continue
                     achieved = bytes_moved[phase] / seconds
                     recorder.add(op, name, shape_s, dtype_s, "bytes_moved", bytes_moved[phase])
                     recorder.add(op, name, shape_s, dtype_s, "achieved_gb_per_s", achieved / 1e9)
@@ -580,11 +597,10 @@ def run(shapes, dtypes, device, reps, recorder, memory=True, map_kind=None):
                         print(f"  {name} forward+backward speedup vs {base}: {ratio:.2f}x")
             if device.type == "cuda":
                 device_only(fns, d, reps, bw, bytes_moved["forward_backward"], shape_s, dtype_s,
-                            recorder, op_name=op_name, bandwidth=map_kind is None)
+                            recorder, op_name=op_name)
 
 
-def device_only(fns, d, reps, bw, nbytes, shape_s, dtype_s, recorder, cuda=None, op_name=OP,
-                bandwidth=True):
+def device_only(fns, d, reps, bw, nbytes, shape_s, dtype_s, recorder, cuda=None, op_name=OP):
     """forward+backward timed with the host ahead of the GPU (time_host_ahead): the kernels'
     own time, which is what a training step pays when the model keeps the GPU busy. Rows under
     op flow_grpo_loss.forward_backward_device, every variant by the same method."""
@@ -602,12 +618,11 @@ def device_only(fns, d, reps, bw, nbytes, shape_s, dtype_s, recorder, cuda=None,
             continue
         op = f"{op_name}.forward_backward_device"
         recorder.add(op, name, shape_s, dtype_s, "median_us", times[name] * 1e6)
-        line = f"  {name:<24} {times[name] * 1e3:8.3f} ms"
-        if bandwidth:
-            achieved = nbytes / times[name]
-            recorder.add(op, name, shape_s, dtype_s, "achieved_gb_per_s", achieved / 1e9)
-            recorder.add(op, name, shape_s, dtype_s, "fraction_of_copy_bw", achieved / bw)
-            line += f"  {achieved / 1e9:7.1f} GB/s ({achieved / bw:.1%} of copy)"
+        achieved = nbytes / times[name]
+        recorder.add(op, name, shape_s, dtype_s, "achieved_gb_per_s", achieved / 1e9)
+        recorder.add(op, name, shape_s, dtype_s, "fraction_of_copy_bw", achieved / bw)
+        line = (f"  {name:<24} {times[name] * 1e3:8.3f} ms  {achieved / 1e9:7.1f} GB/s "
+                f"({achieved / bw:.1%} of copy)")
         print(line, flush=True)
     for name in times:
         if name.startswith("tbkernels"):

@@ -1062,6 +1062,31 @@ def test_bench_map_variants_compute_the_same_loss(map_kind):
     assert 0.05 < m["clipfrac"].item() < 0.95, m["clipfrac"]
 
 
+def test_bench_bytes_model_counts_the_fused_path_traffic():
+    """bench_flow_grpo.py's bytes model (the bandwidth rows): per element, the fused op's one
+    pass reads the bench's four latents, old_log_prob and map and writes the gradient, then the
+    backward scales it; per position the [B, positions] log-prob adds its traffic; counted here
+    from the bench's own input tensors."""
+    bench = _load_flow_bench()
+    shape = (2, 16, 3, 12, 20)
+    d = bench.make_inputs(shape, torch.bfloat16, torch.device("meta"))
+    nb = lambda t: t.numel() * t.element_size()  # noqa: E731
+    latents = sum(nb(d[k]) for k in ("v", "x", "prev", "ref"))
+    grad = nb(d["v"])
+    assert bench.fused_bytes_moved(shape, 2) == {"forward": latents, "backward": latents + grad,
+                                                 "forward_backward": 2 * latents + grad}
+    e = bench.add_map_inputs(dict(d), "element")
+    model = bench.fused_bytes_moved(shape, 2, "element")
+    assert model["forward"] == latents + nb(e["old_map"]) + nb(e["amap"]) + grad
+    assert model["backward"] == 2 * grad
+    p = bench.add_map_inputs(dict(d), "position")
+    logp = nb(p["old_map"])                                   # [B, positions] float32
+    model = bench.fused_bytes_moved(shape, 2, "position")
+    assert model["forward"] == latents + logp + (3 * logp + logp)   # write; read 3, overwrite
+    assert model["backward"] == latents + logp + grad + 2 * grad
+    assert model["forward_backward"] == model["forward"] + model["backward"]
+
+
 def test_host_overhead_counts():
     """bench_flow_grpo.py --host counts the launching ops of a forward+backward on a meta stand-in
     for a GPU: tbkernels launches fewer than Flow-GRPO's eager code, and host sigmas fewer than
