@@ -25,14 +25,36 @@ inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// model_output and sample: same shape and dtype, contiguous, on a device of `device_type`.
+// The batch stride of a latent input: elements between sample b and sample b + 1, when every
+// sample t[b] is itself contiguous (the strides of dims 1.. those of a contiguous [C, (T,) H, W],
+// size-1 dims ignored); -1 for any other layout. Any batch stride >= 0 is accepted, so the
+// trajectory slices Flow-GRPO passes (latents[:, j] of a [B, steps, C, T, H, W] tensor) and
+// batch-expanded tensors are read in place instead of copied. The kernels read element e of
+// sample b at data_ptr + b * batch_stride + e; every output stays contiguous.
+inline int64_t batch_stride(const at::Tensor& t) {
+  int64_t expect = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) expect *= t.size(d);
+  const int64_t per_sample = expect;
+  if (t.numel() == 0) return per_sample;
+  expect = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expect) return -1;
+    expect *= t.size(d);
+  }
+  return t.size(0) == 1 ? per_sample : t.stride(0);
+}
+
+// model_output and sample: same shape and dtype, each sample contiguous (any batch stride), on a
+// device of `device_type`.
 inline Layout check_latents(const at::Tensor& v, const at::Tensor& x, const char* op,
                             c10::DeviceType device_type) {
   TORCH_CHECK(v.dim() >= 3, op, ": model_output must be [B, C, (T,) H, W], got ", v.sizes());
   TORCH_CHECK(x.sizes() == v.sizes(), op, ": sample ", x.sizes(), " must match model_output ",
               v.sizes());
   TORCH_CHECK(x.scalar_type() == v.scalar_type(), op, ": sample and model_output dtypes differ");
-  TORCH_CHECK(v.is_contiguous() && x.is_contiguous(), op, ": latents must be contiguous");
+  TORCH_CHECK(batch_stride(v) >= 0 && batch_stride(x) >= 0, op,
+              ": each sample of the latents must be contiguous (a batch stride is allowed), got "
+              "model_output strides ", v.strides(), " and sample strides ", x.strides());
   TORCH_CHECK(v.device().type() == device_type, op, " (", c10::DeviceTypeName(device_type, true),
               "): tensors must be on a ", c10::DeviceTypeName(device_type), " device, got ",
               v.device());
@@ -48,9 +70,31 @@ inline void check_like(const std::optional<at::Tensor>& t, const at::Tensor& v, 
                        const char* op) {
   if (!t.has_value()) return;
   TORCH_CHECK(t->sizes() == v.sizes() && t->scalar_type() == v.scalar_type() &&
-                  t->is_contiguous() && t->device() == v.device(),
-              op, ": ", what, " must be a contiguous tensor like model_output ", v.sizes(), " ",
-              v.scalar_type(), ", got ", t->sizes(), " ", t->scalar_type());
+                  batch_stride(*t) >= 0 && t->device() == v.device(),
+              op, ": ", what, " must be a tensor like model_output ", v.sizes(), " ",
+              v.scalar_type(), " with each sample contiguous, got ", t->sizes(), " ",
+              t->scalar_type(), " strides ", t->strides());
+}
+
+// A latent-sized output (mean, sampled prev, grad_v): always contiguous, whatever model_output's
+// batch stride (empty_like would keep a dense input's strides).
+inline at::Tensor latent_output(const at::Tensor& v) { return at::empty(v.sizes(), v.options()); }
+
+// The batch strides of the latent inputs (see batch_stride); C*S for an absent one.
+struct BatchStrides {
+  int64_t v, x, prev, ref, grad_mean;
+};
+
+inline int64_t opt_batch_stride(const std::optional<at::Tensor>& t, const Layout& L) {
+  return t.has_value() ? batch_stride(*t) : L.C * L.S;
+}
+
+inline BatchStrides batch_strides(const Layout& L, const at::Tensor& v, const at::Tensor& x,
+                                  const std::optional<at::Tensor>& prev,
+                                  const std::optional<at::Tensor>& ref,
+                                  const std::optional<at::Tensor>& grad_mean = std::nullopt) {
+  return {batch_stride(v), batch_stride(x), opt_batch_stride(prev, L), opt_batch_stride(ref, L),
+          opt_batch_stride(grad_mean, L)};
 }
 
 inline void check_coefs(const at::Tensor& coefs, const at::Tensor& v, const char* op) {
@@ -233,13 +277,13 @@ inline Layout check_elem_loss_args(const at::Tensor& v, const at::Tensor& x, con
   return L;
 }
 
-// flow_grpo_elem_loss's outputs: loss [] and metrics [4] in the accumulation dtype, grad_v like
-// model_output (or empty without write_grad).
+// flow_grpo_elem_loss's outputs: loss [] and metrics [4] in the accumulation dtype, grad_v a
+// contiguous tensor of model_output's shape and dtype (or empty without write_grad).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> elem_loss_outputs(const at::Tensor& v,
                                                                         const at::Tensor& coefs,
                                                                         bool write_grad) {
   return {at::empty({}, coefs.options()), at::empty({4}, coefs.options()),
-          write_grad ? at::empty_like(v) : at::empty({0}, v.options())};
+          write_grad ? latent_output(v) : at::empty({0}, v.options())};
 }
 
 // flow_grpo_map_surrogate's outputs, allocated like logp: loss [], metrics [4], grad_ref_sq [B].

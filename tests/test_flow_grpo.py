@@ -216,6 +216,137 @@ def test_non_contiguous_inputs(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# Batch-strided latents: Flow-GRPO passes sample["latents"][:, j] and sample["next_latents"][:, j],
+# slices of a [B, steps, C, (T,) H, W] trajectory. Each sample is contiguous, so the kernels read
+# them in place at their batch stride; the results must be those of contiguous copies, bit for
+# bit (same arithmetic in the same order), and nothing may be copied.
+
+STRIDED_BACKENDS = backend_params(("cpu", "cuda", "triton"))
+
+
+def trajectory_slice(shape, dtype, seed, steps, j):
+    """``traj[:, j]`` of a random ``[B, steps, ...]`` trajectory: batch stride steps * numel/B."""
+    g = torch.Generator().manual_seed(seed)
+    traj = torch.randn((shape[0], steps) + tuple(shape[1:]), generator=g, dtype=torch.float64)
+    return traj.to(dtype).to(DEVICE)[:, j]
+
+
+def strided_loss_inputs(shape, dtype, map_kind, seed=50):
+    """(v, x, prev, ref, old, adv, amap, s, sn): the latents as trajectory slices of different
+    batch strides, prev one noisy step after x, old_log_prob near the current log-prob."""
+    s, sn = sigmas(shape[0], seed=seed)
+    x = trajectory_slice(shape, dtype, seed + 1, 4, 1)
+    v = trajectory_slice(shape, dtype, seed + 2, 2, 0)
+    noise = trajectory_slice(shape, dtype, seed + 3, 3, 2)
+    prev_traj = torch.empty((shape[0], 5) + tuple(shape[1:]), dtype=dtype, device=DEVICE)
+    prev = prev_traj[:, 3]
+    bshape = (-1,) + (1,) * (len(shape) - 1)
+    prev.copy_(x.double() + v.double() * (sn - s).view(bshape) + 0.2 * noise.double())
+    ref = trajectory_slice(shape, dtype, seed + 4, 3, 1)
+    ref.copy_(v.double() + 0.05 * ref.double())
+    reduction = {None: "mean", "position": "channel_sum", "element": "none"}[map_kind]
+    with torch.no_grad():
+        old = tbkernels.sde_step_with_logprob(v.double() + 0.02 * ref.double(), s, sn, x.double(),
+                                              prev.double(), logprob_reduction=reduction,
+                                              backend="reference")[1].float()
+    adv = torch.linspace(-2, 3, shape[0], device=DEVICE)
+    amap = None
+    if map_kind is not None:
+        g = torch.Generator().manual_seed(seed + 5)
+        amap = torch.rand(old.shape, generator=g).to(DEVICE)
+    return v, x, prev, ref, old, adv, amap, s, sn
+
+
+@pytest.mark.parametrize("backend", STRIDED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("map_kind", [None, "position", "element"])
+@pytest.mark.parametrize("with_ref", [False, True])
+@pytest.mark.parametrize("shape", [(3, 4, 3, 5, 7), (1, 4, 6, 10), (2, 16, 2, 8, 12)],
+                         ids=["video_odd", "image_b1", "video_vec"])
+def test_loss_reads_trajectory_slices_in_place(backend, dtype, map_kind, with_ref, shape):
+    """flow_grpo_loss on trajectory slices equals the loss on contiguous copies bit for bit:
+    loss, metrics and gradient, for each map kind, with and without the reference term."""
+    _available(backend)
+    v, x, prev, ref, old, adv, amap, s, sn = strided_loss_inputs(shape, dtype, map_kind)
+    if shape[0] > 1:
+        assert not x.is_contiguous() and not prev.is_contiguous() and not v.is_contiguous()
+    kw = dict(ref_model_output=ref if with_ref else None, beta=0.1 if with_ref else 0.0,
+              advantage_map=amap, clip_range=0.05, backend=backend)
+    results = []
+    for layout in ("strided", "contiguous"):
+        tensors = (v, x, prev, ref) if layout == "strided" else tuple(
+            t.contiguous() for t in (v, x, prev, ref))
+        vv = tensors[0].detach().requires_grad_(True)
+        kw["ref_model_output"] = tensors[3] if with_ref else None
+        loss, metrics = tbkernels.flow_grpo_loss(vv, tensors[1], tensors[2], s, sn, old, adv, **kw)
+        loss.backward()
+        results.append((loss.detach(), torch.stack(list(metrics.values())), vv.grad))
+    for got, exp in zip(*results):
+        assert torch.equal(got, exp), (got, exp)
+    assert results[0][2].is_contiguous()
+
+
+@pytest.mark.parametrize("backend", STRIDED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("reduction", flow_grpo.REDUCTIONS)
+@pytest.mark.parametrize("sampling", [False, True])
+def test_step_reads_trajectory_slices_in_place(backend, dtype, reduction, sampling):
+    """sde_step_with_logprob on trajectory slices (and a batch-expanded sample: stride 0) equals
+    the step on contiguous copies bit for bit: the sample drawn, the log-prob, the mean, and the
+    gradient of all three."""
+    _available(backend)
+    shape = (3, 4, 3, 5, 7)
+    v = trajectory_slice(shape, dtype, 60, 2, 1)
+    x = trajectory_slice((1,) + shape[1:], dtype, 61, 1, 0).expand(shape)   # batch stride 0
+    prev = None if sampling else trajectory_slice(shape, dtype, 62, 3, 2)
+    s, sn = sigmas(shape[0], seed=63)
+    results = []
+    for layout in ("strided", "contiguous"):
+        tensors = (v, x, prev) if layout == "strided" else tuple(
+            None if t is None else t.contiguous() for t in (v, x, prev))
+        vv = tensors[0].detach().requires_grad_(True)
+        out, logp, mean, _ = tbkernels.sde_step_with_logprob(
+            vv, s, sn, tensors[1], tensors[2], logprob_reduction=reduction, backend=backend,
+            generator=torch.Generator(device=DEVICE).manual_seed(64))
+        g = torch.Generator().manual_seed(65)
+        weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in
+                   (logp, mean, out)]
+        total = (logp * weights[0]).sum() + (mean.float() * weights[1].float()).sum()
+        if sampling:
+            total = total + (out.float() * weights[2].float()).sum()
+        total.backward()
+        results.append((out.detach(), logp.detach(), mean.detach(), vv.grad))
+    for got, exp in zip(*results):
+        assert torch.equal(got, exp)
+
+
+@pytest.mark.parametrize("map_kind", [None, "position", "element"])
+def test_trajectory_slices_are_not_copied(map_kind):
+    """The loss's forward+backward on trajectory slices creates exactly the tensors it creates on
+    contiguous latents (tbkernels.memory's count on the CPU): no copy of any input. Before the
+    kernels took batch strides, the slices cost 2 more latents (one copy each of sample and
+    prev_sample, kept for the backward)."""
+    _available("cpu")
+    from tbkernels.memory import peak_tensor_memory
+    shape = (2, 16, 3, 12, 20)
+    v, x, prev, ref, old, adv, amap, s, sn = strided_loss_inputs(shape, torch.bfloat16, map_kind)
+    peaks = []
+    for tensors in ((v, x, prev, ref), tuple(t.contiguous() for t in (v, x, prev, ref))):
+        vv = tensors[0].detach().requires_grad_(True)
+        args = (vv, tensors[1], tensors[2], s.cpu(), sn.cpu(), old, adv)
+        kw = dict(ref_model_output=tensors[3], beta=0.1, advantage_map=amap, backend="cpu")
+        tbkernels.flow_grpo_loss(*args, **kw)[0].backward()         # warm the coefficient cache
+        vv.grad = None
+        with peak_tensor_memory() as tm:
+            tbkernels.flow_grpo_loss(*args, **kw)[0].backward()
+        peaks.append(tm.peak_bytes)
+    latent = math.prod(shape) * 2
+    assert peaks[0] == peaks[1], peaks
+    if map_kind != "position":                 # the position map adds its [B, P] float32 log-prob
+        assert peaks[0] <= latent + 4096, (peaks, latent)
+
+
+# ---------------------------------------------------------------------------------------------
 # The fused loss.
 
 def loss_reference(v, x, prev, s, sn, old, adv, ref=None, beta=0.0, amap=None, sde_type="flow_grpo",
@@ -422,10 +553,13 @@ def test_compiled_ops_pass_opcheck(sampling, write_mean):
     s, sn = sigmas(2)
     coefs = step_coefficients(s.cpu(), sn.cpu(), "flow_grpo", 0.7)[0].float()
     v, x, pn, ref = (t.cpu() for t in (v, x, pn, ref))
+    # and the latents as trajectory slices (batch-strided): the fake's outputs stay contiguous
+    x_s, pn_s = (torch.stack([torch.zeros_like(t), t, t], dim=1)[:, 1] for t in (x, pn))
     for reduction in (0, 1, 2):
-        torch.library.opcheck(torch.ops.tbkernels.flow_step_forward.default,
-                              (v.requires_grad_(True), x, pn, ref, coefs, reduction, sampling,
-                               write_mean))
+        for xx, pp in ((x, pn), (x_s, pn_s)):
+            torch.library.opcheck(torch.ops.tbkernels.flow_step_forward.default,
+                                  (v.requires_grad_(True), xx, pp, ref, coefs, reduction,
+                                   sampling, write_mean))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -949,12 +1083,14 @@ def test_elem_loss_op_passes_opcheck():
         pytest.skip("compiled extension not built")
     v, x, prev, ref, coefs, kl_w, old, adv, amap = (
         t.cpu() for t in elem_loss_inputs((2, 3, 4, 5), torch.float32))
+    v_s, prev_s = (torch.stack([t, torch.zeros_like(t)], dim=1)[:, 0] for t in (v, prev))
     for with_ref in (True, False):
         for write_grad in (True, False):
-            torch.library.opcheck(
-                torch.ops.tbkernels.flow_grpo_elem_loss.default,
-                (v, x, prev, ref if with_ref else None, coefs, kl_w if with_ref else None, old,
-                 adv, amap, 0.1, 5.0, 0.2, False, write_grad))
+            for vv, pp in ((v, prev), (v_s, prev_s)):         # contiguous, trajectory slices
+                torch.library.opcheck(
+                    torch.ops.tbkernels.flow_grpo_elem_loss.default,
+                    (vv, x, pp, ref if with_ref else None, coefs, kl_w if with_ref else None,
+                     old, adv, amap, 0.1, 5.0, 0.2, False, write_grad))
 
 
 @pytest.mark.parametrize("backend", SURROGATE_BACKENDS)

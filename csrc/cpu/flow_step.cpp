@@ -10,6 +10,9 @@
 // Backward recomputes mean from the inputs instead of saving it (memory over FLOPs: the op is
 // bandwidth-bound, recomputing costs two multiply-adds per element):
 //   grad_v_e = cv_b gm_e - 2 alpha_b cv_b gl(e) d_e + 2 gq_b (v_e - vref_e)
+// Latent inputs need only each sample contiguous: every one is read at its own batch stride
+// (flow_step_checks.h, batch_stride), so Flow-GRPO's trajectory slices latents[:, j] are not
+// copied; the outputs are contiguous.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -26,6 +29,7 @@ namespace {
 using flow_step::kReduceChannelSum;
 using flow_step::kReduceMean;
 using flow_step::kReduceNone;
+using flow_step::BatchStrides;
 using flow_step::Layout;
 
 // Elements of one channel row handled by one task. A task walks its C channel rows, so each row
@@ -54,6 +58,12 @@ inline int64_t num_chunks(const Layout& L) { return (L.S + kChunk - 1) / kChunk;
 template <typename T>
 const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// Sample b of a latent (p + b * batch stride), keeping an absent tensor absent.
+template <typename T>
+T* sample_ptr(T* p, int64_t b, int64_t stride) {
+  return p ? p + b * stride : nullptr;
 }
 
 // One channel row [i0, i0 + n) of sample b. The hot case (a stored prev_sample, no mean output:
@@ -118,23 +128,34 @@ inline void forward_row(const ForwardRow<scalar_t, acc_t>& a, int64_t i0, int64_
 }
 
 template <int kRed, bool kHasRef, bool kGeneric, typename scalar_t, typename acc_t>
-void forward_tasks(const Layout L, const ForwardRow<scalar_t, acc_t> proto, const acc_t* coefs,
-                   acc_t* logp, std::vector<double>& part_sq, std::vector<double>& part_ref) {
+void forward_tasks(const Layout L, const BatchStrides bs, const ForwardRow<scalar_t, acc_t> proto,
+                   const acc_t* coefs, acc_t* logp, std::vector<double>& part_sq,
+                   std::vector<double>& part_ref) {
+  const int64_t N = L.C * L.S;
   const int64_t nchunk = num_chunks(L), tasks = L.B * nchunk;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> chan_acc(kRed == kReduceChannelSum ? kChunk : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nchunk, s0 = (t % nchunk) * kChunk;
       const int64_t n = std::min(kChunk, L.S - s0);
+      // The row works on sample b alone: each input at its own batch stride, the outputs
+      // (contiguous) at b * N.
       ForwardRow<scalar_t, acc_t> a = proto;
+      a.v = sample_ptr(proto.v, b, bs.v);
+      a.x = sample_ptr(proto.x, b, bs.x);
+      a.pn = sample_ptr(proto.pn, b, bs.prev);
+      a.ref = sample_ptr(proto.ref, b, bs.ref);
+      a.mean_out = sample_ptr(proto.mean_out, b, N);
+      a.prev_out = sample_ptr(proto.prev_out, b, N);
+      acc_t* logp_b = kRed == kReduceNone ? logp + b * N : nullptr;
       const acc_t* cf = coefs + b * 5;
       a.cx = cf[0], a.cv = cf[1], a.alpha = cf[2], a.gamma = cf[3], a.sd = cf[4];
       if constexpr (kRed == kReduceChannelSum) std::fill(chan_acc.begin(), chan_acc.begin() + n, acc_t(0));
       double sq_sum = 0.0, ref_sum = 0.0;
       for (int64_t c = 0; c < L.C; ++c) {
         acc_t row_sq = 0, row_ref = 0;
-        forward_row<kRed, kHasRef, kGeneric>(a, (b * L.C + c) * L.S + s0, n, chan_acc.data(),
-                                             logp, row_sq, row_ref);
+        forward_row<kRed, kHasRef, kGeneric>(a, c * L.S + s0, n, chan_acc.data(), logp_b,
+                                             row_sq, row_ref);
         sq_sum += row_sq;
         ref_sum += row_ref;
       }
@@ -150,20 +171,20 @@ void forward_tasks(const Layout L, const ForwardRow<scalar_t, acc_t> proto, cons
 
 // Turns the runtime flags into one of the compiled variants above.
 template <int kRed, typename scalar_t, typename acc_t>
-void forward_dispatch_ref(bool has_ref, bool generic, const Layout L,
+void forward_dispatch_ref(bool has_ref, bool generic, const Layout L, const BatchStrides& bs,
                           const ForwardRow<scalar_t, acc_t>& a, const acc_t* coefs, acc_t* logp,
                           std::vector<double>& ps, std::vector<double>& pr) {
   if (has_ref) {
-    generic ? forward_tasks<kRed, true, true>(L, a, coefs, logp, ps, pr)
-            : forward_tasks<kRed, true, false>(L, a, coefs, logp, ps, pr);
+    generic ? forward_tasks<kRed, true, true>(L, bs, a, coefs, logp, ps, pr)
+            : forward_tasks<kRed, true, false>(L, bs, a, coefs, logp, ps, pr);
   } else {
-    generic ? forward_tasks<kRed, false, true>(L, a, coefs, logp, ps, pr)
-            : forward_tasks<kRed, false, false>(L, a, coefs, logp, ps, pr);
+    generic ? forward_tasks<kRed, false, true>(L, bs, a, coefs, logp, ps, pr)
+            : forward_tasks<kRed, false, false>(L, bs, a, coefs, logp, ps, pr);
   }
 }
 
 template <typename scalar_t, typename acc_t>
-void forward_kernel(const Layout L, const scalar_t* v, const scalar_t* x, const scalar_t* pn,
+void forward_kernel(const Layout L, const BatchStrides& bs, const scalar_t* v, const scalar_t* x, const scalar_t* pn,
                     const scalar_t* ref, const acc_t* coefs, int64_t reduction, bool sampling,
                     acc_t* logp, acc_t* ref_sq, scalar_t* mean_out, scalar_t* prev_out) {
   const int64_t nchunk = num_chunks(L), tasks = L.B * nchunk;
@@ -173,11 +194,11 @@ void forward_kernel(const Layout L, const scalar_t* v, const scalar_t* x, const 
   const bool generic = sampling || pn == nullptr || mean_out != nullptr;
   const bool has_ref = ref != nullptr;
   if (reduction == kReduceMean)
-    forward_dispatch_ref<kReduceMean>(has_ref, generic, L, a, coefs, logp, part_sq, part_ref);
+    forward_dispatch_ref<kReduceMean>(has_ref, generic, L, bs, a, coefs, logp, part_sq, part_ref);
   else if (reduction == kReduceChannelSum)
-    forward_dispatch_ref<kReduceChannelSum>(has_ref, generic, L, a, coefs, logp, part_sq, part_ref);
+    forward_dispatch_ref<kReduceChannelSum>(has_ref, generic, L, bs, a, coefs, logp, part_sq, part_ref);
   else
-    forward_dispatch_ref<kReduceNone>(has_ref, generic, L, a, coefs, logp, part_sq, part_ref);
+    forward_dispatch_ref<kReduceNone>(has_ref, generic, L, bs, a, coefs, logp, part_sq, part_ref);
   const double D = static_cast<double>(L.C * L.S);
   for (int64_t b = 0; b < L.B; ++b) {
     double sq = 0.0, rs = 0.0;
@@ -216,16 +237,24 @@ inline void backward_row(const scalar_t* v, const scalar_t* x, const scalar_t* p
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_kernel(const Layout L, const scalar_t* v, const scalar_t* x, const scalar_t* prev,
+void backward_kernel(const Layout L, const BatchStrides& bs, const scalar_t* v, const scalar_t* x, const scalar_t* prev,
                      const scalar_t* ref, const acc_t* coefs, int64_t reduction,
                      const acc_t* grad_logp, const scalar_t* grad_mean, const acc_t* grad_ref_sq,
                      scalar_t* grad_v) {
-  const int64_t nchunk = num_chunks(L), tasks = L.B * nchunk;
-  const acc_t inv_d = acc_t(1) / static_cast<acc_t>(L.C * L.S);
+  const int64_t nchunk = num_chunks(L), tasks = L.B * nchunk, N = L.C * L.S;
+  const acc_t inv_d = acc_t(1) / static_cast<acc_t>(N);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nchunk, s0 = (t % nchunk) * kChunk;
       const int64_t n = std::min(kChunk, L.S - s0);
+      // Sample b alone: each input at its own batch stride, grad_v and a per-element grad_logp
+      // (contiguous) at b * N.
+      const scalar_t* v_b = sample_ptr(v, b, bs.v);
+      const scalar_t* x_b = sample_ptr(x, b, bs.x);
+      const scalar_t* prev_b = sample_ptr(prev, b, bs.prev);
+      const scalar_t* ref_b = sample_ptr(ref, b, bs.ref);
+      const scalar_t* gm_b = sample_ptr(grad_mean, b, bs.grad_mean);
+      scalar_t* gv_b = grad_v + b * N;
       const acc_t* cf = coefs + b * 5;
       const acc_t cx = cf[0], cv = cf[1], alpha = cf[2];
       // d logp_e / d v_e = -2 alpha cv d_e; fold the per-sample factors once.
@@ -233,35 +262,35 @@ void backward_kernel(const Layout L, const scalar_t* v, const scalar_t* x, const
       const acc_t gl_sample = (grad_logp && reduction == kReduceMean) ? grad_logp[b] * inv_d : 0;
       const acc_t gq2 = grad_ref_sq ? acc_t(2) * grad_ref_sq[b] : 0;
       for (int64_t c = 0; c < L.C; ++c) {
-        const int64_t base = (b * L.C + c) * L.S + s0;
+        const int64_t base = c * L.S + s0;  // within sample b
         if (grad_logp && prev && !grad_mean) {  // flow_grpo_loss: the branch-free variants
           const acc_t* gl_row = reduction == kReduceChannelSum ? grad_logp + b * L.S + s0
-                                : reduction == kReduceNone     ? grad_logp + base
+                                : reduction == kReduceNone     ? grad_logp + b * N + base
                                                                : nullptr;
           const bool with_ref = grad_ref_sq && ref;
           if (reduction == kReduceMean)
-            with_ref ? backward_row<kReduceMean, true>(v, x, prev, ref, base, n, cx, cv, lp_scale, gl_sample, gl_row, gq2, grad_v)
-                     : backward_row<kReduceMean, false>(v, x, prev, ref, base, n, cx, cv, lp_scale, gl_sample, gl_row, gq2, grad_v);
+            with_ref ? backward_row<kReduceMean, true>(v_b, x_b, prev_b, ref_b, base, n, cx, cv, lp_scale, gl_sample, gl_row, gq2, gv_b)
+                     : backward_row<kReduceMean, false>(v_b, x_b, prev_b, ref_b, base, n, cx, cv, lp_scale, gl_sample, gl_row, gq2, gv_b);
           else
-            with_ref ? backward_row<kReducePerElement, true>(v, x, prev, ref, base, n, cx, cv, lp_scale, gl_sample, gl_row, gq2, grad_v)
-                     : backward_row<kReducePerElement, false>(v, x, prev, ref, base, n, cx, cv, lp_scale, gl_sample, gl_row, gq2, grad_v);
+            with_ref ? backward_row<kReducePerElement, true>(v_b, x_b, prev_b, ref_b, base, n, cx, cv, lp_scale, gl_sample, gl_row, gq2, gv_b)
+                     : backward_row<kReducePerElement, false>(v_b, x_b, prev_b, ref_b, base, n, cx, cv, lp_scale, gl_sample, gl_row, gq2, gv_b);
           continue;
         }
         for (int64_t j = 0; j < n; ++j) {
           const int64_t i = base + j;
-          const acc_t vi = static_cast<acc_t>(v[i]);
+          const acc_t vi = static_cast<acc_t>(v_b[i]);
           acc_t g = 0;
           if (grad_logp) {
-            const acc_t mean = cx * static_cast<acc_t>(x[i]) + cv * vi;
-            const acc_t d = (prev ? static_cast<acc_t>(prev[i]) : mean) - mean;
+            const acc_t mean = cx * static_cast<acc_t>(x_b[i]) + cv * vi;
+            const acc_t d = (prev_b ? static_cast<acc_t>(prev_b[i]) : mean) - mean;
             const acc_t gl = reduction == kReduceMean        ? gl_sample
                              : reduction == kReduceChannelSum ? grad_logp[b * L.S + s0 + j]
-                                                              : grad_logp[i];
+                                                              : grad_logp[b * N + i];
             g += lp_scale * gl * d;
           }
-          if (grad_mean) g += cv * static_cast<acc_t>(grad_mean[i]);
-          if (grad_ref_sq && ref) g += gq2 * (vi - static_cast<acc_t>(ref[i]));
-          grad_v[i] = static_cast<scalar_t>(g);
+          if (gm_b) g += cv * static_cast<acc_t>(gm_b[i]);
+          if (grad_ref_sq && ref_b) g += gq2 * (vi - static_cast<acc_t>(ref_b[i]));
+          gv_b[i] = static_cast<scalar_t>(g);
         }
       }
     }
@@ -277,12 +306,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flow_step_forward_cpu
   const auto acc = flow_step::acc_type(v.scalar_type());
   at::Tensor logp = at::empty(flow_step::logp_shape(v, reduction), v.options().dtype(acc));
   at::Tensor ref_sq = at::empty({L.B}, v.options().dtype(acc));
-  at::Tensor mean = write_mean ? at::empty_like(v) : at::empty({0}, v.options());
-  at::Tensor prev = sampling ? at::empty_like(v) : at::empty({0}, v.options());
+  at::Tensor mean = write_mean ? flow_step::latent_output(v) : at::empty({0}, v.options());
+  at::Tensor prev = sampling ? flow_step::latent_output(v) : at::empty({0}, v.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "flow_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_kernel<scalar_t, acc_t>(
-        L, v.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), opt_ptr<scalar_t>(prev_or_noise),
+        L, flow_step::batch_strides(L, v, x, prev_or_noise, ref), v.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), opt_ptr<scalar_t>(prev_or_noise),
         opt_ptr<scalar_t>(ref), coefs.data_ptr<acc_t>(), reduction, sampling,
         logp.data_ptr<acc_t>(), ref_sq.data_ptr<acc_t>(),
         write_mean ? mean.data_ptr<scalar_t>() : nullptr,
@@ -299,10 +328,11 @@ at::Tensor flow_step_backward_cpu(const at::Tensor& v, const at::Tensor& x,
                                   const std::optional<at::Tensor>& grad_ref_sq) {
   const Layout L = flow_step::check_backward_args(v, x, prev, ref, coefs, reduction, grad_logp,
                                                   grad_mean, grad_ref_sq, c10::DeviceType::CPU);
-  at::Tensor grad_v = at::empty_like(v);
+  at::Tensor grad_v = flow_step::latent_output(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "flow_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_kernel<scalar_t, acc_t>(L, v.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+    backward_kernel<scalar_t, acc_t>(L, flow_step::batch_strides(L, v, x, prev, ref, grad_mean),
+                                     v.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                      opt_ptr<scalar_t>(prev), opt_ptr<scalar_t>(ref),
                                      coefs.data_ptr<acc_t>(), reduction, opt_ptr<acc_t>(grad_logp),
                                      opt_ptr<scalar_t>(grad_mean), opt_ptr<acc_t>(grad_ref_sq),
@@ -574,6 +604,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cpu(
   at::Tensor loss, metrics, grad_v;
   std::tie(loss, metrics, grad_v) = flow_step::elem_loss_outputs(v, coefs, write_grad);
   const int64_t B = L.B, N = L.C * L.S;
+  const BatchStrides bs = flow_step::batch_strides(L, v, x, prev, ref);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "flow_grpo_elem_loss_cpu", [&] {
     using Acc = at::opmath_type<scalar_t>;
     const auto k = surrogate::make_constants<Acc>(clip_range, adv_clip_max, beta, simple,
@@ -591,10 +622,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cpu(
         const int64_t b = t / nchunk, e0 = (t % nchunk) * kChunk;
         const int64_t n = std::min(kChunk, N - e0), base = b * N + e0;
         ElemRow<scalar_t, Acc> r;
-        r.v = v.data_ptr<scalar_t>() + base;
-        r.x = x.data_ptr<scalar_t>() + base;
-        r.prev = prev.data_ptr<scalar_t>() + base;
-        r.ref = ref.has_value() ? ref->data_ptr<scalar_t>() + base : nullptr;
+        // the latents at their own batch strides; old_log_prob and grad_v contiguous
+        r.v = v.data_ptr<scalar_t>() + b * bs.v + e0;
+        r.x = x.data_ptr<scalar_t>() + b * bs.x + e0;
+        r.prev = prev.data_ptr<scalar_t>() + b * bs.prev + e0;
+        r.ref = ref.has_value() ? ref->data_ptr<scalar_t>() + b * bs.ref + e0 : nullptr;
         r.old = old_log_prob.data_ptr<Acc>() + base;
         r.amap = advantage_map.data_ptr<Acc>() + b * map_stride + e0;
         r.grad_v = write_grad ? grad_v.data_ptr<scalar_t>() + base : nullptr;

@@ -41,6 +41,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._backend import resolve_backend
+from ..kernels._layout import batch_stride
 from ._flow_grpo_coefs import step_coefficients
 from ._flow_grpo_reference import REDUCTIONS, SDE_TYPES
 
@@ -99,8 +100,8 @@ def _fake_forward(v, x, prev_or_noise, ref, coefs, reduction, sampling, write_me
     # Two distinct empties: a custom op's outputs must not alias each other.
     return (v.new_empty(_logp_shape(v.shape, reduction), dtype=acc),
             v.new_empty((v.shape[0],), dtype=acc),
-            torch.empty_like(v) if write_mean else v.new_empty((0,)),
-            torch.empty_like(v) if sampling else v.new_empty((0,)))
+            v.new_empty(v.shape) if write_mean else v.new_empty((0,)),
+            v.new_empty(v.shape) if sampling else v.new_empty((0,)))
 
 
 def _setup_forward(ctx, inputs, output):
@@ -127,7 +128,7 @@ def _make_backward(backward_op):
         grad_v = backward_op(
             v, x, prev, ref, coefs, ctx.reduction,
             None if grad_logp is None else grad_logp.contiguous(),
-            None if grad_mean is None else grad_mean.to(v.dtype).contiguous(),
+            None if grad_mean is None else _kernel_layout(grad_mean.to(v.dtype)),
             None if grad_ref_sq is None else grad_ref_sq.contiguous())
         return grad_v, None, None, None, None, None, None, None
     return backward
@@ -142,7 +143,7 @@ def _register_compiled():
 
     @torch.library.register_fake("tbkernels::flow_step_backward")
     def _(v, x, prev, ref, coefs, reduction, grad_logp, grad_mean, grad_ref_sq):
-        return torch.empty_like(v)
+        return v.new_empty(v.shape)
 
     torch.library.register_autograd(
         "tbkernels::flow_step_forward",
@@ -181,7 +182,7 @@ _flow_step_forward_triton.register_fake(_fake_forward)
 
 @_flow_step_backward_triton.register_fake
 def _(v, x, prev, ref, coefs, reduction, grad_logp, grad_mean, grad_ref_sq):
-    return torch.empty_like(v)
+    return v.new_empty(v.shape)
 
 
 _flow_step_forward_triton.register_autograd(_make_backward(_flow_step_backward_triton),
@@ -283,7 +284,7 @@ _flow_grpo_map_surrogate_triton.register_fake(_fake_map_surrogate)
 def _fake_elem_loss(model_output, sample, prev_sample, ref_model_output, coefs, kl_weight,
                     old_log_prob, advantages, advantage_map, clip_range, adv_clip_max, beta,
                     simple, write_grad):
-    grad_v = (torch.empty_like(model_output) if write_grad
+    grad_v = (model_output.new_empty(model_output.shape) if write_grad
               else model_output.new_empty((0,)))
     return coefs.new_empty(()), coefs.new_empty((4,)), grad_v
 
@@ -430,9 +431,15 @@ def _check_finite(**tensors):
                              f"({t.reshape(-1)[bad].item()})")
 
 
+def _kernel_layout(t):
+    """t itself where the kernels read it in place (each sample contiguous, any batch stride:
+    Flow-GRPO's trajectory slices latents[:, j]), else a contiguous copy."""
+    return t if batch_stride(t) is not None else t.contiguous()
+
+
 def _latents(dtype, *tensors):
-    """Contiguous, one dtype (a copy only where the caller's tensor is not already so)."""
-    return [None if t is None else t.detach().to(dtype).contiguous() for t in tensors]
+    """Detached, one dtype, in a layout the kernels read (a copy only where needed)."""
+    return [None if t is None else _kernel_layout(t.detach().to(dtype)) for t in tensors]
 
 
 def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_max, sigma_min):
@@ -617,7 +624,7 @@ def sde_step_with_logprob(model_output, sigma, sigma_next, sample, prev_sample=N
     coefs, std_dev_t, _ = _coefficients(model_output, sigma, sigma_next, sde_type, noise_level,
                                         sigma_max, sigma_min)
     dtype = model_output.dtype
-    v = model_output.to(dtype).contiguous()
+    v = _kernel_layout(model_output)
     (x, prev) = _latents(dtype, sample, prev_sample)
     sampling = prev_sample is None
     noise = None
@@ -710,7 +717,7 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
     coefs, std_dev_t, memo = _coefficients(model_output, sigma, sigma_next, sde_type,
                                            noise_level, sigma_max, sigma_min)
     dtype = model_output.dtype
-    v = model_output.contiguous()
+    v = _kernel_layout(model_output)
     x, prev, ref = _latents(dtype, sample, prev_sample, ref_model_output)
     name = _pick(v.device, backend)
     acc = _acc(dtype)
