@@ -42,13 +42,30 @@ OP = "flow_grpo_loss"
 BETA, CLIP = 0.04, 1e-4
 
 
-def make_inputs(shape, dtype, device, seed=0):
+# Flow-GRPO stores a rollout's latents as [B, steps, C, T, H, W] (sample["latents"] and
+# sample["next_latents"]) and trains on the slices [:, j]; --trajectory gives x and prev so.
+TRAJECTORY_STEPS, TRAJECTORY_STEP = 10, 3
+
+
+def _as_trajectory_slice(t):
+    """t's values as step TRAJECTORY_STEP of a [B, TRAJECTORY_STEPS, ...] trajectory (a
+    batch-strided view, each sample contiguous)."""
+    traj = t.new_empty((t.shape[0], TRAJECTORY_STEPS) + tuple(t.shape[1:]))
+    view = traj[:, TRAJECTORY_STEP]
+    if t.device.type != "meta":
+        view.copy_(t)
+    return view
+
+
+def make_inputs(shape, dtype, device, seed=0, trajectory=False):
     g = torch.Generator(device="cpu").manual_seed(seed)
     def rnd():
         return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
     v, x = rnd(), rnd()
     prev = (x + 0.05 * rnd()).contiguous()
     ref = (v + 0.01 * rnd()).contiguous()
+    if trajectory:
+        x, prev = _as_trajectory_slice(x), _as_trajectory_slice(prev)
     b = shape[0]
     sigma = torch.full((b,), 0.8, device=device)
     sigma_next = torch.full((b,), 0.7, device=device)
@@ -357,12 +374,13 @@ def peak_extra_bytes(name, shape, dtype, device, map_kind=None):
     return (_rss_kib("VmHWM") - base) * 1024
 
 
-def peak_tensor_bytes(name, shape, dtype, device, map_kind=None):
+def peak_tensor_bytes(name, shape, dtype, device, map_kind=None, trajectory=False):
     """Exact bytes of the tensors one forward+backward creates (tbkernels.memory's count). On
     the meta device this is the memory model of a step at any size: eager's temporaries are the
     same ops' outputs there, and tbkernels' compiled op runs its meta kernel, which allocates
-    what the CPU, CUDA and Triton kernels allocate (their outputs; Triton adds O(B) partials)."""
-    d = make_inputs(shape, dtype, device)
+    what the CPU, CUDA and Triton kernels allocate (their outputs; Triton adds O(B) partials).
+    ``trajectory``: sample and prev_sample as Flow-GRPO passes them, [:, j] slices."""
+    d = make_inputs(shape, dtype, device, trajectory=trajectory)
     if map_kind is not None:
         add_map_inputs(d, map_kind)
     # meta: the compiled ops' meta kernels. Host sigmas and one step first: the step measured is
@@ -378,15 +396,16 @@ def peak_tensor_bytes(name, shape, dtype, device, map_kind=None):
     return tm.peak_bytes
 
 
-def run_meta(shapes, dtypes, recorder, map_kinds=(None,)):
+def run_meta(shapes, dtypes, recorder, map_kinds=(None,), trajectory=False):
     meta = torch.device("meta")
     for shape, dtype, kind in itertools.product(shapes, dtypes, map_kinds):
         shape_s, dtype_s = "x".join(map(str, shape)), str(dtype).replace("torch.", "")
-        op = OP if kind is None else f"{OP}_map_{kind}"
+        op = (OP if kind is None else f"{OP}_map_{kind}") + ("_trajectory" if trajectory else "")
         latent = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        peaks = {name: peak_tensor_bytes(name, shape, dtype, meta, kind)
+        peaks = {name: peak_tensor_bytes(name, shape, dtype, meta, kind, trajectory)
                  for name in ("eager", "tbkernels")}
-        print(f"\n{shape_s} {dtype_s}{'' if kind is None else f', per-{kind} ViPO map'} "
+        print(f"\n{shape_s} {dtype_s}{'' if kind is None else f', per-{kind} ViPO map'}"
+              f"{', sample/prev_sample as [:, j] trajectory slices' if trajectory else ''} "
               f"(one latent = {latent / 2**20:.0f} MiB):")
         for name, b in peaks.items():
             recorder.add(f"{op}.forward_backward", name, shape_s, dtype_s, "peak_tensor_bytes", b)
@@ -646,6 +665,9 @@ def main():
                         "host time per step at a tiny CPU shape, eager vs tbkernels")
     p.add_argument("--map", choices=MAP_KINDS + ("both",), default=None,
                    help="time flow_grpo_loss with a ViPO advantage map of this kind instead")
+    p.add_argument("--trajectory", action="store_true",
+                   help="with --meta: sample and prev_sample as Flow-GRPO passes them, [:, j] "
+                        f"slices of [B, {TRAJECTORY_STEPS}, ...] trajectories (batch-strided)")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--no-record", action="store_true", help="print only, write no CSV rows")
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
@@ -676,7 +698,7 @@ def main():
             kinds = ((None,) if args.map is None else MAP_KINDS if args.map == "both"
                      else (args.map,))
             run_meta([(8, 16, 21, 60, 104), (8, 16, 21, 90, 160)], [torch.bfloat16], recorder,
-                     kinds)
+                     kinds, args.trajectory)
         path = recorder.finish()
         if path:
             print(f"\nrows appended to {path}")

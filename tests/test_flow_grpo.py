@@ -651,17 +651,21 @@ def _load_flow_bench():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_meta_memory_model_equals_cpu_count(dtype):
+@pytest.mark.parametrize("trajectory", [False, True], ids=["contiguous", "trajectory"])
+def test_meta_memory_model_equals_cpu_count(dtype, trajectory):
     """bench_flow_grpo.py --meta models the GPU shapes' step memory on the meta device; at a
     size the CPU runs, the meta count equals the CPU count byte for byte, for Flow-GRPO's eager
     code and for tbkernels (whose compiled op's meta kernel allocates what the kernel does: the
-    gradient and O(B) outputs, one latent in all)."""
+    gradient and O(B) outputs, one latent in all), also with sample and prev_sample as Flow-GRPO
+    passes them (--trajectory: [:, j] slices, read in place)."""
     bench = _load_flow_bench()
     shape = (2, 16, 3, 12, 20)
     latent = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     for name in ("eager", "tbkernels"):
-        cpu = bench.peak_tensor_bytes(name, shape, dtype, torch.device("cpu"))
-        meta = bench.peak_tensor_bytes(name, shape, dtype, torch.device("meta"))
+        cpu = bench.peak_tensor_bytes(name, shape, dtype, torch.device("cpu"),
+                                      trajectory=trajectory)
+        meta = bench.peak_tensor_bytes(name, shape, dtype, torch.device("meta"),
+                                       trajectory=trajectory)
         assert cpu == meta, (name, cpu, meta)
         if name == "tbkernels":
             assert latent <= meta <= latent + 4096, (meta, latent)
