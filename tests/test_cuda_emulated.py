@@ -7,10 +7,12 @@ every thread of a block or warp reaches aborts as a deadlock). ``<<<grid, block>
 are rewritten into emulator calls by tests/cuda_emu/transform.py. Host memory stands in for device
 memory. What this checks without a GPU: indexing, the launch plan (grid sizes, number of
 launches, workspace layout, tails), block and warp reductions and their synchronisation,
-dtype loads/stores and rounding. What it cannot: timing, memory coalescing, races between blocks
-that a real GPU would interleave, anything about the torch binding (*_cuda.cpp, type-checked in
-CI). Each result is compared with the C++ CPU kernel on the same inputs, which the other tests
-hold to the float64 reference.
+dtype loads/stores and rounding, and that no 128-bit access is misaligned (it traps, as on a
+GPU). What it cannot: timing, memory coalescing, races between blocks that a real GPU would
+interleave, anything about the torch binding (*_cuda.cpp, type-checked in CI). Each result is
+compared with the C++ CPU kernel on the same inputs, which the other tests hold to the float64
+reference; the flow-step kernels' results on batch-strided inputs (trajectory slices, expanded
+tensors) with their results on contiguous copies, bit for bit.
 """
 import ctypes
 import hashlib
@@ -54,7 +56,12 @@ def emu(tmp_path_factory):
                         str(ROOT / "csrc" / "cuda" / f"{k}_kernels.cu"), str(unit)], check=True)
         units.append(str(unit))
     lib = out / f"libtbk_emu_{digest}.so"
-    cmd = ["g++", "-std=c++17", "-O1", "-fPIC", "-shared", f"-I{EMU / 'inc'}",
+    # A misaligned typed access (a 128-bit fragment off a 16-byte boundary) traps, as it faults
+    # on a GPU, where x86 would quietly load it: a kernel that picks its 128-bit path for an
+    # unaligned input cannot pass unseen (the process ends with SIGILL, and faulthandler names
+    # the test).
+    cmd = ["g++", "-std=c++17", "-O1", "-fPIC", "-shared", "-fsanitize=alignment",
+           "-fsanitize-undefined-trap-on-error", f"-I{EMU / 'inc'}",
            f"-I{ROOT / 'csrc' / 'cuda'}", "-include", "emu.h", str(EMU / "emu.cpp"),
            str(EMU / "capi.cpp"), *units, "-o", str(lib)]
     build = subprocess.run(cmd, capture_output=True, text=True)
@@ -166,6 +173,40 @@ def logp_shape(shape, reduction):
     return [(B,), (B, S), (B, C, S)][reduction]
 
 
+def i64_array(values):
+    """A C int64_t array for ctypes (None: a null pointer)."""
+    return None if values is None else (I64 * len(values))(*values)
+
+
+def run_emu_forward(emu, dtype, shape, v, x, pn, ref, coefs, reduction, sampling, write_mean,
+                    bstrides=None):
+    """The emulated forward, bstrides those of (v, x, pn, ref) (None: contiguous):
+    (rc, launches, logp, ref_sq, mean or None, prev_out or None)."""
+    acc = acc_dtype(dtype)
+    logp = torch.full(logp_shape(shape, reduction), float("nan"), dtype=acc)
+    ref_sq = torch.full((shape[0],), float("nan"), dtype=acc)
+    mean = torch.full(shape, float("nan")).to(dtype) if write_mean else None
+    prev_out = torch.full(shape, float("nan")).to(dtype) if sampling else None
+    launches = ctypes.c_int(0)
+    rc = emu.emu_flow_step_forward(DTYPE_CODE[dtype], *map(I64, shape), ptr(v), ptr(x), ptr(pn),
+                                   ptr(ref), ptr(coefs), reduction, int(sampling), ptr(logp),
+                                   ptr(ref_sq), ptr(mean), ptr(prev_out), ctypes.byref(launches),
+                                   i64_array(bstrides))
+    return rc, launches.value, logp, ref_sq, mean, prev_out
+
+
+def run_emu_backward(emu, dtype, shape, v, x, prev, ref, coefs, reduction, grad_logp, grad_mean,
+                     grad_ref_sq, bstrides=None):
+    """The emulated backward, bstrides those of (v, x, prev, ref, grad_mean) (None:
+    contiguous): (rc, grad_v)."""
+    grad_v = torch.full(shape, float("nan")).to(dtype)
+    rc = emu.emu_flow_step_backward(DTYPE_CODE[dtype], *map(I64, shape), ptr(v), ptr(x),
+                                    ptr(prev), ptr(ref), ptr(coefs), reduction, ptr(grad_logp),
+                                    ptr(grad_mean), ptr(grad_ref_sq), ptr(grad_v),
+                                    i64_array(bstrides))
+    return rc, grad_v
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", FLOW_SHAPES)
 @pytest.mark.parametrize("reduction", [0, 1, 2])
@@ -176,17 +217,9 @@ def test_flow_step_forward_cuda_kernel(emu, dtype, shape, reduction, variant):
     write_mean = variant == "sampling_mean"
     pn = noise if sampling else (None if variant == "no_prev" else prev)
     ref_in = ref if variant == "stored_prev_ref" else None
-    acc = acc_dtype(dtype)
-    logp = torch.full(logp_shape(shape, reduction), float("nan"), dtype=acc)
-    ref_sq = torch.full((shape[0],), float("nan"), dtype=acc)
-    mean = torch.full(shape, float("nan")).to(dtype) if write_mean else None
-    prev_out = torch.full(shape, float("nan")).to(dtype) if sampling else None
-    launches = ctypes.c_int(0)
-    rc = emu.emu_flow_step_forward(DTYPE_CODE[dtype], I64(shape[0]), I64(shape[1]),
-                                   I64(shape[2]), ptr(v), ptr(x), ptr(pn), ptr(ref_in),
-                                   ptr(coefs), reduction, int(sampling), ptr(logp), ptr(ref_sq),
-                                   ptr(mean), ptr(prev_out), ctypes.byref(launches))
-    assert rc == 0 and launches.value >= 1
+    rc, launches, logp, ref_sq, mean, prev_out = run_emu_forward(
+        emu, dtype, shape, v, x, pn, ref_in, coefs, reduction, sampling, write_mean)
+    assert rc == 0 and launches >= 1
     e_logp, e_ref_sq, e_mean, e_prev = torch.ops.tbkernels.flow_step_forward(
         v, x, pn, ref_in, coefs, reduction, sampling, write_mean)
     if sampling:
@@ -225,11 +258,8 @@ def test_flow_step_backward_cuda_kernel(emu, dtype, shape, reduction, terms):
                    if terms in ("logp_ref", "all") else None)
     ref_in = ref if grad_ref_sq is not None else None
     prev_in = None if terms == "logp_no_prev" else prev
-    grad_v = torch.full(shape, float("nan")).to(dtype)
-    rc = emu.emu_flow_step_backward(DTYPE_CODE[dtype], I64(shape[0]), I64(shape[1]),
-                                    I64(shape[2]), ptr(v), ptr(x), ptr(prev_in), ptr(ref_in),
-                                    ptr(coefs), reduction, ptr(grad_logp), ptr(grad_mean),
-                                    ptr(grad_ref_sq), ptr(grad_v))
+    rc, grad_v = run_emu_backward(emu, dtype, shape, v, x, prev_in, ref_in, coefs, reduction,
+                                  grad_logp, grad_mean, grad_ref_sq)
     assert rc == 0
     exp = torch.ops.tbkernels.flow_step_backward(v, x, prev_in, ref_in, coefs, reduction,
                                                  grad_logp, grad_mean, grad_ref_sq)
@@ -377,13 +407,17 @@ ELEM_VARIANTS = {  # with_ref, beta, simple, shared_map, write_grad
 ELEM_CLIP = 0.1
 
 
-def elem_loss_inputs(shape, dtype, with_ref, shared_map, seed=0):
+def elem_loss_inputs(shape, dtype, with_ref, shared_map, seed=0, layout=None):
     """flow_grpo_elem_loss's inputs with old_log_prob near the step's log-prob (ratios on both
     sides of the clip range, every third exactly 1) and a KL weight that makes the gradient's KL
-    term comparable to its policy term (so that either one missing shows)."""
+    term comparable to its policy term (so that either one missing shows). layout: the latents
+    laid out by lay_out first (the log-prob is that of the laid-out values)."""
     B, C, S = shape
     N = C * S
     v, x, prev, _, ref, coefs = flow_inputs(shape, dtype, seed)
+    if layout is not None:
+        v, x, prev, ref = (lay_out(t, layout[name])
+                           for name, t in zip(("v", "x", "prev", "ref"), (v, x, prev, ref)))
     acc = acc_dtype(dtype)
     g = torch.Generator().manual_seed(seed + 17)
     logp = elem_logp(v, x, prev, coefs)
@@ -407,8 +441,9 @@ def elem_logp(v, x, prev, coefs):
 
 
 def run_emu_elem_loss(emu, dtype, shape, v, x, prev, ref, coefs, kl_w, old, adv, amap, beta,
-                      simple, write_grad, clip=ELEM_CLIP, adv_max=5.0):
-    """The emulated kernels: (rc, loss, metrics, grad_v or None, launches, workspace bytes)."""
+                      simple, write_grad, clip=ELEM_CLIP, adv_max=5.0, bstrides=None):
+    """The emulated kernels, bstrides those of (v, x, prev, ref) (None: contiguous):
+    (rc, loss, metrics, grad_v or None, launches, workspace bytes)."""
     acc = acc_dtype(dtype)
     loss = torch.full((), float("nan"), dtype=acc)
     metrics = torch.full((4,), float("nan"), dtype=acc)
@@ -418,7 +453,8 @@ def run_emu_elem_loss(emu, dtype, shape, v, x, prev, ref, coefs, kl_w, old, adv,
         DTYPE_CODE[dtype], *map(I64, shape), ptr(v), ptr(x), ptr(prev), ptr(ref), ptr(coefs),
         ptr(kl_w), ptr(old), ptr(adv), ptr(amap), int(amap.shape[0] == 1),
         ctypes.c_double(clip), ctypes.c_double(adv_max), ctypes.c_double(beta), int(simple),
-        ptr(loss), ptr(metrics), ptr(grad_v), ctypes.byref(launches), ctypes.byref(ws))
+        ptr(loss), ptr(metrics), ptr(grad_v), ctypes.byref(launches), ctypes.byref(ws),
+        i64_array(bstrides))
     return rc, loss, metrics, grad_v, launches.value, ws.value
 
 
@@ -542,7 +578,7 @@ def test_flow_grpo_elem_loss_cuda_kernel_rejects_bad_arguments(emu):
             dtype, *map(I64, dims), ptr(lat[0]), ptr(lat[1]), ptr(prev), ptr(ref), ptr(coefs),
             ptr(kl_w), ptr(old), ptr(per_b), ptr(amap), 0, ctypes.c_double(clip),
             ctypes.c_double(adv_max), ctypes.c_double(0.05), 0, ptr(loss), ptr(out[1]),
-            ptr(out[2]), ctypes.byref(launches), ctypes.byref(ws))
+            ptr(out[2]), ctypes.byref(launches), ctypes.byref(ws), None)
     assert call() == 0 and launches.value == 2
     assert call(ref=None, kl_w=None) == 0
     # no elements: the latents and [B, N] arrays may have no storage, the reference included
@@ -559,6 +595,241 @@ def test_flow_grpo_elem_loss_cuda_kernel_rejects_bad_arguments(emu):
     assert call(dtype=7) != 0 and launches.value == -1      # no such dtype
     assert call(dims=(2, -1, 4)) != 0 and launches.value == -1 and ws.value == 0
     assert call(dims=(2, 2**62, 4)) != 0 and launches.value == -1   # C*S overflows int64
+
+
+# ----------------------------------------------------------- batch-strided latent inputs, in place
+# Each latent input of the flow-step kernels has its own batch stride (sample b at
+# ptr + b * bstride, every sample contiguous): Flow-GRPO's trajectory slices latents[:, j] and
+# batch-expanded tensors are read without a copy. The results must be those of contiguous copies
+# bit for bit: the launch plan depends on the sizes only, and so does the choice of 128-bit or
+# strided fragments as long as every stride keeps each sample 16-byte aligned (when it does not,
+# see test_flow_step_cuda_kernels_unaligned_batch_stride).
+
+# (B, C, S): whole vectors per row and per channel (the 128-bit fragments; every slice's stride a
+# multiple of VEC); N = 111 (strided fragments, odd batch strides, slices off 16-byte
+# boundaries); one sample.
+STRIDED_SHAPES = [(2, 4, 64), (3, 3, 37), (1, 4, 64)]
+# Per latent input: (j, K), the slice big[:, j] of a [B, K, C, S] tensor (batch stride K*N), or
+# None, the first sample expanded over the batch (batch stride 0).
+STRIDED_LAYOUTS = {
+    "slices": {"v": (1, 3), "x": (0, 2), "prev": (3, 4), "ref": (2, 5), "grad_mean": (1, 2)},
+    "expanded": {"v": (0, 2), "x": None, "prev": (1, 3), "ref": None, "grad_mean": None},
+}
+# Passed as the batch stride of an absent input: never read, so it must not matter (odd: it
+# would turn the 128-bit fragments off if it were looked at).
+ABSENT_BSTRIDE = 3
+STRIDED_DTYPES = [torch.float32, torch.bfloat16]
+
+
+def lay_out(t, spec):
+    """t's values laid out as spec says (STRIDED_LAYOUTS); the slice's neighbours are noise, which
+    a wrong stride would read. None stays None."""
+    if t is None:
+        return None
+    if spec is None:
+        return t[:1].expand(t.shape)
+    j, K = spec
+    g = torch.Generator().manual_seed(10 * K + j)
+    big = torch.randn(t.shape[0], K, *t.shape[1:], generator=g).to(t.dtype)
+    big[:, j] = t
+    return big[:, j]
+
+
+def batch_strides(*inputs):
+    """The bstrides argument for these latent inputs (None: absent)."""
+    return [ABSENT_BSTRIDE if t is None else t.stride(0) for t in inputs]
+
+
+def contiguous(*inputs):
+    return [None if t is None else t.contiguous() for t in inputs]
+
+
+def bits(t):
+    """t's raw bits: equality of these is bitwise (NaN == NaN, -0.0 != 0.0)."""
+    return None if t is None else t.contiguous().view(
+        {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_bitwise(got, exp):
+    """Two runs' outputs (tensors, or None for an output not asked for) equal bit for bit."""
+    assert len(got) == len(exp)
+    for i, (g, e) in enumerate(zip(got, exp)):
+        assert (g is None) == (e is None), i
+        assert g is None or torch.equal(bits(g), bits(e)), f"output {i} differs"
+
+
+STRIDED_FWD_VARIANTS = {  # sampling (prev_or_noise is noise), with_ref, write_mean
+    "stored_prev": (False, False, False),
+    "stored_prev_ref_mean": (False, True, True),
+    "sampling": (True, False, False),
+    "sampling_ref_mean": (True, True, True),
+}
+
+
+@pytest.mark.parametrize("dtype", STRIDED_DTYPES)
+@pytest.mark.parametrize("shape", STRIDED_SHAPES)
+@pytest.mark.parametrize("layout", list(STRIDED_LAYOUTS))
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("variant", list(STRIDED_FWD_VARIANTS))
+def test_flow_step_forward_cuda_kernel_batch_strided(emu, dtype, shape, layout, reduction,
+                                                     variant):
+    sampling, with_ref, write_mean = STRIDED_FWD_VARIANTS[variant]
+    v, x, prev, noise, ref, coefs = flow_inputs(shape, dtype, seed=2)
+    spec = STRIDED_LAYOUTS[layout]
+    inputs = [lay_out(v, spec["v"]), lay_out(x, spec["x"]),
+              lay_out(noise if sampling else prev, spec["prev"]),
+              lay_out(ref, spec["ref"]) if with_ref else None]
+    got = run_emu_forward(emu, dtype, shape, *inputs, coefs, reduction, sampling, write_mean,
+                          bstrides=batch_strides(*inputs))
+    exp = run_emu_forward(emu, dtype, shape, *contiguous(*inputs), coefs, reduction, sampling,
+                          write_mean)
+    assert got[0] == 0 and exp[0] == 0 and got[1] == exp[1]
+    assert not torch.isnan(got[2]).any(), "logp not fully written"
+    assert_bitwise(got[2:], exp[2:])
+
+
+STRIDED_BWD_TERMS = {  # grad_logp, prev_sample, grad_mean, reference with grad_ref_sq
+    "logp": (True, True, False, False),
+    "logp_no_prev": (True, False, False, False),
+    "mean": (False, False, True, False),
+    "all": (True, True, True, True),
+}
+
+
+@pytest.mark.parametrize("dtype", STRIDED_DTYPES)
+@pytest.mark.parametrize("shape", STRIDED_SHAPES)
+@pytest.mark.parametrize("layout", list(STRIDED_LAYOUTS))
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("terms", list(STRIDED_BWD_TERMS))
+def test_flow_step_backward_cuda_kernel_batch_strided(emu, dtype, shape, layout, reduction,
+                                                      terms):
+    has_gl, has_prev, has_gm, has_gq = STRIDED_BWD_TERMS[terms]
+    v, x, prev, _, ref, coefs = flow_inputs(shape, dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    acc = acc_dtype(dtype)
+    grad_logp = torch.randn(logp_shape(shape, reduction), generator=g).to(acc) if has_gl else None
+    grad_mean = torch.randn(shape, generator=g).to(dtype) if has_gm else None
+    grad_ref_sq = torch.randn(shape[0], generator=g).to(acc) if has_gq else None
+    spec = STRIDED_LAYOUTS[layout]
+    inputs = [lay_out(v, spec["v"]), lay_out(x, spec["x"]),
+              lay_out(prev, spec["prev"]) if has_prev else None,
+              lay_out(ref, spec["ref"]) if has_gq else None]
+    gm = lay_out(grad_mean, spec["grad_mean"])
+    rc, got = run_emu_backward(emu, dtype, shape, *inputs, coefs, reduction, grad_logp, gm,
+                               grad_ref_sq, bstrides=batch_strides(*inputs, gm))
+    assert rc == 0
+    e_rc, exp = run_emu_backward(emu, dtype, shape, *contiguous(*inputs), coefs, reduction,
+                                 grad_logp, *contiguous(gm), grad_ref_sq)
+    assert e_rc == 0
+    assert not torch.isnan(got).any(), "grad_v not fully written"
+    assert_bitwise([got], [exp])
+
+
+STRIDED_ELEM_VARIANTS = {k: ELEM_VARIANTS[k] for k in ("kl", "kl_simple_shared", "no_ref",
+                                                       "no_grad")}
+
+
+@needs_cpu_elem_loss
+@pytest.mark.parametrize("dtype", STRIDED_DTYPES)
+@pytest.mark.parametrize("shape", STRIDED_SHAPES)
+@pytest.mark.parametrize("layout", list(STRIDED_LAYOUTS))
+@pytest.mark.parametrize("variant", list(STRIDED_ELEM_VARIANTS))
+def test_flow_grpo_elem_loss_cuda_kernels_batch_strided(emu, dtype, shape, layout, variant):
+    with_ref, beta, simple, shared_map, write_grad = STRIDED_ELEM_VARIANTS[variant]
+    inputs = list(elem_loss_inputs(shape, dtype, with_ref, shared_map, seed=6,
+                                   layout=STRIDED_LAYOUTS[layout]))
+    got = run_emu_elem_loss(emu, dtype, shape, *inputs, beta, simple, write_grad,
+                            bstrides=batch_strides(*inputs[:4]))
+    inputs[:4] = contiguous(*inputs[:4])
+    exp = run_emu_elem_loss(emu, dtype, shape, *inputs, beta, simple, write_grad)
+    assert got[0] == 0 and exp[0] == 0 and got[4:] == exp[4:]     # launches, workspace
+    if shape[0] * shape[1] * shape[2] > 100 and not simple:
+        assert 0 < got[2][1].item() < 1                    # ratios on both sides of the bounds
+    assert_bitwise(got[1:4], exp[1:4])
+
+
+def padded(t, pad=1):
+    """t's values with `pad` elements of noise after each sample: batch stride N + pad, which for
+    pad = 1 and N a multiple of VEC leaves sample 1 off a 16-byte boundary."""
+    B, N = t.shape[0], t[0].numel()
+    big = torch.randn(B, N + pad, generator=torch.Generator().manual_seed(N + pad)).to(t.dtype)
+    big[:, :N] = t.reshape(B, N)
+    return big[:, :N].view(t.shape)
+
+
+@pytest.mark.parametrize("dtype", STRIDED_DTYPES)
+@pytest.mark.parametrize("op", ["forward", "backward", "elem_loss"])
+def test_flow_step_cuda_kernels_unaligned_batch_stride(emu, dtype, op):
+    """Rows of whole vectors and every pointer 16-byte aligned, but model_output's batch stride
+    N + 1 leaves sample 1 unaligned: the strided fragments (the 128-bit ones would read sample 1
+    off its boundary, which ends the emulator: see the emu fixture). The results equal, bit for
+    bit, those of contiguous copies forced onto the strided fragments by a misaligned input, and
+    the elementwise outputs those of the 128-bit run too (the sums of that run add the same terms
+    in another order)."""
+    shape = (2, 4, 64)
+    inputs = list(elem_loss_inputs(shape, dtype, True, False, seed=7))
+    v, x, prev, ref, coefs = inputs[:5]
+    grads = torch.randn(2, shape[0], generator=torch.Generator().manual_seed(8))
+    grad_logp, grad_ref_sq = grads.to(acc_dtype(dtype))
+
+    def run(v_in, x_in, bstrides=None):
+        """The op's outputs, its sums first."""
+        if op == "forward":
+            rc, _, *out = run_emu_forward(emu, dtype, shape, v_in, x_in, prev, ref, coefs, 0,
+                                          False, True, bstrides)
+        elif op == "backward":                                # no grad_mean
+            bs = None if bstrides is None else bstrides + [ABSENT_BSTRIDE]
+            rc, *out = run_emu_backward(emu, dtype, shape, v_in, x_in, prev, ref, coefs, 0,
+                                        grad_logp, None, grad_ref_sq, bs)
+        else:
+            rc, *out = run_emu_elem_loss(emu, dtype, shape, v_in, x_in, *inputs[2:], 0.05, False,
+                                         True, bstrides=bstrides)[:4]
+        assert rc == 0
+        return out
+
+    vp = padded(v)
+    assert vp.data_ptr() % 16 == 0 and vp.stride(0) == 257
+    got = run(vp, x, batch_strides(vp, x, prev, ref))
+    scalar = run(v, misaligned(x))
+    vector = run(v, x)
+    assert_bitwise(got, scalar)
+    n_sums = {"forward": 2, "backward": 0, "elem_loss": 2}[op]  # logp, ref_sq / loss, metrics
+    assert_bitwise(got[n_sums:], vector[n_sums:])
+
+
+def test_flow_step_cuda_kernels_reject_bad_batch_strides(emu):
+    """A batch stride is -1 (contiguous) or >= 0, and its last sample within int64 offsets;
+    anything else is cudaErrorInvalidValue up front (the forward and the loss plan nothing)."""
+    shape = (2, 3, 4)                                      # N = 12: strides 0..12 stay in bounds
+    inputs = elem_loss_inputs(shape, torch.float32, True, False)
+    v, x, prev, ref, coefs = inputs[:5]
+    huge = 2**63 - 1
+
+    def fwd(bs):
+        rc, launches, *_ = run_emu_forward(emu, torch.float32, shape, v, x, prev, ref, coefs, 0,
+                                           False, True, bs)
+        return rc, launches
+
+    assert fwd([-1, 0, 12, 5]) == (0, 2)
+    assert fwd([-2, -1, -1, -1]) == (1, -1)
+    assert fwd([-1, -1, -1, huge]) == (1, -1)
+
+    def bwd(bs):
+        return run_emu_backward(emu, torch.float32, shape, v, x, prev, ref, coefs, 0,
+                                torch.ones(2), x, torch.ones(2), bs)[0]
+
+    assert bwd([-1, 0, 12, 5, 0]) == 0
+    assert bwd([-1, -1, -1, -1, -2]) == 1                   # grad_mean's
+    assert bwd([-1, huge, -1, -1, -1]) == 1
+
+    def elem(bs):
+        rc, _, _, _, launches, ws = run_emu_elem_loss(emu, torch.float32, shape, *inputs, 0.05,
+                                                      False, True, bstrides=bs)
+        return rc, launches, ws
+
+    assert elem([-1, 0, 12, 5])[:2] == (0, 2)
+    assert elem([-1, -1, -5, -1]) == (1, -1, 0)
+    assert elem([-1, -1, -1, huge]) == (1, -1, 0)
 
 
 # --------------------------------------------------------------------------------- per-sample MSE

@@ -2,8 +2,10 @@
 //
 // Same signatures, argument checks, output shapes and dtypes as the CPU kernels
 // (csrc/cpu/flow_step.cpp); the outputs and the kernels' scratch are allocated with torch on the
-// latents' device and the kernels run on the current CUDA stream. Compiled only when torch has
-// CUDA (setup.py adds csrc/cuda/*_cuda.cpp to the CUDAExtension).
+// latents' device and the kernels run on the current CUDA stream. Latent inputs whose samples are
+// each contiguous (trajectory slices, batch-expanded tensors) go to the kernels in place, with
+// their batch strides. Compiled only when torch has CUDA (setup.py adds csrc/cuda/*_cuda.cpp to
+// the CUDAExtension).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -56,8 +58,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flow_step_forward_cud
   const auto acc = flow_step::acc_type(v.scalar_type());
   at::Tensor logp = at::empty(flow_step::logp_shape(v, reduction), v.options().dtype(acc));
   at::Tensor ref_sq = at::empty({L.B}, v.options().dtype(acc));
-  at::Tensor mean = write_mean ? at::empty_like(v) : at::empty({0}, v.options());
-  at::Tensor prev = sampling ? at::empty_like(v) : at::empty({0}, v.options());
+  at::Tensor mean = write_mean ? flow_step::latent_output(v) : at::empty({0}, v.options());
+  at::Tensor prev = sampling ? flow_step::latent_output(v) : at::empty({0}, v.options());
 
   cuda::FlowStepForwardArgs args;
   args.dtype = dtype;
@@ -68,6 +70,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flow_step_forward_cud
   args.sample = x.data_ptr();
   args.prev_or_noise = opt_ptr(prev_or_noise);
   args.ref_model_output = opt_ptr(ref);
+  const flow_step::BatchStrides bs = flow_step::batch_strides(L, v, x, prev_or_noise, ref);
+  args.model_output_bstride = bs.v;
+  args.sample_bstride = bs.x;
+  args.prev_bstride = bs.prev;
+  args.ref_bstride = bs.ref;
   args.coefs = coefs.data_ptr();
   args.reduction = static_cast<int>(reduction);
   args.sampling = sampling;
@@ -92,7 +99,7 @@ at::Tensor flow_step_backward_cuda(const at::Tensor& v, const at::Tensor& x,
                                                   grad_mean, grad_ref_sq, c10::DeviceType::CUDA);
   const cuda::DType dtype = kernel_dtype(v.scalar_type(), op);
   const c10::cuda::CUDAGuard guard(v.device());
-  at::Tensor grad_v = at::empty_like(v);
+  at::Tensor grad_v = flow_step::latent_output(v);
 
   cuda::FlowStepBackwardArgs args;
   args.dtype = dtype;
@@ -108,6 +115,12 @@ at::Tensor flow_step_backward_cuda(const at::Tensor& v, const at::Tensor& x,
   args.grad_logp = opt_ptr(grad_logp);
   args.grad_mean = opt_ptr(grad_mean);
   args.grad_ref_sq = opt_ptr(grad_ref_sq);
+  const flow_step::BatchStrides bs = flow_step::batch_strides(L, v, x, prev, ref, grad_mean);
+  args.model_output_bstride = bs.v;
+  args.sample_bstride = bs.x;
+  args.prev_bstride = bs.prev;
+  args.ref_bstride = bs.ref;
+  args.grad_mean_bstride = bs.grad_mean;
   args.grad_v = grad_v.data_ptr();
   C10_CUDA_CHECK(cuda::flow_step_backward(args, at::cuda::getCurrentCUDAStream()));
   return grad_v;
@@ -201,6 +214,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cuda(
   args.sample = x.data_ptr();
   args.prev_sample = prev.data_ptr();
   args.ref_model_output = opt_ptr(ref);
+  const flow_step::BatchStrides bs = flow_step::batch_strides(L, v, x, prev, ref);
+  args.model_output_bstride = bs.v;
+  args.sample_bstride = bs.x;
+  args.prev_bstride = bs.prev;
+  args.ref_bstride = bs.ref;
   args.coefs = coefs.data_ptr();
   args.kl_weight = opt_ptr(kl_weight);
   args.old_log_prob = old_log_prob.data_ptr();

@@ -5,15 +5,22 @@
 // so every kernel is built around wide, coalesced memory traffic:
 //
 //   * every thread owns a fragment of VEC = 16 / sizeof(T) elements (8 for bf16/fp16, 4 for fp32,
-//     2 for fp64). Where the rows allow it (pointers 16-byte aligned, row length a multiple of
-//     VEC) the fragment is VEC consecutive elements read with one 128-bit load per tensor;
-//     otherwise ("scalar" instantiation) it is VEC elements strided by the block width, read
-//     with coalesced scalar loads and masked at the tail. Both cover the same index ranges, so
-//     the launch geometry (and the workspace size) never depends on alignment.
+//     2 for fp64). Where the rows allow it (pointers 16-byte aligned, row length and every
+//     input's batch stride multiples of VEC) the fragment is VEC consecutive elements read with
+//     one 128-bit load per tensor; otherwise ("scalar" instantiation) it is VEC elements strided
+//     by the block width, read with coalesced scalar loads and masked at the tail. Both cover the
+//     same index ranges, so the launch geometry (and the workspace size) never depends on
+//     alignment or strides.
 //   * accumulation in float (double for fp64), per-sample sums combined deterministically: each
 //     block writes its partial sum into a workspace [B, nblk] array, and a tiny finalize kernel
 //     adds a sample's partials in a fixed order (in double) and applies alpha, gamma and 1/D.
 //     No atomics: results are bitwise reproducible.
+//
+// Layout: element e < D = C*S of sample b of a latent input is at ptr + b*bstride + e, each input
+// with its own batch stride (flow_step_kernels.h; trajectory slices, batch-expanded tensors);
+// the outputs and the other [B, ...] arrays are contiguous, element e of sample b at b*D + e.
+// So a kernel derives each input's sample base from b once and indexes inputs by e, outputs by
+// b*D + e.
 //
 // Launch structure (B samples, latent [B, C, S], D = C*S, VEC as above):
 //   forward, reduction mean / none:  fwd_flat_kernel     grid B*nblk x 256 threads; block
@@ -117,6 +124,12 @@ __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
+// Sample b of a latent input with batch stride bstride; an absent input (null) stays null.
+template <typename T>
+__device__ __forceinline__ const T* sample_of(const T* p, int64_t b, int64_t bstride) {
+  return p == nullptr ? nullptr : p + b * bstride;
+}
+
 // ------------------------------------------------------------------------------------------
 // Fragment access. A fragment is N values of type E: with kVec, N consecutive elements at p
 // (16-byte aligned, N*sizeof(E) a multiple of 16; always fully valid); otherwise elements
@@ -209,6 +222,7 @@ struct FwdParams {
   T* prev_out;  // sampling only
   Acc* part_sq;   // [B, nblk], reduction mean only
   Acc* part_ref;  // [B, nblk], with a reference only
+  int64_t bs_v, bs_x, bs_pn, bs_ref;  // batch strides of the inputs (elements, -1 resolved)
   int64_t B, C, S, D;
   int64_t chunk;  // flat kernel: elements per block (a multiple of kThreads*VEC)
   int64_t nblk;   // blocks per sample
@@ -250,7 +264,11 @@ __global__ void __launch_bounds__(kThreads) fwd_flat_kernel(const FwdParams<T> p
   const Acc alpha = cf[2], gamma = cf[3];
   const bool has_ref = p.ref != nullptr, has_mean = p.mean_out != nullptr;
   const int64_t e1 = (k + 1) * p.chunk < p.D ? (k + 1) * p.chunk : p.D;
-  const int64_t base = b * p.D;
+  const T* v = p.v + b * p.bs_v;
+  const T* x = p.x + b * p.bs_x;
+  const T* pn = sample_of(p.pn, b, p.bs_pn);
+  const T* ref = sample_of(p.ref, b, p.bs_ref);
+  const int64_t base = b * p.D;  // of the outputs
   const int64_t stride = kVec ? 1 : kThreads;  // between the elements of one fragment
   const int tx = static_cast<int>(threadIdx.x);
 
@@ -262,10 +280,10 @@ __global__ void __launch_bounds__(kThreads) fwd_flat_kernel(const FwdParams<T> p
                                         : V);
     const int64_t i = base + e;
     Acc vv[V], xx[V], nn[V], rr[V];
-    load_frag<kVec>(p.v + i, stride, nvalid, vv);
-    load_frag<kVec>(p.x + i, stride, nvalid, xx);
-    if (tr.has_pn) load_frag<kVec>(p.pn + i, stride, nvalid, nn);
-    if (has_ref) load_frag<kVec>(p.ref + i, stride, nvalid, rr);
+    load_frag<kVec>(v + e, stride, nvalid, vv);
+    load_frag<kVec>(x + e, stride, nvalid, xx);
+    if (tr.has_pn) load_frag<kVec>(pn + e, stride, nvalid, nn);
+    if (has_ref) load_frag<kVec>(ref + e, stride, nvalid, rr);
     T mean_t[V], prev_t[V];
     [[maybe_unused]] Acc lp[V];
 #pragma unroll
@@ -309,6 +327,10 @@ __global__ void __launch_bounds__(kThreads) fwd_channel_kernel(const FwdParams<T
   const Transition<T, kSampling> tr{cf[0], cf[1], cf[4], p.pn != nullptr};
   const Acc alpha = cf[2], gamma = cf[3];
   const bool has_ref = p.ref != nullptr, has_mean = p.mean_out != nullptr;
+  const T* v = p.v + b * p.bs_v;
+  const T* x = p.x + b * p.bs_x;
+  const T* pn = sample_of(p.pn, b, p.bs_pn);
+  const T* ref = sample_of(p.ref, b, p.bs_ref);
   const int64_t stride = kVec ? 1 : TX;
   const int64_t s0 = k * TX * V + (kVec ? tx * V : tx);  // first position of the fragment
   int nvalid;
@@ -325,12 +347,13 @@ __global__ void __launch_bounds__(kThreads) fwd_channel_kernel(const FwdParams<T
   Acc rs = 0, dummy = 0;
   if (nvalid > 0) {
     for (int64_t c = ty; c < p.C; c += G) {
-      const int64_t i = (b * p.C + c) * p.S + s0;
+      const int64_t e = c * p.S + s0;  // within the sample
+      const int64_t i = b * p.D + e;   // of the outputs
       Acc vv[V], xx[V], nn[V], rr[V];
-      load_frag<kVec>(p.v + i, stride, nvalid, vv);
-      load_frag<kVec>(p.x + i, stride, nvalid, xx);
-      if (tr.has_pn) load_frag<kVec>(p.pn + i, stride, nvalid, nn);
-      if (has_ref) load_frag<kVec>(p.ref + i, stride, nvalid, rr);
+      load_frag<kVec>(v + e, stride, nvalid, vv);
+      load_frag<kVec>(x + e, stride, nvalid, xx);
+      if (tr.has_pn) load_frag<kVec>(pn + e, stride, nvalid, nn);
+      if (has_ref) load_frag<kVec>(ref + e, stride, nvalid, rr);
       T mean_t[V], prev_t[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) {
@@ -408,6 +431,7 @@ struct BwdParams {
   const T* grad_mean;    // may be null
   const Acc* grad_ref_sq;  // null unless a reference is given too
   T* grad_v;
+  int64_t bs_v, bs_x, bs_prev, bs_ref, bs_gm;  // batch strides of the inputs (-1 resolved)
   int64_t B, C, S, D;
   int64_t chunk, nblk;
 };
@@ -430,7 +454,12 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams<T> p) {
   const Acc gl_sample = (has_gl && kRed == kFlowReduceMean) ? p.grad_logp[b] * inv_d : Acc(0);
   const Acc gq2 = has_gq ? Acc(2) * p.grad_ref_sq[b] : Acc(0);
   const int64_t e1 = (k + 1) * p.chunk < p.D ? (k + 1) * p.chunk : p.D;
-  const int64_t base = b * p.D;
+  const T* v = p.v + b * p.bs_v;
+  const T* x = p.x + b * p.bs_x;
+  const T* prev = sample_of(p.prev, b, p.bs_prev);
+  const T* ref = sample_of(p.ref, b, p.bs_ref);
+  const T* grad_mean = sample_of(p.grad_mean, b, p.bs_gm);
+  const int64_t base = b * p.D;  // of grad_v and a reduction-none grad_logp
   const int64_t stride = kVec ? 1 : kThreads;
   const int tx = static_cast<int>(threadIdx.x);
 
@@ -443,10 +472,10 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams<T> p) {
     // Every load of the step is issued before any arithmetic, so one thread keeps all its
     // streams in flight at once.
     Acc vv[V], xx[V], pp[V], gl[V], gm[V], rr[V];
-    load_frag<kVec>(p.v + i, stride, nvalid, vv);
+    load_frag<kVec>(v + e, stride, nvalid, vv);
     if (has_gl) {
-      load_frag<kVec>(p.x + i, stride, nvalid, xx);
-      if (has_prev) load_frag<kVec>(p.prev + i, stride, nvalid, pp);
+      load_frag<kVec>(x + e, stride, nvalid, xx);
+      if (has_prev) load_frag<kVec>(prev + e, stride, nvalid, pp);
       if constexpr (kRed == kFlowReduceChannelSum) {
         // With kVec, S % VEC == 0, so the fragment lies in one channel row. Otherwise each
         // element finds its own spatial position.
@@ -461,8 +490,8 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams<T> p) {
         load_frag<kVec>(p.grad_logp + i, stride, nvalid, gl);
       }
     }
-    if (has_gm) load_frag<kVec>(p.grad_mean + i, stride, nvalid, gm);
-    if (has_gq) load_frag<kVec>(p.ref + i, stride, nvalid, rr);
+    if (has_gm) load_frag<kVec>(grad_mean + e, stride, nvalid, gm);
+    if (has_gq) load_frag<kVec>(ref + e, stride, nvalid, rr);
 
     Acc g[V];
 #pragma unroll
@@ -502,6 +531,21 @@ int elem_size(DType t) {
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
+// A latent input's batch stride is -1 (contiguous) or >= 0, and small enough that the last
+// sample's elements lie at int64 offsets (B samples of D elements).
+bool valid_bstride(int64_t bstride, int64_t B, int64_t D) {
+  return bstride >= -1 && (B <= 1 || bstride <= (INT64_MAX - D) / (B - 1));
+}
+
+int64_t resolve_bstride(int64_t bstride, int64_t D) { return bstride == -1 ? D : bstride; }
+
+// A latent input read in 128-bit words: its first sample 16-byte aligned, and (batch stride a
+// multiple of VEC) so is every other. An absent input (null) is not read.
+template <typename T>
+bool vec_input(const T* p, int64_t bstride) {
+  return aligned16(p) && (p == nullptr || bstride % kVecOf<T> == 0);
+}
+
 // Blocks per sample and chunk (elements) of the flat kernels; depends on sizes only.
 struct FlatPlan {
   int64_t chunk = 0, nblk = 0;
@@ -537,6 +581,9 @@ FwdPlan plan_forward(const FlowStepForwardArgs& a) {
   if (C > 0 && S > INT64_MAX / C) return pl;
   const int64_t D = C * S;
   if (B > 0 && D > INT64_MAX / B) return pl;
+  if (!valid_bstride(a.model_output_bstride, B, D) || !valid_bstride(a.sample_bstride, B, D) ||
+      !valid_bstride(a.prev_bstride, B, D) || !valid_bstride(a.ref_bstride, B, D))
+    return pl;
   pl.ok = true;
   if (B == 0) return pl;
   const int vec = 16 / es;
@@ -594,14 +641,20 @@ cudaError_t run_forward(const FlowStepForwardArgs& a, const FwdPlan& pl, cudaStr
   p.C = a.channels;
   p.S = a.spatial;
   p.D = a.channels * a.spatial;
+  p.bs_v = resolve_bstride(a.model_output_bstride, p.D);
+  p.bs_x = resolve_bstride(a.sample_bstride, p.D);
+  p.bs_pn = resolve_bstride(a.prev_bstride, p.D);
+  p.bs_ref = resolve_bstride(a.ref_bstride, p.D);
   p.chunk = pl.chunk;
   p.nblk = pl.nblk;
 
   if (pl.nblk > 0) {
-    // 128-bit fragments need every streamed pointer 16-byte aligned and whole vectors per row.
+    // 128-bit fragments need every streamed pointer 16-byte aligned (each sample's too) and
+    // whole vectors per row.
     const int64_t row = pl.channel ? p.S : p.D;
-    bool vec = row % V == 0 && aligned16(p.v) && aligned16(p.x) && aligned16(p.pn) &&
-               aligned16(p.ref) && aligned16(p.mean_out) && aligned16(p.prev_out);
+    bool vec = row % V == 0 && vec_input(p.v, p.bs_v) && vec_input(p.x, p.bs_x) &&
+               vec_input(p.pn, p.bs_pn) && vec_input(p.ref, p.bs_ref) &&
+               aligned16(p.mean_out) && aligned16(p.prev_out);
     if (a.reduction != kFlowReduceMean) vec = vec && aligned16(p.logp);
     const dim3 grid(static_cast<unsigned>(p.B * pl.nblk));
     const int red = a.reduction;
@@ -662,6 +715,11 @@ cudaError_t run_backward(const FlowStepBackwardArgs& a, cudaStream_t stream) {
   p.C = a.channels;
   p.S = a.spatial;
   p.D = a.channels * a.spatial;
+  p.bs_v = resolve_bstride(a.model_output_bstride, p.D);
+  p.bs_x = resolve_bstride(a.sample_bstride, p.D);
+  p.bs_prev = resolve_bstride(a.prev_bstride, p.D);
+  p.bs_ref = resolve_bstride(a.ref_bstride, p.D);
+  p.bs_gm = resolve_bstride(a.grad_mean_bstride, p.D);
   const FlatPlan f = plan_flat(p.B, p.D, static_cast<int>(sizeof(T)));
   if (f.nblk == 0) return cudaSuccess;
   if (p.B * f.nblk > kMaxGrid) return cudaErrorInvalidValue;
@@ -669,8 +727,9 @@ cudaError_t run_backward(const FlowStepBackwardArgs& a, cudaStream_t stream) {
   p.nblk = f.nblk;
   const int red = a.reduction;
   const int64_t row = red == kFlowReduceChannelSum ? p.S : p.D;
-  bool vec = row % V == 0 && aligned16(p.v) && aligned16(p.x) && aligned16(p.prev) &&
-             aligned16(p.ref) && aligned16(p.grad_mean) && aligned16(p.grad_v);
+  bool vec = row % V == 0 && vec_input(p.v, p.bs_v) && vec_input(p.x, p.bs_x) &&
+             vec_input(p.prev, p.bs_prev) && vec_input(p.ref, p.bs_ref) &&
+             vec_input(p.grad_mean, p.bs_gm) && aligned16(p.grad_v);
   if (red != kFlowReduceMean) vec = vec && aligned16(p.grad_logp);
   const dim3 grid(static_cast<unsigned>(p.B * f.nblk));
 #define TBK_BWD(VEC)                                                                         \
@@ -871,6 +930,7 @@ struct ElemParams {
   const Acc* amap;
   T* grad_v;     // may be null (no gradient)
   double* part;  // [5, nprog]
+  int64_t bs_v, bs_x, bs_prev, bs_ref;  // batch strides of the latent inputs (-1 resolved)
   int64_t N, map_stride;  // map_stride: 0 for a map shared by the batch, else N
   int64_t chunk, nblk, nprog;
   bool kl_on;  // the gradient's KL term: a reference and beta != 0
@@ -894,7 +954,11 @@ __global__ void __launch_bounds__(kThreads)
   const Acc lp_scale = Acc(-2) * alpha * cv;
   const Acc gq2 = Acc(2) * surrogate::kl_grad(k, has_ref ? p.kl_weight[b] : Acc(0));
   const int64_t e1 = (kb + 1) * p.chunk < p.N ? (kb + 1) * p.chunk : p.N;
-  const int64_t base = b * p.N;
+  const T* v = p.v + b * p.bs_v;
+  const T* x = p.x + b * p.bs_x;
+  const T* prev = p.prev + b * p.bs_prev;
+  const T* ref = sample_of(p.ref, b, p.bs_ref);
+  const int64_t base = b * p.N;  // of old_log_prob and grad_v
   const Acc* map_row = p.amap + b * p.map_stride;
   const int64_t stride = kVec ? 1 : kThreads;
   const int tx = static_cast<int>(threadIdx.x);
@@ -909,10 +973,10 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i = base + e;
     // every load of the fragment issued before any arithmetic, as the backward
     Acc vv[V], xx[V], pp[V], rr[V], oo[V], mm[V];
-    load_frag<kVec>(p.v + i, stride, nvalid, vv);
-    load_frag<kVec>(p.x + i, stride, nvalid, xx);
-    load_frag<kVec>(p.prev + i, stride, nvalid, pp);
-    if (has_ref) load_frag<kVec>(p.ref + i, stride, nvalid, rr);
+    load_frag<kVec>(v + e, stride, nvalid, vv);
+    load_frag<kVec>(x + e, stride, nvalid, xx);
+    load_frag<kVec>(prev + e, stride, nvalid, pp);
+    if (has_ref) load_frag<kVec>(ref + e, stride, nvalid, rr);
     load_frag<kVec>(p.old + i, stride, nvalid, oo);
     load_frag<kVec>(map_row + e, stride, nvalid, mm);
     T out[V];
@@ -989,6 +1053,10 @@ ElemPlan plan_elem(const FlowGrpoElemLossArgs& a) {
   if (a.channels > 0 && a.spatial > INT64_MAX / a.channels) return pl;
   pl.N = a.channels * a.spatial;
   if (a.batch > 0 && pl.N > INT64_MAX / a.batch) return pl;
+  if (!valid_bstride(a.model_output_bstride, a.batch, pl.N) ||
+      !valid_bstride(a.sample_bstride, a.batch, pl.N) ||
+      !valid_bstride(a.prev_bstride, a.batch, pl.N) || !valid_bstride(a.ref_bstride, a.batch, pl.N))
+    return pl;
   const FlatPlan f = plan_flat(a.batch, pl.N, es);
   if (a.batch * f.nblk > kMaxGrid) return pl;
   pl.ok = true;
@@ -1019,17 +1087,22 @@ cudaError_t run_elem_loss(const FlowGrpoElemLossArgs& a, const ElemPlan& pl,
   p.grad_v = static_cast<T*>(a.grad_v);
   p.part = static_cast<double*>(a.workspace);
   p.N = pl.N;
+  p.bs_v = resolve_bstride(a.model_output_bstride, pl.N);
+  p.bs_x = resolve_bstride(a.sample_bstride, pl.N);
+  p.bs_prev = resolve_bstride(a.prev_bstride, pl.N);
+  p.bs_ref = resolve_bstride(a.ref_bstride, pl.N);
   p.map_stride = a.map_shared ? 0 : pl.N;
   p.chunk = pl.chunk;
   p.nblk = pl.nblk;
   p.nprog = a.batch * pl.nblk;
   p.kl_on = has_ref && a.beta != 0;
   if (p.nprog > 0) {
-    // 128-bit fragments: every streamed pointer 16-byte aligned and whole vectors per row, which
-    // keeps a fragment of old_log_prob / the map (VEC Acc values) whole 16-byte words too.
-    const bool vec = pl.N % V == 0 && aligned16(p.v) && aligned16(p.x) && aligned16(p.prev) &&
-                     aligned16(p.ref) && aligned16(p.old) && aligned16(p.amap) &&
-                     aligned16(p.grad_v);
+    // 128-bit fragments: every streamed pointer 16-byte aligned (each sample's latents too) and
+    // whole vectors per row, which keeps a fragment of old_log_prob / the map (VEC Acc values)
+    // whole 16-byte words too.
+    const bool vec = pl.N % V == 0 && vec_input(p.v, p.bs_v) && vec_input(p.x, p.bs_x) &&
+                     vec_input(p.prev, p.bs_prev) && vec_input(p.ref, p.bs_ref) &&
+                     aligned16(p.old) && aligned16(p.amap) && aligned16(p.grad_v);
     const dim3 grid(static_cast<unsigned>(p.nprog));
     if (vec) elem_loss_kernel<T, true><<<grid, kThreads, 0, stream>>>(k, p);
     else elem_loss_kernel<T, false><<<grid, kThreads, 0, stream>>>(k, p);
@@ -1154,7 +1227,14 @@ cudaError_t flow_step_backward(const FlowStepBackwardArgs& args, cudaStream_t st
       args.reduction < kFlowReduceMean || args.reduction > kFlowReduceNone)
     return cudaErrorInvalidValue;
   if (args.channels > 0 && args.spatial > INT64_MAX / args.channels) return cudaErrorInvalidValue;
-  if (args.batch == 0 || args.channels * args.spatial == 0) return cudaSuccess;
+  const int64_t D = args.channels * args.spatial;
+  if (!valid_bstride(args.model_output_bstride, args.batch, D) ||
+      !valid_bstride(args.sample_bstride, args.batch, D) ||
+      !valid_bstride(args.prev_bstride, args.batch, D) ||
+      !valid_bstride(args.ref_bstride, args.batch, D) ||
+      !valid_bstride(args.grad_mean_bstride, args.batch, D))
+    return cudaErrorInvalidValue;
+  if (args.batch == 0 || D == 0) return cudaSuccess;
   if (args.model_output == nullptr || args.sample == nullptr || args.coefs == nullptr ||
       args.grad_v == nullptr)
     return cudaErrorInvalidValue;

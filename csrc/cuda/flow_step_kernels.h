@@ -4,8 +4,14 @@
 // reproduces), python/tbkernels/ops/flow_grpo.py. This header and its .cu include no torch
 // header, so the kernels build with plain `nvcc -c`; the torch binding is flow_step_cuda.cpp.
 //
-// Latents are contiguous [B, C, S] (S = product of the dims after C), one element type. Per sample
-// b and element e, with coefs[b] = (cx, cv, alpha, gamma, s):
+// Latents are [B, C, S] (S = product of the dims after C, N = C*S), one element type. Each
+// latent input has its own batch stride (its *_bstride field): element e < N of sample b is read
+// at ptr + b*bstride + e. Every sample is contiguous, but consecutive samples may lie any
+// bstride >= 0 elements apart, so Flow-GRPO's trajectory slices (latents[:, j] of a
+// [B, steps, C, ...] tensor: bstride steps*N) and batch-expanded tensors (bstride 0) are read in
+// place instead of copied. -1 (the default) means contiguous, bstride N; below -1 is rejected.
+// Every latent output is contiguous [B, C, S]. Per sample b and element e, with
+// coefs[b] = (cx, cv, alpha, gamma, s):
 //   mean_e = cx x_e + cv v_e,   d_e = prev_e - mean_e,   logp_e = alpha d_e^2 + gamma
 // Accumulation (and coefs, logp, ref_sq, grad_logp, grad_ref_sq) is double for kFloat64 latents
 // and float for the others ("Acc" below).
@@ -32,13 +38,16 @@ struct FlowStepForwardArgs {
   int64_t channels = 0;           // C
   int64_t spatial = 0;            // S
 
-  // Inputs (device memory, contiguous [B, C, S] of `dtype` unless noted).
+  // Inputs (device memory, [B, C, S] of `dtype` with the batch strides below unless noted).
   const void* model_output = nullptr;  // v
   const void* sample = nullptr;        // x
   // sampling: standard-normal noise (nullptr: prev = mean); otherwise the stored prev_sample
   // (nullptr: prev = mean, d = 0).
   const void* prev_or_noise = nullptr;
   const void* ref_model_output = nullptr;  // v_ref; nullptr: ref_sq = 0
+  // Batch strides in elements of model_output, sample, prev_or_noise, ref_model_output (see the
+  // top of this file; -1: contiguous).
+  int64_t model_output_bstride = -1, sample_bstride = -1, prev_bstride = -1, ref_bstride = -1;
   const void* coefs = nullptr;             // [B, 5] Acc
   int reduction = kFlowReduceMean;         // FlowReduction
   bool sampling = false;
@@ -70,6 +79,10 @@ struct FlowStepBackwardArgs {
   const void* grad_logp = nullptr;         // Acc, shaped like logp; nullptr: no log-prob term
   const void* grad_mean = nullptr;         // [B, C, S] `dtype`; nullptr: no mean term
   const void* grad_ref_sq = nullptr;       // [B] Acc; nullptr (or no reference): no KL term
+  // Batch strides in elements of the latent inputs above (see the top of this file; -1:
+  // contiguous); grad_logp and grad_ref_sq are contiguous.
+  int64_t model_output_bstride = -1, sample_bstride = -1, prev_bstride = -1, ref_bstride = -1;
+  int64_t grad_mean_bstride = -1;
 
   void* grad_v = nullptr;  // [B, C, S] `dtype`, always fully written
 };
@@ -113,8 +126,8 @@ struct FlowGrpoMapSurrogateArgs {
 
 // flow_grpo_loss with a per-element ViPO map, the step and the surrogate fused
 // (flow_grpo_elem_loss; formula: csrc/ops.cpp, csrc/flow_grpo_surrogate.h). Latents as
-// FlowStepForwardArgs with a stored prev_sample; [B, N] and [B] tensors (N = C*S) contiguous
-// device memory of the accumulation type.
+// FlowStepForwardArgs with a stored prev_sample (batch strides included); [B, N] and [B] tensors
+// (N = C*S) contiguous device memory of the accumulation type.
 struct FlowGrpoElemLossArgs {
   DType dtype = DType::kFloat32;                 // element type of the latents
   int64_t batch = 0, channels = 0, spatial = 0;  // B, C, S
@@ -122,6 +135,9 @@ struct FlowGrpoElemLossArgs {
   const void* sample = nullptr;                  // x
   const void* prev_sample = nullptr;             // required
   const void* ref_model_output = nullptr;        // v_ref, needed when kl_weight is given
+  // Batch strides in elements of the four latent inputs (see the top of this file; -1:
+  // contiguous).
+  int64_t model_output_bstride = -1, sample_bstride = -1, prev_bstride = -1, ref_bstride = -1;
   const void* coefs = nullptr;                   // [B, 5] Acc
   const void* kl_weight = nullptr;               // [B]; nullptr: no reference
   const void* old_log_prob = nullptr;            // [B, N]
@@ -146,7 +162,8 @@ int flow_step_forward_num_launches(const FlowStepForwardArgs& args);
 int64_t flow_step_forward_num_blocks(const FlowStepForwardArgs& args);
 
 // Enqueue on `stream`; return the first launch error, or cudaErrorInvalidValue for inconsistent
-// arguments (negative sizes, unknown dtype/reduction, a missing required pointer).
+// arguments (negative sizes, a batch stride below -1 or past int64 offsets, unknown
+// dtype/reduction, a missing required pointer).
 // Forward: main pass + per-sample finalize (2 launches). Backward: 1 elementwise launch, no
 // workspace.
 cudaError_t flow_step_forward(const FlowStepForwardArgs& args, cudaStream_t stream);

@@ -1,7 +1,9 @@
 // C entry points into the emulated CUDA kernels, for tests/test_cuda_emulated.py (ctypes).
 // Each fills the kernel's argument struct from plain pointers (host memory stands in for device
 // memory under the emulator), gives it a workspace filled with garbage (as the caching allocator
-// would), launches, and returns the cudaError_t.
+// would), launches, and returns the cudaError_t. The flow-step entry points take the latent
+// inputs' batch strides as a trailing array (nullptr: every input contiguous), in the order of
+// their latent pointer arguments.
 #include <cstdint>
 #include <vector>
 
@@ -41,13 +43,18 @@ int emu_group_advantages(const void* rewards, int dtype, int64_t B, int64_t K,
   return static_cast<int>(tbk::cuda::group_advantages(a, nullptr));
 }
 
+// bstrides: {v, x, prev_or_noise, ref}, or nullptr.
 int emu_flow_step_forward(int dtype, int64_t B, int64_t C, int64_t S, const void* v, const void* x,
                           const void* prev_or_noise, const void* ref, const void* coefs,
                           int reduction, int sampling, void* logp, void* ref_sq, void* mean_out,
-                          void* prev_out, int* launches) {
+                          void* prev_out, int* launches, const int64_t* bstrides) {
   tbk::cuda::FlowStepForwardArgs a;
   a.dtype = static_cast<tbk::cuda::DType>(dtype); a.batch = B; a.channels = C; a.spatial = S;
   a.model_output = v; a.sample = x; a.prev_or_noise = prev_or_noise; a.ref_model_output = ref;
+  if (bstrides != nullptr) {
+    a.model_output_bstride = bstrides[0]; a.sample_bstride = bstrides[1];
+    a.prev_bstride = bstrides[2]; a.ref_bstride = bstrides[3];
+  }
   a.coefs = coefs; a.reduction = reduction; a.sampling = sampling != 0; a.logp = logp;
   a.ref_sq = ref_sq; a.mean_out = mean_out; a.prev_out = prev_out;
   Workspace ws;
@@ -56,15 +63,20 @@ int emu_flow_step_forward(int dtype, int64_t B, int64_t C, int64_t S, const void
   return static_cast<int>(tbk::cuda::flow_step_forward(a, nullptr));
 }
 
+// bstrides: {v, x, prev, ref, grad_mean}, or nullptr.
 int emu_flow_step_backward(int dtype, int64_t B, int64_t C, int64_t S, const void* v,
                            const void* x, const void* prev, const void* ref, const void* coefs,
                            int reduction, const void* grad_logp, const void* grad_mean,
-                           const void* grad_ref_sq, void* grad_v) {
+                           const void* grad_ref_sq, void* grad_v, const int64_t* bstrides) {
   tbk::cuda::FlowStepBackwardArgs a;
   a.dtype = static_cast<tbk::cuda::DType>(dtype); a.batch = B; a.channels = C; a.spatial = S;
   a.model_output = v; a.sample = x; a.prev_sample = prev; a.ref_model_output = ref;
   a.coefs = coefs; a.reduction = reduction; a.grad_logp = grad_logp; a.grad_mean = grad_mean;
   a.grad_ref_sq = grad_ref_sq; a.grad_v = grad_v;
+  if (bstrides != nullptr) {
+    a.model_output_bstride = bstrides[0]; a.sample_bstride = bstrides[1];
+    a.prev_bstride = bstrides[2]; a.ref_bstride = bstrides[3]; a.grad_mean_bstride = bstrides[4];
+  }
   return static_cast<int>(tbk::cuda::flow_step_backward(a, nullptr));
 }
 
@@ -98,16 +110,21 @@ int emu_flow_grpo_map_surrogate(int acc_dtype, int64_t B, int64_t P, void* logp,
   return static_cast<int>(tbk::cuda::flow_grpo_map_surrogate(a, nullptr));
 }
 
+// bstrides: {v, x, prev, ref}, or nullptr.
 int emu_flow_grpo_elem_loss(int dtype, int64_t B, int64_t C, int64_t S, const void* v,
                             const void* x, const void* prev, const void* ref, const void* coefs,
                             const void* kl_weight, const void* old_log_prob,
                             const void* advantages, const void* advantage_map, int map_shared,
                             double clip_range, double adv_clip_max, double beta, int simple,
                             void* loss, void* metrics, void* grad_v, int* launches,
-                            int64_t* workspace_bytes) {
+                            int64_t* workspace_bytes, const int64_t* bstrides) {
   tbk::cuda::FlowGrpoElemLossArgs a;
   a.dtype = static_cast<tbk::cuda::DType>(dtype); a.batch = B; a.channels = C; a.spatial = S;
   a.model_output = v; a.sample = x; a.prev_sample = prev; a.ref_model_output = ref;
+  if (bstrides != nullptr) {
+    a.model_output_bstride = bstrides[0]; a.sample_bstride = bstrides[1];
+    a.prev_bstride = bstrides[2]; a.ref_bstride = bstrides[3];
+  }
   a.coefs = coefs; a.kl_weight = kl_weight; a.old_log_prob = old_log_prob;
   a.advantages = advantages; a.advantage_map = advantage_map; a.map_shared = map_shared != 0;
   a.clip_range = clip_range; a.adv_clip_max = adv_clip_max; a.beta = beta;
