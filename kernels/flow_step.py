@@ -3,9 +3,9 @@
 
 The contract (arguments, outputs, math) is that of the C++ ops: ``csrc/ops.cpp`` (schemas),
 ``csrc/cpu/flow_step.cpp`` (exact math) and ``_forward_reference`` in
-``python/tbkernels/ops/flow_grpo.py``; this module imports nothing from tbkernels. Per sample b and
-element e of a contiguous latent ``[B, C, S]`` (S = (T*)H*W), with ``coefs[b] = (cx, cv, alpha,
-gamma, s)``:
+``python/tbkernels/ops/flow_grpo.py``; this module imports nothing from tbkernels outside
+``tbkernels.kernels``. Per sample b and element e of a latent ``[B, C, S]`` (S = (T*)H*W), with
+``coefs[b] = (cx, cv, alpha, gamma, s)``:
 
     mean_e = cx x_e + cv v_e,   d_e = prev_e - mean_e,   logp_e = alpha d_e^2 + gamma
     forward:  logp reduced (0: mean -> [B], 1: channel sum -> [B, S...], 2: none),
@@ -16,6 +16,12 @@ gamma, s)``:
 
 Everything is accumulated in float32 (float64 for float64 latents); the per-sample totals are
 combined in float64.
+
+Layout: each sample of a latent input (v, x, prev / noise, v_ref, grad_mean) is contiguous, and
+each input has its own batch stride >= 0 (``_layout.batch_stride``): element e (0 <= e < C*S)
+of sample b is read at ``b * batch_stride + e``. Flow-GRPO's trajectory slices ``latents[:, j]``
+of a ``[B, steps, C, T, H, W]`` tensor (batch stride steps*C*S) and batch-expanded tensors
+(stride 0) are so read in place. Every output, and every other tensor argument, is contiguous.
 
 Launch structure
 ----------------
@@ -37,10 +43,12 @@ Tiles are sized for the machine that runs them: under the interpreter (TRITON_IN
 program runs as numpy in Python, so tiles are large (64K-128K elements, a handful of programs even
 for a Wan latent); on a GPU the forward tile (256..2048 positions) shrinks until there are a few
 programs per SM and the backward uses 2048-element tiles; warps are chosen so that every thread
-moves 16-byte vectors. Offsets are int32 unless the latent has 2**31 elements or more. Row lengths
-divisible by 16 (every Wan/SD latent) let Triton prove alignment: compiled for sm_90, every
-latent load/store is then a 128-bit ``ld/st.global.v4.b32`` (``v2.b64`` for float64) with an
-evict-first hint (each element is touched once).
+moves 16-byte vectors. Offsets are int32 unless one could reach 2**31: a latent of 2**31 elements
+or more, or an input whose batch stride reaches that far (``(B - 1) * batch_stride + C*S``, a
+slice of a large trajectory). Row lengths and batch strides divisible by 16 (every Wan/SD latent
+and trajectory) let Triton prove alignment: compiled for sm_90, every latent load/store is then
+a 128-bit ``ld/st.global.v4.b32`` (``v2.b64`` for float64) with an evict-first hint (each
+element is touched once).
 
 Low-precision outputs are rounded to nearest even by hand for bfloat16 (``_to_output``): the
 interpreter's float32 -> bfloat16 cast truncates, and this way the interpreter and the GPU produce
@@ -56,6 +64,7 @@ import triton.language as tl
 
 from tbkernels.kernels import _launch
 from tbkernels.kernels._launch import next_pow2 as _next_pow2
+from tbkernels.kernels._layout import batch_stride
 from tbkernels.kernels._rounding import to_output as _to_output  # shared bf16 rounding
 
 _INT32_OFFSET_LIMIT = 2**31
@@ -83,11 +92,12 @@ _FINALIZE_BLOCK = 1024
 
 @triton.jit
 def _forward_kernel(v_ptr, x_ptr, pn_ptr, ref_ptr, coefs_ptr, logp_ptr, part_ptr, mean_ptr,
-                    prev_ptr, C, S, NT, NP,
+                    prev_ptr, C, S, NT, NP, V_STRIDE, X_STRIDE, PN_STRIDE, REF_STRIDE,
                     REDUCTION: tl.constexpr, SAMPLING: tl.constexpr, WRITE_MEAN: tl.constexpr,
                     HAS_PN: tl.constexpr, HAS_REF: tl.constexpr, IDX64: tl.constexpr,
                     BLOCK_S: tl.constexpr):
-    """One (sample, spatial tile) per program, looping over the channels."""
+    """One (sample, spatial tile) per program, looping over the channels. The *_STRIDE
+    arguments are the inputs' batch strides (elements between samples)."""
     acc_ty = coefs_ptr.dtype.element_ty
     lat_ty = v_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -97,6 +107,11 @@ def _forward_kernel(v_ptr, x_ptr, pn_ptr, ref_ptr, coefs_ptr, logp_ptr, part_ptr
     t = pid - b * NT
     s = t * BLOCK_S + tl.arange(0, BLOCK_S)
     smask = s < S
+    v_ptr += b * V_STRIDE
+    x_ptr += b * X_STRIDE
+    pn_ptr += b * PN_STRIDE
+    ref_ptr += b * REF_STRIDE
+    out0 = b * C * S                                # sample b of the contiguous outputs
 
     cx = tl.load(coefs_ptr + b * 5 + 0)
     cv = tl.load(coefs_ptr + b * 5 + 1)
@@ -106,44 +121,46 @@ def _forward_kernel(v_ptr, x_ptr, pn_ptr, ref_ptr, coefs_ptr, logp_ptr, part_ptr
 
     sq_acc = tl.zeros([BLOCK_S], dtype=acc_ty)     # sum over channels of d^2, per position
     ref_acc = tl.zeros([BLOCK_S], dtype=acc_ty)    # sum over channels of (v - v_ref)^2
-    row0 = b * C
+    # element c * S + s of the sample, carried across the loop: computed as c * S it would be
+    # int32 even for IDX64 launches, whose samples alone may pass 2**31 elements
+    e = s
     for c in range(C):
-        offs = (row0 + c) * S + s
-        v = tl.load(v_ptr + offs, mask=smask, other=0.0, eviction_policy="evict_first").to(acc_ty)
-        x = tl.load(x_ptr + offs, mask=smask, other=0.0, eviction_policy="evict_first").to(acc_ty)
+        v = tl.load(v_ptr + e, mask=smask, other=0.0, eviction_policy="evict_first").to(acc_ty)
+        x = tl.load(x_ptr + e, mask=smask, other=0.0, eviction_policy="evict_first").to(acc_ty)
         mean = cx * x + cv * v
         if SAMPLING:
             if HAS_PN:
-                noise = tl.load(pn_ptr + offs, mask=smask, other=0.0,
+                noise = tl.load(pn_ptr + e, mask=smask, other=0.0,
                                 eviction_policy="evict_first").to(acc_ty)
                 p = mean + sd * noise
             else:
                 p = mean
             p_out = _to_output(p, lat_ty)
-            tl.store(prev_ptr + offs, p_out, mask=smask, eviction_policy="evict_first")
+            tl.store(prev_ptr + out0 + e, p_out, mask=smask, eviction_policy="evict_first")
             # The log-prob is of the sample actually stored: round-trip through its dtype.
             prev = p_out.to(acc_ty)
         else:
             if HAS_PN:
-                prev = tl.load(pn_ptr + offs, mask=smask, other=0.0,
+                prev = tl.load(pn_ptr + e, mask=smask, other=0.0,
                                eviction_policy="evict_first").to(acc_ty)
             else:
                 prev = mean
         if WRITE_MEAN:
-            tl.store(mean_ptr + offs, _to_output(mean, lat_ty), mask=smask,
+            tl.store(mean_ptr + out0 + e, _to_output(mean, lat_ty), mask=smask,
                      eviction_policy="evict_first")
         d = prev - mean
         d2 = d * d
         if REDUCTION == 2:
-            tl.store(logp_ptr + offs, alpha * d2 + gamma, mask=smask,
+            tl.store(logp_ptr + out0 + e, alpha * d2 + gamma, mask=smask,
                      eviction_policy="evict_first")
         else:
             sq_acc += d2                            # masked positions: v = x = prev = 0 -> d = 0
         if HAS_REF:
-            r = tl.load(ref_ptr + offs, mask=smask, other=0.0,
+            r = tl.load(ref_ptr + e, mask=smask, other=0.0,
                         eviction_policy="evict_first").to(acc_ty)
             dr = v - r
             ref_acc += dr * dr
+        e += S
 
     if REDUCTION == 1:
         tl.store(logp_ptr + b * S + s, alpha * sq_acc + gamma * tl.cast(C, acc_ty), mask=smask)
@@ -178,11 +195,12 @@ def _finalize_kernel(part_ptr, coefs_ptr, logp_ptr, refsq_ptr, C, S, NT, NP,
 
 @triton.jit
 def _backward_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, gl_ptr, gm_ptr, gq_ptr, out_ptr,
-                     C, S, NT,
+                     C, S, NT, V_STRIDE, X_STRIDE, PREV_STRIDE, REF_STRIDE, GM_STRIDE,
                      REDUCTION: tl.constexpr, NEED_D: tl.constexpr, HAS_GM: tl.constexpr,
                      HAS_GQ: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr):
     """grad_v for one (channel row, spatial tile) per program. NEED_D: grad_logp and prev are
-    given (without prev the log-prob's d is identically 0, so grad_logp contributes nothing)."""
+    given (without prev the log-prob's d is identically 0, so grad_logp contributes nothing).
+    The *_STRIDE arguments are the latent inputs' batch strides (elements between samples)."""
     acc_ty = coefs_ptr.dtype.element_ty
     lat_ty = v_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -193,17 +211,20 @@ def _backward_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, gl_ptr, gm_ptr,
     b = row // C
     s = t * BLOCK + tl.arange(0, BLOCK)
     smask = s < S
-    offs = row * S + s
+    offs = row * S + s                              # in the contiguous grad_v (and grad_logp)
+    e = (row - b * C) * S + s                       # within sample b of the inputs
 
     cv = tl.load(coefs_ptr + b * 5 + 1)
     g = tl.zeros([BLOCK], dtype=acc_ty)
     if NEED_D or HAS_GQ:
-        v = tl.load(v_ptr + offs, mask=smask, other=0.0, eviction_policy="evict_first").to(acc_ty)
+        v = tl.load(v_ptr + b * V_STRIDE + e, mask=smask, other=0.0,
+                    eviction_policy="evict_first").to(acc_ty)
     if NEED_D:
         cx = tl.load(coefs_ptr + b * 5 + 0)
         alpha = tl.load(coefs_ptr + b * 5 + 2)
-        x = tl.load(x_ptr + offs, mask=smask, other=0.0, eviction_policy="evict_first").to(acc_ty)
-        prev = tl.load(prev_ptr + offs, mask=smask, other=0.0,
+        x = tl.load(x_ptr + b * X_STRIDE + e, mask=smask, other=0.0,
+                    eviction_policy="evict_first").to(acc_ty)
+        prev = tl.load(prev_ptr + b * PREV_STRIDE + e, mask=smask, other=0.0,
                        eviction_policy="evict_first").to(acc_ty)
         d = prev - (cx * x + cv * v)
         lp_scale = -2.0 * alpha * cv                # d logp_e / d v_e = -2 alpha cv d_e
@@ -219,11 +240,13 @@ def _backward_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, gl_ptr, gm_ptr,
             gl = tl.load(gl_ptr + offs, mask=smask, other=0.0, eviction_policy="evict_first")
             g += lp_scale * gl * d
     if HAS_GM:
-        gm = tl.load(gm_ptr + offs, mask=smask, other=0.0, eviction_policy="evict_first")
+        gm = tl.load(gm_ptr + b * GM_STRIDE + e, mask=smask, other=0.0,
+                     eviction_policy="evict_first")
         g += cv * gm.to(acc_ty)
     if HAS_GQ:
         gq2 = 2.0 * tl.load(gq_ptr + b)
-        r = tl.load(ref_ptr + offs, mask=smask, other=0.0, eviction_policy="evict_first")
+        r = tl.load(ref_ptr + b * REF_STRIDE + e, mask=smask, other=0.0,
+                    eviction_policy="evict_first")
         g += gq2 * (v - r.to(acc_ty))
     tl.store(out_ptr + offs, _to_output(g, lat_ty), mask=smask, eviction_policy="evict_first")
 
@@ -422,6 +445,7 @@ def _map_finalize_kernel(part_ptr, refsq_ptr, klw_ptr, const_ptr, loss_ptr, metr
 @triton.jit
 def _elem_loss_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, klw_ptr, old_ptr, adv_ptr,
                       map_ptr, const_ptr, grad_ptr, part_ptr, N, NT, NPROG, MAP_STRIDE,
+                      V_STRIDE, X_STRIDE, PREV_STRIDE, REF_STRIDE,
                       lo, hi, clip, adv_max, beta, inv_b, inv_n,
                       CONST_FROM_PTR: tl.constexpr, SIMPLE: tl.constexpr, HAS_REF: tl.constexpr,
                       KL_GRAD: tl.constexpr, WRITE_GRAD: tl.constexpr, IDX64: tl.constexpr,
@@ -429,7 +453,8 @@ def _elem_loss_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, klw_ptr, old_p
     """flow_grpo_elem_loss, one tile of BLOCK elements of one sample per program: the step's
     per-element log-prob, its policy term with the map-weighted advantage and (WRITE_GRAD)
     d loss / d v of the element; the tile's policy sums go to partials[0..3, pid] and its sum of
-    (v - v_ref)^2 to partials[4, pid] (float64, no atomics)."""
+    (v - v_ref)^2 to partials[4, pid] (float64, no atomics). The latents are read at their batch
+    strides (V_STRIDE, ...: elements between samples), old_log_prob and grad_v contiguously."""
     acc_ty = coefs_ptr.dtype.element_ty
     lat_ty = v_ptr.dtype.element_ty
     if CONST_FROM_PTR:  # float64: scalar arguments would arrive as float32
@@ -446,16 +471,19 @@ def _elem_loss_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, klw_ptr, old_p
     b = pid // NT
     e = (pid - b * NT) * BLOCK + tl.arange(0, BLOCK)
     m = e < N
-    offs = b * N + e
+    offs = b * N + e                                # in the contiguous old_log_prob and grad_v
 
     cx = tl.load(coefs_ptr + b * 5 + 0)
     cv = tl.load(coefs_ptr + b * 5 + 1)
     alpha = tl.load(coefs_ptr + b * 5 + 2)
     gamma = tl.load(coefs_ptr + b * 5 + 3)
     # the forward step's d and log-prob (reduction none), operation for operation
-    v = tl.load(v_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first").to(acc_ty)
-    x = tl.load(x_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first").to(acc_ty)
-    prev = tl.load(prev_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first").to(acc_ty)
+    v = tl.load(v_ptr + b * V_STRIDE + e, mask=m, other=0.0,
+                eviction_policy="evict_first").to(acc_ty)
+    x = tl.load(x_ptr + b * X_STRIDE + e, mask=m, other=0.0,
+                eviction_policy="evict_first").to(acc_ty)
+    prev = tl.load(prev_ptr + b * PREV_STRIDE + e, mask=m, other=0.0,
+                   eviction_policy="evict_first").to(acc_ty)
     d = prev - (cx * x + cv * v)
     lp = alpha * (d * d) + gamma
     old = tl.load(old_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first")
@@ -465,7 +493,7 @@ def _elem_loss_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, klw_ptr, old_p
     term, g, delta, r = _policy_term(lp, old, a, lo, hi, SIMPLE)
     _store_policy_partials(part_ptr, pid, NPROG, m, term, delta, r, clip)
     if HAS_REF:
-        dr = v - tl.load(ref_ptr + offs, mask=m, other=0.0,
+        dr = v - tl.load(ref_ptr + b * REF_STRIDE + e, mask=m, other=0.0,
                          eviction_policy="evict_first").to(acc_ty)
         # masked lanes load v = v_ref = 0: no mask needed
         tl.store(part_ptr + 4 * NPROG + pid, tl.sum((dr * dr).to(tl.float64), axis=0))
@@ -532,8 +560,11 @@ def _layout(v: torch.Tensor, x: torch.Tensor, op: str):
         raise RuntimeError(f"{op}: sample and model_output dtypes differ ({x.dtype}, {v.dtype})")
     if v.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise RuntimeError(f"{op}: latents must be float32/float64/float16/bfloat16, got {v.dtype}")
-    if not (v.is_contiguous() and x.is_contiguous()):
-        raise RuntimeError(f"{op}: latents must be contiguous")
+    for name, t in (("model_output", v), ("sample", x)):
+        if batch_stride(t) is None:
+            raise RuntimeError(f"{op}: {name} must be contiguous within each sample (a batch "
+                               f"stride is allowed), got {list(t.shape)} strides "
+                               f"{list(t.stride())}")
     if x.device != v.device:
         raise RuntimeError(f"{op}: sample is on {x.device} but model_output on {v.device}")
     _launch.require_launchable(v, op)
@@ -545,11 +576,23 @@ def _layout(v: torch.Tensor, x: torch.Tensor, op: str):
 def _check_like(t, v, what, op):
     if t is None:
         return
-    if not (t.shape == v.shape and t.dtype == v.dtype and t.is_contiguous()
+    if not (t.shape == v.shape and t.dtype == v.dtype and batch_stride(t) is not None
             and t.device == v.device):
-        raise RuntimeError(f"{op}: {what} must be a contiguous tensor like model_output "
-                           f"{list(v.shape)} {v.dtype}, got {list(t.shape)} {t.dtype}"
-                           f"{'' if t.is_contiguous() else ' (non-contiguous)'} on {t.device}")
+        raise RuntimeError(f"{op}: {what} must be a tensor like model_output {list(v.shape)} "
+                           f"{v.dtype} with each sample contiguous (a batch stride is allowed), "
+                           f"got {list(t.shape)} {t.dtype} strides {list(t.stride())} on "
+                           f"{t.device}")
+
+
+def _latent_output(v):
+    # contiguous whatever v's batch stride (empty_like would keep a dense v's strides)
+    return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+
+def _batch_strides(n, *latents):
+    """batch_stride of each (checked) latent input; n, one sample's elements, for an absent one,
+    which the kernel does not read."""
+    return [n if t is None else batch_stride(t) for t in latents]
 
 
 def _check_coefs(coefs, v, op):
@@ -593,17 +636,26 @@ def _surrogate_consts(clip_range, adv_clip_max, beta, batch, terms):
             1.0 / batch if batch else 0.0, 1.0 / terms if terms else 0.0)
 
 
-def _idx64(numel: int, block: int) -> bool:
-    # int32 offsets unless a (padded) tile could reach 2**31
-    return numel + 2 * block >= _INT32_OFFSET_LIMIT
+def _idx64(extent: int, block: int) -> bool:
+    # int32 offsets unless a (padded) tile could reach 2**31; extent: one past the largest
+    # element index the launch forms
+    return extent + 2 * block >= _INT32_OFFSET_LIMIT
+
+
+def _latent_extent(batch: int, n: int, strides) -> int:
+    """The extent (see _idx64) of a launch over contiguous [batch, n] tensors and latent inputs
+    of these batch strides: a stride beyond n (a trajectory slice) reaches past batch * n."""
+    return max([batch * n] + [(batch - 1) * stride + n for stride in strides])
 
 
 def flow_step_forward_triton(v, x, prev_or_noise, ref, coefs, reduction, sampling, write_mean):
     """``(logp, ref_sq, mean_or_empty, prev_or_empty)``, as ``tbkernels::flow_step_forward``.
 
-    v, x, prev_or_noise (optional), ref (optional): contiguous latents ``[B, C, S...]`` of one
-    dtype; coefs ``[B, 5]`` float32 (float64 for float64 latents). ``prev_or_noise`` is the stored
-    prev_sample, or with ``sampling`` the noise (None: the deterministic step, prev = mean).
+    v, x, prev_or_noise (optional), ref (optional): latents ``[B, C, S...]`` of one dtype, each
+    sample contiguous (any batch stride, see ``_layout.batch_stride``); coefs ``[B, 5]`` float32
+    (float64 for float64 latents), contiguous. ``prev_or_noise`` is the stored prev_sample, or
+    with ``sampling`` the noise (None: the deterministic step, prev = mean). The outputs are
+    contiguous.
     """
     op = "flow_step_forward"
     reduction, sampling, write_mean = int(reduction), bool(sampling), bool(write_mean)
@@ -618,8 +670,8 @@ def flow_step_forward_triton(v, x, prev_or_noise, ref, coefs, reduction, samplin
     logp = torch.empty(_logp_shape(v.shape, reduction), dtype=acc, device=dev)
     ref_sq = torch.empty((B,), dtype=acc, device=dev)
     # distinct empties: a custom op's outputs must not alias each other
-    mean = torch.empty_like(v) if write_mean else v.new_empty((0,))
-    prev = torch.empty_like(v) if sampling else v.new_empty((0,))
+    mean = _latent_output(v) if write_mean else v.new_empty((0,))
+    prev = _latent_output(v) if sampling else v.new_empty((0,))
     if B == 0:
         return logp, ref_sq, mean, prev
     if v.numel() == 0:                         # C or S is 0: the C++ op's values, no launch
@@ -640,11 +692,12 @@ def flow_step_forward_triton(v, x, prev_or_noise, ref, coefs, reduction, samplin
     n_programs = B * nt
     partials = torch.empty((2, n_programs), dtype=torch.float64, device=dev)
     has_pn, has_ref = prev_or_noise is not None, ref is not None
+    strides = _batch_strides(C * S, v, x, prev_or_noise, ref)
     _forward_kernel[(n_programs,)](
         v, x, prev_or_noise if has_pn else v, ref if has_ref else v, coefs, logp, partials,
-        mean if write_mean else v, prev if sampling else v, C, S, nt, n_programs,
+        mean if write_mean else v, prev if sampling else v, C, S, nt, n_programs, *strides,
         REDUCTION=reduction, SAMPLING=sampling, WRITE_MEAN=write_mean, HAS_PN=has_pn,
-        HAS_REF=has_ref, IDX64=_idx64(v.numel(), block), BLOCK_S=block,
+        HAS_REF=has_ref, IDX64=_idx64(_latent_extent(B, C * S, strides), block), BLOCK_S=block,
         num_warps=_num_warps(block, v.element_size()))
     _finalize_kernel[(B,)](
         partials, coefs, logp, ref_sq, C, S, nt, n_programs,
@@ -655,11 +708,12 @@ def flow_step_forward_triton(v, x, prev_or_noise, ref, coefs, reduction, samplin
 
 def flow_step_backward_triton(v, x, prev, ref, coefs, reduction, grad_logp, grad_mean,
                               grad_ref_sq):
-    """``grad_v`` (like v); semantics of ``tbkernels::flow_step_backward``.
+    """``grad_v`` (contiguous, v's shape and dtype), as ``tbkernels::flow_step_backward``.
 
-    grad_logp: contiguous, shaped like the reduced log-prob, float32 (float64 for float64
-    latents); grad_mean: like v; grad_ref_sq: ``[B]`` accumulation dtype, needs ``ref``. Each
-    of them may be None (no contribution).
+    Latents (v, x, prev, ref, grad_mean) as ``flow_step_forward_triton``'s: each sample
+    contiguous, any batch stride. grad_logp: contiguous, shaped like the reduced log-prob,
+    float32 (float64 for float64 latents); grad_mean: like v; grad_ref_sq: ``[B]`` accumulation
+    dtype, needs ``ref``. Each of them may be None (no contribution).
     """
     op = "flow_step_backward"
     reduction = int(reduction)
@@ -683,7 +737,7 @@ def flow_step_backward_triton(v, x, prev, ref, coefs, reduction, grad_logp, grad
         if not (grad_ref_sq.numel() == B and grad_ref_sq.is_contiguous()
                 and grad_ref_sq.dtype == acc and grad_ref_sq.device == v.device):
             raise RuntimeError(f"{op}: grad_ref_sq must be a contiguous [B] {acc} tensor")
-    grad_v = torch.empty_like(v)
+    grad_v = _latent_output(v)
     if v.numel() == 0:
         return grad_v
 
@@ -691,12 +745,13 @@ def flow_step_backward_triton(v, x, prev, ref, coefs, reduction, grad_logp, grad
     block = min(_next_pow2(S), cfg["bwd"])
     nt = triton.cdiv(S, block)
     has_gl, has_gm, has_gq = grad_logp is not None, grad_mean is not None, grad_ref_sq is not None
+    strides = _batch_strides(C * S, v, x, prev, ref, grad_mean)
     _backward_kernel[(B * C * nt,)](
         v, x, prev if prev is not None else v, ref if ref is not None else v, coefs,
         grad_logp if has_gl else coefs, grad_mean if has_gm else v,
-        grad_ref_sq if has_gq else coefs, grad_v, C, S, nt,
+        grad_ref_sq if has_gq else coefs, grad_v, C, S, nt, *strides,
         REDUCTION=reduction, NEED_D=has_gl and prev is not None, HAS_GM=has_gm, HAS_GQ=has_gq,
-        IDX64=_idx64(v.numel(), block), BLOCK=block,
+        IDX64=_idx64(_latent_extent(B, C * S, strides), block), BLOCK=block,
         num_warps=_num_warps(block, v.element_size()))
     return grad_v
 
@@ -813,9 +868,10 @@ def flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_outp
     """``(loss [], metrics [4], grad_v)``, as ``tbkernels::flow_grpo_elem_loss``: the step's
     per-element log-prob, the surrogate with a per-element ViPO map and the KL in one pass over
     the latents, and with ``write_grad`` d loss / d model_output of a unit loss (like
-    model_output; ``[0]`` without).
+    model_output, contiguous; ``[0]`` without).
 
-    Latents as ``flow_step_forward_triton``'s (prev_sample required, ref_model_output optional);
+    Latents as ``flow_step_forward_triton``'s (each sample contiguous, any batch stride;
+    prev_sample required, ref_model_output optional);
     old_log_prob ``[B, N]`` (N = C*S), advantage_map ``[B, N]`` or ``[1, N]``, advantages and
     kl_weight (given exactly with ref_model_output) ``[B]``, contiguous, float32 (float64 for
     float64 latents). Two launches: the tiles, then one program that combines them.
@@ -824,8 +880,8 @@ def flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_outp
     v, x, prev, ref = model_output, sample, prev_sample, ref_model_output
     B, C, S = _layout(v, x, op)
     if prev is None:
-        raise RuntimeError(f"{op}: prev_sample must be a contiguous tensor like model_output "
-                           f"{list(v.shape)} {v.dtype}, got None")
+        raise RuntimeError(f"{op}: prev_sample must be a tensor like model_output "
+                           f"{list(v.shape)} {v.dtype} with each sample contiguous, got None")
     _check_like(prev, v, "prev_sample", op)
     _check_like(ref, v, "ref_model_output", op)
     _check_coefs(coefs, v, op)
@@ -842,7 +898,7 @@ def flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_outp
     simple, write_grad = bool(simple), bool(write_grad)
     loss = torch.empty((), dtype=acc, device=dev)
     metrics = torch.empty((4,), dtype=acc, device=dev)
-    grad_v = torch.empty_like(v) if write_grad else v.new_empty((0,))
+    grad_v = _latent_output(v) if write_grad else v.new_empty((0,))
     has_ref = ref is not None
     kl_in_loss = has_ref and beta != 0
     terms = B * N
@@ -855,13 +911,15 @@ def flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_outp
     nprog = B * nt
     partials = torch.empty((5, max(nprog, 1)), dtype=torch.float64, device=dev)
     if nprog:
+        strides = _batch_strides(N, v, x, prev, ref)
         _elem_loss_kernel[(nprog,)](
             v, x, prev, ref if has_ref else v, coefs, kl_weight if has_ref else coefs,
             old_log_prob, advantages, advantage_map, const_t, grad_v if write_grad else v,
-            partials, N, nt, nprog, 0 if map_rows == 1 else N, *consts,
+            partials, N, nt, nprog, 0 if map_rows == 1 else N, *strides, *consts,
             CONST_FROM_PTR=f64, SIMPLE=simple, HAS_REF=has_ref,
             KL_GRAD=kl_in_loss and write_grad, WRITE_GRAD=write_grad,
-            IDX64=_idx64(terms, tile), BLOCK=tile, num_warps=_num_warps(tile, v.element_size()))
+            IDX64=_idx64(_latent_extent(B, N, strides), tile), BLOCK=tile,
+            num_warps=_num_warps(tile, v.element_size()))
     # B = 0 or N = 0 still finalizes: the means over no terms are NaN, as the C++ op's
     block_t = min(_next_pow2(max(nt, 1)), _FINALIZE_BLOCK)
     _elem_finalize_kernel[(1,)](

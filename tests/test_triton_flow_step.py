@@ -571,10 +571,12 @@ def test_elem_loss_bad_arguments():
     bad = [
         (dict(model_output=v[0, 0], sample=x[0, 0]), r"model_output must be \[B, C"),
         (dict(sample=x.double()), "sample and model_output dtypes differ"),
-        (dict(prev_sample=prev[:1]), "prev_sample must be a contiguous"),
-        (dict(prev_sample=None), "prev_sample must be a contiguous"),
+        (dict(prev_sample=prev[:1]), "prev_sample must be a tensor like model_output"),
+        (dict(prev_sample=None), "prev_sample must be a tensor like model_output"),
         (dict(ref_model_output=ref.transpose(2, 3).contiguous().transpose(2, 3)),
-         "ref_model_output must be a contiguous"),
+         "ref_model_output must be a tensor like model_output"),
+        (dict(model_output=v.transpose(2, 3).contiguous().transpose(2, 3)),
+         r"\(a batch stride is allowed\)"),
         (dict(coefs=coefs.double()), "coefs must be"),
         (dict(kl_weight=None), "go together"),
         (dict(ref_model_output=None), "go together"),
@@ -705,7 +707,7 @@ def test_bad_arguments():
         forward(v, x, prev, None, coefs.double(), 0, False, False)
     with pytest.raises(RuntimeError, match="sample and model_output dtypes differ"):
         forward(v, x.double(), prev, None, coefs, 0, False, False)
-    with pytest.raises(RuntimeError, match="prev_sample must be a contiguous"):
+    with pytest.raises(RuntimeError, match="prev_sample must be a tensor like model_output"):
         forward(v, x, prev.transpose(2, 3).contiguous().transpose(2, 3), None, coefs, 0, False,
                 False)
     with pytest.raises(RuntimeError, match="reduction must be"):
@@ -714,6 +716,194 @@ def test_bad_arguments():
         backward(v, x, prev, None, coefs, 0, None, None, torch.ones(2, device=DEVICE))
     with pytest.raises(RuntimeError, match="grad_logp must be"):
         backward(v, x, prev, ref, coefs, 1, torch.ones(2, device=DEVICE), None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Batch-strided latents (each sample contiguous, any batch stride)
+# ------------------------------------------------------------------------------------------------
+
+# 4-D and 5-D latents, and B = 1 (whose batch stride the kernels never apply)
+STRIDED_SHAPES = {"image": (2, 3, 5, 7), "video": (3, 2, 3, 4, 5), "b1": (1, 4, 2, 3, 5)}
+STRIDED_DTYPES = [torch.float32, torch.bfloat16]
+# (steps, j) of the trajectory each latent argument is sliced from, by argument position: a
+# different batch stride and offset for each
+TRAJECTORY_SLICES = [(2, 1), (3, 0), (4, 2), (2, 0), (5, 3)]
+
+
+def trajectory_slice(t, steps, j):
+    """t as the slice [:, j] of a NaN-filled [B, steps, ...] tensor, like Flow-GRPO's
+    latents[:, j]: each sample contiguous, samples steps * t[0].numel() elements apart (a read
+    of another step brings in NaN)."""
+    big = torch.full((t.shape[0], steps, *t.shape[1:]), float("nan"), dtype=t.dtype,
+                     device=t.device)
+    big[:, j] = t
+    return big[:, j]
+
+
+def batch_strided_layouts(latents, rotate):
+    """Batch-strided stand-ins for the latent arguments (None stays None), one list per layout:
+    all trajectory slices, then the same with given argument number ``rotate`` (modulo their
+    count; tests pass varying values, so that every position gets its turn across a
+    parametrization) batch-expanded instead (t[:1].expand: batch stride 0, a new value)."""
+    given = [i for i, t in enumerate(latents) if t is not None]
+    for expanded in (None, given[rotate % len(given)]):
+        layout = []
+        for i, t in enumerate(latents):
+            if t is None:
+                layout.append(None)
+            elif i == expanded:
+                layout.append(t[:1].expand(t.shape))
+            else:
+                layout.append(trajectory_slice(t, *TRAJECTORY_SLICES[i]))
+            if layout[-1] is not None and t.shape[0] > 1:
+                assert not layout[-1].is_contiguous()
+        yield layout
+
+
+def contiguous(latents):
+    return [None if t is None else t.contiguous() for t in latents]
+
+
+def assert_same_bits(got, expect):
+    """Each output contiguous and equal to the one from contiguous inputs (no NaN expected: a
+    NaN means a read outside the slice)."""
+    for g, e in zip(got, expect):
+        assert g.is_contiguous() and g.shape == e.shape and g.dtype == e.dtype
+        assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["mean", "channel_sum", "none"])
+@pytest.mark.parametrize("shape", list(STRIDED_SHAPES.values()), ids=list(STRIDED_SHAPES))
+@pytest.mark.parametrize("dtype", STRIDED_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_forward_batch_strided(dtype, shape, reduction, mode):
+    """Trajectory slices and batch-expanded latents are read in place: logp, ref_sq, mean and
+    the sampled prev bit for bit those of their contiguous copies."""
+    sampling, has_pn, has_ref, write_mean = MODES[mode]
+    seed = sum(shape) + reduction
+    v, x, prev, noise, ref, coefs = make_inputs(shape, dtype, seed)
+    pn = (noise if sampling else prev) if has_pn else None
+    for latents in batch_strided_layouts([v, x, pn, ref if has_ref else None], seed):
+        expect = forward(*contiguous(latents), coefs, reduction, sampling, write_mean)
+        assert_same_bits(forward(*latents, coefs, reduction, sampling, write_mean), expect)
+
+
+@pytest.mark.parametrize("grads", list(GRADS))
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["mean", "channel_sum", "none"])
+@pytest.mark.parametrize("shape", list(STRIDED_SHAPES.values()), ids=list(STRIDED_SHAPES))
+@pytest.mark.parametrize("dtype", STRIDED_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_backward_batch_strided(dtype, shape, reduction, grads):
+    """grad_v from batch-strided v, x, prev, ref and grad_mean: the bits of contiguous copies."""
+    want_gl, want_gm, want_gq, has_prev = GRADS[grads]
+    seed = sum(shape) + reduction
+    v, x, prev, _, ref, coefs = make_inputs(shape, dtype, seed)
+    acc = acc_of(dtype)
+    g = torch.Generator().manual_seed(reduction)
+    gl = torch.randn(flow_grpo._logp_shape(shape, reduction), generator=g).to(acc).to(DEVICE)
+    gm = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
+    gq = torch.randn(shape[0], generator=g).to(acc).to(DEVICE)
+    gl, gq = gl if want_gl else None, gq if want_gq else None
+    latents = [v, x, prev if has_prev else None, ref if want_gq else None, gm if want_gm else None]
+    for lat in batch_strided_layouts(latents, seed + len(grads)):
+        expect = backward(*contiguous(lat[:4]), coefs, reduction, gl, *contiguous(lat[4:]), gq)
+        assert_same_bits([backward(*lat[:4], coefs, reduction, gl, lat[4], gq)], [expect])
+
+
+@pytest.mark.parametrize("write_grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("has_ref", [True, False], ids=["ref", "no_ref"])
+@pytest.mark.parametrize("shared_map", [False, True], ids=["map", "shared_map"])
+@pytest.mark.parametrize("shape", list(STRIDED_SHAPES.values()), ids=list(STRIDED_SHAPES))
+@pytest.mark.parametrize("dtype", STRIDED_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_elem_loss_batch_strided(dtype, shape, shared_map, has_ref, write_grad):
+    """flow_grpo_elem_loss_triton on batch-strided latents: loss, metrics and grad_v the bits of
+    contiguous copies."""
+    seed = sum(shape) + 2 * shared_map + write_grad
+    v, x, prev, ref, coefs, kl_w, old, adv, amap = elem_loss_inputs(shape, dtype, has_ref,
+                                                                    shared_map, seed)
+    rest = (coefs, kl_w, old, adv, amap, ELEM_CLIP, ELEM_ADV_MAX, 0.3 if has_ref else 0.0, False,
+            write_grad)
+    for latents in batch_strided_layouts([v, x, prev, ref], seed):
+        expect = elem_loss(*contiguous(latents), *rest)
+        assert_same_bits(elem_loss(*latents, *rest), expect)
+
+
+class _RecordIdx64:
+    """Stands in for a kernel: records each launch's IDX64, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.idx64 = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.idx64.append(kwargs["IDX64"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_int64_offsets_from_batch_stride(monkeypatch):
+    """The int64-offset decision counts each input's reach (B - 1) * batch_stride + N: with the
+    int32 limit lowered between B * N and a long trajectory slice's reach, contiguous inputs
+    launch with int32 offsets, the slices with int64 ones, and the bits agree."""
+    shape, steps = (3, 2, 3, 4), 50
+    B, N = shape[0], math.prod(shape[1:])
+    assert B * N < 1000 < (B - 1) * steps * N
+    monkeypatch.setattr(fs, "_INT32_OFFSET_LIMIT", 1000)
+    kernels = {}
+    for name in ("_forward_kernel", "_backward_kernel", "_elem_loss_kernel"):
+        kernels[name] = _RecordIdx64(getattr(fs, name))
+        monkeypatch.setattr(fs, name, kernels[name])
+    v, x, prev, ref, coefs, kl_w, old, adv, amap = elem_loss_inputs(shape, torch.float32, seed=50)
+    gl = torch.randn(B, generator=torch.Generator().manual_seed(51)).to(DEVICE)
+    ops = (lambda v, x, prev, ref: forward(v, x, prev, ref, coefs, 2, False, True),
+           lambda v, x, prev, ref: [backward(v, x, prev, ref, coefs, 0, gl, None, None)],
+           lambda v, x, prev, ref: elem_loss(v, x, prev, ref, coefs, kl_w, old, adv, amap,
+                                             ELEM_CLIP, ELEM_ADV_MAX, 0.3, False, True))
+    for op in ops:
+        expect = op(v, x, prev, ref)
+        assert_same_bits(op(*(trajectory_slice(t, steps, 7) for t in (v, x, prev, ref))), expect)
+    for name, rec in kernels.items():
+        assert rec.idx64 == [False, True], name
+
+
+def test_non_contiguous_sample_rejected():
+    """A latent argument whose samples are not contiguous (H and W transposed) is rejected with
+    a message naming it, by each op."""
+    shape = (2, 3, 4, 4)                      # square H, W: the transposed view keeps the shape
+    v, x, prev, noise, ref, coefs = make_inputs(shape, torch.float32, seed=52)
+    _, _, _, _, _, kl_w, old, adv, amap = elem_loss_inputs(shape, torch.float32, seed=52)
+    gl = torch.ones(2, device=DEVICE)
+    calls = {
+        "flow_step_forward": (
+            lambda kw: forward(**kw, coefs=coefs, reduction=0, sampling=False, write_mean=True),
+            dict(v=v, x=x, prev_or_noise=prev, ref=ref),
+            dict(v="model_output", x="sample", prev_or_noise="prev_sample",
+                 ref="ref_model_output")),
+        "flow_step_forward (sampling)": (
+            lambda kw: forward(**kw, coefs=coefs, reduction=1, sampling=True, write_mean=False),
+            dict(v=v, x=x, prev_or_noise=noise, ref=None), dict(prev_or_noise="noise")),
+        "flow_step_backward": (
+            lambda kw: backward(**kw, coefs=coefs, reduction=0, grad_logp=gl, grad_ref_sq=gl),
+            dict(v=v, x=x, prev=prev, ref=ref, grad_mean=v * 0.5),
+            dict(v="model_output", x="sample", prev="prev_sample", ref="ref_model_output",
+                 grad_mean="grad_mean")),
+        "flow_grpo_elem_loss": (
+            lambda kw: elem_loss(**kw, coefs=coefs, kl_weight=kl_w, old_log_prob=old,
+                                 advantages=adv, advantage_map=amap, clip_range=ELEM_CLIP,
+                                 adv_clip_max=ELEM_ADV_MAX, beta=0.3, simple=False,
+                                 write_grad=True),
+            dict(model_output=v, sample=x, prev_sample=prev, ref_model_output=ref),
+            dict(model_output="model_output", sample="sample", prev_sample="prev_sample",
+                 ref_model_output="ref_model_output")),
+    }
+    for what, (call, latents, names) in calls.items():
+        call(latents)                                       # the valid arguments pass
+        for arg, name in names.items():
+            bad = latents[arg].transpose(-1, -2)
+            assert bad.shape == latents[arg].shape and fs.batch_stride(bad) is None
+            op = what.split()[0]
+            with pytest.raises(RuntimeError, match=rf"{op}: {name} must .*each sample.*"
+                                                   r"\(a batch stride is allowed\)"):
+                call({**latents, arg: bad})
 
 
 # ------------------------------------------------------------------------------------------------
