@@ -203,6 +203,22 @@ inline void check_like_logp(const char* op, const char* name, const at::Tensor& 
               t.device());
 }
 
+// A [rows, n] input of the map losses read row by row (old_log_prob, advantage_map): of shape
+// `sizes`, logp's dtype and device, each row contiguous and any batch stride, so the per-step
+// slices [:, j] of log-probs or maps stored for a whole trajectory are read in place.
+inline void check_rows_like_logp(const char* op, const char* name, const at::Tensor& t,
+                                 const at::Tensor& logp, at::IntArrayRef sizes) {
+  TORCH_CHECK(t.sizes() == sizes && t.scalar_type() == logp.scalar_type() &&
+                  batch_stride(t) >= 0 && t.device() == logp.device(),
+              op, ": ", name, " must be a ", sizes, " ", logp.scalar_type(), " tensor on ",
+              logp.device(), " with each row contiguous, got ", t.sizes(), " ", t.scalar_type(),
+              " strides ", t.strides(), " on ", t.device());
+}
+
+// The row stride of such an input: elements between row b and row b + 1, 0 for a single row
+// shared by the batch (a [1, n] map).
+inline int64_t row_stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : batch_stride(t); }
+
 inline void check_clip(const char* op, double clip_range, double adv_clip_max) {
   TORCH_CHECK(clip_range > 0 && adv_clip_max > 0, op,
               ": clip_range and adv_clip_max must be > 0, got ", clip_range, ", ", adv_clip_max);
@@ -227,10 +243,10 @@ inline int64_t check_surrogate_args(const at::Tensor& logp, const std::optional<
   return logp.size(0);
 }
 
-// flow_grpo_map_surrogate's arguments: logp and old_log_prob contiguous [B, P], advantage_map
-// contiguous [B, P] or [1, P], advantages (and ref_sq, kl_weight, both or neither) contiguous
-// [B], all of one accumulation dtype (float32 or float64) on one device of `device_type`.
-// Returns {B, P}.
+// flow_grpo_map_surrogate's arguments: logp contiguous [B, P], old_log_prob [B, P] and
+// advantage_map [B, P] or [1, P] with contiguous rows (any row stride: check_rows_like_logp),
+// advantages (and ref_sq, kl_weight, both or neither) contiguous [B], all of one accumulation
+// dtype (float32 or float64) on one device of `device_type`. Returns {B, P}.
 inline std::pair<int64_t, int64_t> check_map_surrogate_args(
     const at::Tensor& logp, const std::optional<at::Tensor>& ref_sq,
     const std::optional<at::Tensor>& kl_weight, const at::Tensor& old_log_prob,
@@ -241,9 +257,9 @@ inline std::pair<int64_t, int64_t> check_map_surrogate_args(
   const int64_t B = logp.size(0), P = logp.size(1);
   const int64_t map_rows = advantage_map.dim() == 2 && advantage_map.size(0) == 1 ? 1 : B;
   check_like_logp(op, "logp", logp, logp, {B, P});                       // contiguous
-  check_like_logp(op, "old_log_prob", old_log_prob, logp, {B, P});
+  check_rows_like_logp(op, "old_log_prob", old_log_prob, logp, {B, P});
   check_like_logp(op, "advantages", advantages, logp, {B});
-  check_like_logp(op, "advantage_map", advantage_map, logp, {map_rows, P});
+  check_rows_like_logp(op, "advantage_map", advantage_map, logp, {map_rows, P});
   if (ref_sq.has_value()) check_like_logp(op, "ref_sq", *ref_sq, logp, {B});
   if (kl_weight.has_value()) check_like_logp(op, "kl_weight", *kl_weight, logp, {B});
   check_clip(op, clip_range, adv_clip_max);
@@ -251,8 +267,9 @@ inline std::pair<int64_t, int64_t> check_map_surrogate_args(
 }
 
 // flow_grpo_elem_loss's arguments: the latents as flow_step_forward's (prev_sample required), and
-// old_log_prob [B, N], advantage_map [B, N] or [1, N], advantages [B] (and kl_weight [B], exactly
-// when ref is given), contiguous in the accumulation dtype on the latents' device.
+// old_log_prob [B, N] and advantage_map [B, N] or [1, N] with contiguous rows (any row stride),
+// advantages [B] (and kl_weight [B], exactly when ref is given) contiguous, all in the
+// accumulation dtype on the latents' device.
 inline Layout check_elem_loss_args(const at::Tensor& v, const at::Tensor& x, const at::Tensor& prev,
                                    const std::optional<at::Tensor>& ref, const at::Tensor& coefs,
                                    const std::optional<at::Tensor>& kl_weight,
@@ -269,9 +286,9 @@ inline Layout check_elem_loss_args(const at::Tensor& v, const at::Tensor& x, con
               "neither)");
   const int64_t N = L.C * L.S;
   const int64_t map_rows = advantage_map.dim() == 2 && advantage_map.size(0) == 1 ? 1 : L.B;
-  check_like_logp(op, "old_log_prob", old_log_prob, coefs, {L.B, N});
+  check_rows_like_logp(op, "old_log_prob", old_log_prob, coefs, {L.B, N});
   check_like_logp(op, "advantages", advantages, coefs, {L.B});
-  check_like_logp(op, "advantage_map", advantage_map, coefs, {map_rows, N});
+  check_rows_like_logp(op, "advantage_map", advantage_map, coefs, {map_rows, N});
   if (kl_weight.has_value()) check_like_logp(op, "kl_weight", *kl_weight, coefs, {L.B});
   check_clip(op, clip_range, adv_clip_max);
   return L;

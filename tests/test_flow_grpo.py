@@ -231,9 +231,19 @@ def trajectory_slice(shape, dtype, seed, steps, j):
     return traj.to(dtype).to(DEVICE)[:, j]
 
 
+def as_trajectory_slice(t, steps, j):
+    """t's values as ``traj[:, j]`` of a ``[B, steps, ...]`` tensor whose other steps are NaN (a
+    wrong stride reads them)."""
+    traj = torch.full((t.shape[0], steps) + tuple(t.shape[1:]), float("nan"), dtype=t.dtype,
+                      device=t.device)
+    traj[:, j] = t
+    return traj[:, j]
+
+
 def strided_loss_inputs(shape, dtype, map_kind, seed=50):
     """(v, x, prev, ref, old, adv, amap, s, sn): the latents as trajectory slices of different
-    batch strides, prev one noisy step after x, old_log_prob near the current log-prob."""
+    batch strides, prev one noisy step after x, old_log_prob near the current log-prob; with a
+    map, old_log_prob and the map as trajectory slices too (stored per step, read at [:, j])."""
     s, sn = sigmas(shape[0], seed=seed)
     x = trajectory_slice(shape, dtype, seed + 1, 4, 1)
     v = trajectory_slice(shape, dtype, seed + 2, 2, 0)
@@ -253,7 +263,8 @@ def strided_loss_inputs(shape, dtype, map_kind, seed=50):
     amap = None
     if map_kind is not None:
         g = torch.Generator().manual_seed(seed + 5)
-        amap = torch.rand(old.shape, generator=g).to(DEVICE)
+        amap = as_trajectory_slice(torch.rand(old.shape, generator=g).to(DEVICE), 3, 1)
+        old = as_trajectory_slice(old, 4, 2)
     return v, x, prev, ref, old, adv, amap, s, sn
 
 
@@ -264,21 +275,24 @@ def strided_loss_inputs(shape, dtype, map_kind, seed=50):
 @pytest.mark.parametrize("shape", [(3, 4, 3, 5, 7), (1, 4, 6, 10), (2, 16, 2, 8, 12)],
                          ids=["video_odd", "image_b1", "video_vec"])
 def test_loss_reads_trajectory_slices_in_place(backend, dtype, map_kind, with_ref, shape):
-    """flow_grpo_loss on trajectory slices equals the loss on contiguous copies bit for bit:
-    loss, metrics and gradient, for each map kind, with and without the reference term."""
+    """flow_grpo_loss on trajectory slices (the latents; with a map, old_log_prob and the map
+    too) equals the loss on contiguous copies bit for bit: loss, metrics and gradient, for each
+    map kind, with and without the reference term."""
     _available(backend)
     v, x, prev, ref, old, adv, amap, s, sn = strided_loss_inputs(shape, dtype, map_kind)
     if shape[0] > 1:
         assert not x.is_contiguous() and not prev.is_contiguous() and not v.is_contiguous()
-    kw = dict(ref_model_output=ref if with_ref else None, beta=0.1 if with_ref else 0.0,
-              advantage_map=amap, clip_range=0.05, backend=backend)
+        assert map_kind is None or not (old.is_contiguous() or amap.is_contiguous())
     results = []
     for layout in ("strided", "contiguous"):
-        tensors = (v, x, prev, ref) if layout == "strided" else tuple(
-            t.contiguous() for t in (v, x, prev, ref))
+        tensors = (v, x, prev, ref, old, amap) if layout == "strided" else tuple(
+            None if t is None else t.contiguous() for t in (v, x, prev, ref, old, amap))
         vv = tensors[0].detach().requires_grad_(True)
-        kw["ref_model_output"] = tensors[3] if with_ref else None
-        loss, metrics = tbkernels.flow_grpo_loss(vv, tensors[1], tensors[2], s, sn, old, adv, **kw)
+        kw = dict(ref_model_output=tensors[3] if with_ref else None,
+                  beta=0.1 if with_ref else 0.0, advantage_map=tensors[5], clip_range=0.05,
+                  backend=backend)
+        loss, metrics = tbkernels.flow_grpo_loss(vv, tensors[1], tensors[2], s, sn, tensors[4],
+                                                 adv, **kw)
         loss.backward()
         results.append((loss.detach(), torch.stack(list(metrics.values())), vv.grad))
     for got, exp in zip(*results):
@@ -322,19 +336,21 @@ def test_step_reads_trajectory_slices_in_place(backend, dtype, reduction, sampli
 
 @pytest.mark.parametrize("map_kind", [None, "position", "element"])
 def test_trajectory_slices_are_not_copied(map_kind):
-    """The loss's forward+backward on trajectory slices creates exactly the tensors it creates on
-    contiguous latents (tbkernels.memory's count on the CPU): no copy of any input. Before the
-    kernels took batch strides, the slices cost 2 more latents (one copy each of sample and
-    prev_sample, kept for the backward)."""
+    """The loss's forward+backward on trajectory slices (latents, and with a map old_log_prob
+    and the map) creates exactly the tensors it creates on contiguous inputs (tbkernels.memory's
+    count on the CPU): no copy of any input. Before the kernels took batch strides, the slices
+    cost 2 more latents (one copy each of sample and prev_sample, kept for the backward), and
+    a per-element old_log_prob and map 2 float32 latents more."""
     _available("cpu")
     from tbkernels.memory import peak_tensor_memory
     shape = (2, 16, 3, 12, 20)
     v, x, prev, ref, old, adv, amap, s, sn = strided_loss_inputs(shape, torch.bfloat16, map_kind)
     peaks = []
-    for tensors in ((v, x, prev, ref), tuple(t.contiguous() for t in (v, x, prev, ref))):
+    strided = (v, x, prev, ref, old, amap)
+    for tensors in (strided, tuple(None if t is None else t.contiguous() for t in strided)):
         vv = tensors[0].detach().requires_grad_(True)
-        args = (vv, tensors[1], tensors[2], s.cpu(), sn.cpu(), old, adv)
-        kw = dict(ref_model_output=tensors[3], beta=0.1, advantage_map=amap, backend="cpu")
+        args = (vv, tensors[1], tensors[2], s.cpu(), sn.cpu(), tensors[4], adv)
+        kw = dict(ref_model_output=tensors[3], beta=0.1, advantage_map=tensors[5], backend="cpu")
         tbkernels.flow_grpo_loss(*args, **kw)[0].backward()         # warm the coefficient cache
         vv.grad = None
         with peak_tensor_memory() as tm:
@@ -773,7 +789,7 @@ def test_surrogate_op_rejects_bad_input(backend):
     logp, ref_sq, kl_w, old, adv = surrogate_inputs(4, torch.float32)
     bad = [
         ((logp, ref_sq, None, old, adv), "go together"),
-        ((logp, ref_sq, kl_w, old[:3], adv), "old_log_prob must be a contiguous"),
+        ((logp, ref_sq, kl_w, old[:3], adv), "old_log_prob must be a"),
         ((logp, ref_sq, kl_w, old, adv.double()), "advantages must be a contiguous"),
         ((logp.half(), None, None, old.half(), adv.half()), "float32 or float64"),
         ((logp[None], None, None, old, adv), r"\[B\]"),
@@ -882,12 +898,12 @@ def test_map_surrogate_op_rejects_bad_input(backend):
     logp, ref_sq, kl_w, old, adv, amap = map_surrogate_inputs(3, 5, torch.float32)
     bad = [
         ((logp, ref_sq, None, old, adv, amap), "go together"),
-        ((logp, ref_sq, kl_w, old[:, :4], adv, amap), "old_log_prob must be a contiguous"),
+        ((logp, ref_sq, kl_w, old[:, :4], adv, amap), "old_log_prob must be a"),
         ((logp, ref_sq, kl_w, old, adv[:2], amap), "advantages must be a contiguous"),
-        ((logp, ref_sq, kl_w, old, adv, amap[:2]), "advantage_map must be a contiguous"),
+        ((logp, ref_sq, kl_w, old, adv, amap[:2]), "advantage_map must be a"),
         ((logp, ref_sq, kl_w, old, adv, amap.t().contiguous().t()),
-         "advantage_map must be a contiguous"),
-        ((logp, ref_sq, kl_w, old, adv, amap.double()), "advantage_map must be a contiguous"),
+         "advantage_map must be a"),
+        ((logp, ref_sq, kl_w, old, adv, amap.double()), "advantage_map must be a"),
         ((logp.half(), None, None, old.half(), adv.half(), amap.half()), "float32 or float64"),
         ((logp[0], None, None, old[0], adv, amap[0]), r"\[B, positions\]"),
         ((logp.t().contiguous().t(), None, None, old, adv, amap), "logp must be a contiguous"),
@@ -1065,13 +1081,13 @@ def test_elem_loss_op_rejects_bad_input(backend):
         ((v, x[:2], prev, ref, coefs, kl_w, old, adv, amap), "sample"),
         ((v, x, prev.double(), ref, coefs, kl_w, old, adv, amap), "prev_sample"),
         ((v, x, prev, ref, coefs[:2], kl_w, old, adv, amap), "coefs"),
-        ((v, x, prev, ref, coefs, kl_w, old[:, :4], adv, amap), "old_log_prob must be a contiguous"),
+        ((v, x, prev, ref, coefs, kl_w, old[:, :4], adv, amap), "old_log_prob must be a"),
         ((v, x, prev, ref, coefs, kl_w, old, adv[:2], amap), "advantages must be a contiguous"),
-        ((v, x, prev, ref, coefs, kl_w, old, adv, amap[:2]), "advantage_map must be a contiguous"),
+        ((v, x, prev, ref, coefs, kl_w, old, adv, amap[:2]), "advantage_map must be a"),
         ((v, x, prev, ref, coefs, kl_w, old, adv, amap.double()),
-         "advantage_map must be a contiguous"),
+         "advantage_map must be a"),
         ((v, x, prev, ref, coefs, kl_w, old, adv, amap.t().contiguous().t()),
-         "advantage_map must be a contiguous"),
+         "advantage_map must be a"),
         ((v.transpose(2, 3), x, prev, ref, coefs, kl_w, old, adv, amap), "contiguous|sample"),
     ]
     for args, match in bad:

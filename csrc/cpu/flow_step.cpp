@@ -450,7 +450,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_map_surrogate_cpu(
     const Acc* old = old_log_prob.data_ptr<Acc>();
     const Acc* adv = advantages.data_ptr<Acc>();
     const Acc* amap = advantage_map.data_ptr<Acc>();
-    const int64_t map_stride = advantage_map.size(0) == 1 ? 0 : P;
+    // old_log_prob and the map are read at their row strides (trajectory slices in place)
+    const int64_t old_stride = flow_step::row_stride(old_log_prob);
+    const int64_t map_stride = flow_step::row_stride(advantage_map);
     const int64_t nchunk = (P + kChunk - 1) / kChunk, tasks = B * nchunk;
     std::vector<surrogate::Sums> part(tasks);
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
@@ -459,7 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_map_surrogate_cpu(
         const int64_t n = std::min(kChunk, P - p0);
         const Acc a_b = surrogate::clamp_adv(k, adv[b]);
         Acc* row = lp + b * P + p0;
-        const Acc* old_row = old + b * P + p0;
+        const Acc* old_row = old + b * old_stride + p0;
         const Acc* map_row = amap + b * map_stride + p0;
         surrogate::Sums s;
         map_surrogate_rows(k, a_b, row, old_row, map_row, n, s);
@@ -613,7 +615,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cpu(
     const Acc* cf = coefs.data_ptr<Acc>();
     const Acc* adv = advantages.data_ptr<Acc>();
     const Acc* kw = opt_ptr<Acc>(kl_weight);
-    const int64_t map_stride = advantage_map.size(0) == 1 ? 0 : N;
+    // old_log_prob and the map are read at their row strides (trajectory slices in place)
+    const int64_t old_stride = flow_step::row_stride(old_log_prob);
+    const int64_t map_stride = flow_step::row_stride(advantage_map);
     const int64_t nchunk = (N + kChunk - 1) / kChunk, tasks = B * nchunk;
     std::vector<surrogate::Sums> part(tasks);
     std::vector<double> part_ref(tasks, 0.0);
@@ -622,12 +626,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cpu(
         const int64_t b = t / nchunk, e0 = (t % nchunk) * kChunk;
         const int64_t n = std::min(kChunk, N - e0), base = b * N + e0;
         ElemRow<scalar_t, Acc> r;
-        // the latents at their own batch strides; old_log_prob and grad_v contiguous
+        // the latents at their own batch strides, grad_v contiguous
         r.v = v.data_ptr<scalar_t>() + b * bs.v + e0;
         r.x = x.data_ptr<scalar_t>() + b * bs.x + e0;
         r.prev = prev.data_ptr<scalar_t>() + b * bs.prev + e0;
         r.ref = ref.has_value() ? ref->data_ptr<scalar_t>() + b * bs.ref + e0 : nullptr;
-        r.old = old_log_prob.data_ptr<Acc>() + base;
+        r.old = old_log_prob.data_ptr<Acc>() + b * old_stride + e0;
         r.amap = advantage_map.data_ptr<Acc>() + b * map_stride + e0;
         r.grad_v = write_grad ? grad_v.data_ptr<scalar_t>() + base : nullptr;
         r.cx = cf[b * 5], r.cv = cf[b * 5 + 1], r.alpha = cf[b * 5 + 2], r.gamma = cf[b * 5 + 3];

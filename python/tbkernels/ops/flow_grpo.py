@@ -437,6 +437,13 @@ def _kernel_layout(t):
     return t if batch_stride(t) is not None else t.contiguous()
 
 
+def _rows(t, rows):
+    """t as the [rows, n] rows the map ops read: a view where each row is contiguous (any row
+    stride: a [:, j] slice of log-probs or maps stored for a whole trajectory), else a copy."""
+    r = t.reshape(rows, -1)                  # a view whenever the dims after the first merge
+    return r if batch_stride(r) is not None else r.contiguous()
+
+
 def _latents(dtype, *tensors):
     """Detached, one dtype, in a layout the kernels read (a copy only where needed)."""
     return [None if t is None else _kernel_layout(t.detach().to(dtype)) for t in tensors]
@@ -740,7 +747,7 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
     if name != "reference" and not torch.compiler.is_compiling() and reduction == 2:
         # per-element ViPO map, eager: step, surrogate and gradient in one op (see _ElemLoss)
         amap = _map_rows(advantage_map, logp_shape, acc)
-        old_rows = old_lp.contiguous().view(batch, amap.shape[1])
+        old_rows = _rows(old_lp, batch)
         if torch.is_grad_enabled() and v.requires_grad:
             loss, m = _ElemLoss.apply(v, x, prev, ref, coefs, kl_w, old_rows, adv.contiguous(),
                                       amap, consts, name)
@@ -797,14 +804,14 @@ class _FusedLoss(torch.autograd.Function):
 
 
 def _map_rows(advantage_map, logp_shape, acc):
-    """The map as the [B or 1, positions] rows flow_grpo_map_surrogate reads: no copy for a map
-    of the log-prob's shape (or of one sample's, shared by the batch) already in the
-    accumulation dtype; any other broadcast is materialised (in that dtype)."""
+    """The map as the [B or 1, positions] rows the map ops read: no copy for a map of the
+    log-prob's shape (or of one sample's, shared by the batch) already in the accumulation dtype
+    with each row contiguous (a trajectory slice [:, j] too); any other broadcast is
+    materialised (in that dtype)."""
     m = advantage_map.detach().to(acc)
-    positions = math.prod(logp_shape[1:])
     if tuple(m.shape[1:]) == tuple(logp_shape[1:]) and m.shape[0] in (1, logp_shape[0]):
-        return m.contiguous().view(m.shape[0], positions)
-    return m.expand(logp_shape).contiguous().view(logp_shape[0], positions)
+        return _rows(m, m.shape[0])
+    return m.expand(logp_shape).contiguous().view(logp_shape[0], -1)
 
 
 class _MapLoss(torch.autograd.Function):
@@ -827,7 +834,7 @@ class _MapLoss(torch.autograd.Function):
                                                    False)
             loss, metrics, grad_ref_sq = _map_surrogate_op(name)(
                 logp.view(rows), None if ref is None else ref_sq, kl_w,
-                old_lp.contiguous().view(rows), adv.contiguous(), amap, *consts)
+                _rows(old_lp, rows[0]), adv.contiguous(), amap, *consts)
         ctx.mark_non_differentiable(metrics)
         ctx.set_materialize_grads(False)
         ctx.kl_grad = ref is not None and beta != 0
