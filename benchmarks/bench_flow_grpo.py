@@ -43,7 +43,8 @@ BETA, CLIP = 0.04, 1e-4
 
 
 # Flow-GRPO stores a rollout's latents as [B, steps, C, T, H, W] (sample["latents"] and
-# sample["next_latents"]) and trains on the slices [:, j]; --trajectory gives x and prev so.
+# sample["next_latents"]) and trains on the slices [:, j]; --trajectory gives x and prev so, and
+# with a ViPO map the per-step old log-prob and the map (stored per step the same way).
 TRAJECTORY_STEPS, TRAJECTORY_STEP = 10, 3
 
 
@@ -80,17 +81,19 @@ def make_inputs(shape, dtype, device, seed=0, trajectory=False):
 MAP_KINDS = ("position", "element")
 
 
-def add_map_inputs(d, map_kind, seed=1):
+def add_map_inputs(d, map_kind, seed=1, trajectory=False):
     """ViPO inputs for ``map_kind`` "position" (``[B, (T,) H, W]``, broadcast over channels) or
     "element" (the latent's shape): float32 ``amap`` in [0, 2) and ``old_map``, the current
     policy's log-prob of that shape plus noise of the clip range's size, so the per-position
-    ratios straddle the clip range as in training."""
+    ratios straddle the clip range as in training. ``trajectory``: both as [:, j] slices."""
     v = d["v"]
     reduction = "channel_sum" if map_kind == "position" else "none"
     shape = (v.shape[0],) + tuple(v.shape[2:]) if map_kind == "position" else tuple(v.shape)
     if v.device.type == "meta":
         d["amap"] = torch.empty(shape, device=v.device)
         d["old_map"] = torch.empty(shape, device=v.device)
+        if trajectory:
+            d["amap"], d["old_map"] = map(_as_trajectory_slice, (d["amap"], d["old_map"]))
         return d
     g = torch.Generator(device="cpu").manual_seed(seed)
     d["amap"] = (2 * torch.rand(shape, generator=g)).to(v.device)
@@ -98,6 +101,8 @@ def add_map_inputs(d, map_kind, seed=1):
         logp = tbkernels.sde_step_with_logprob(v, d["sigma_host"], d["sigma_next_host"], d["x"],
                                                d["prev"], logprob_reduction=reduction)[1]
     d["old_map"] = (logp + 2 * CLIP * torch.randn(shape, generator=g).to(v.device)).contiguous()
+    if trajectory:
+        d["amap"], d["old_map"] = map(_as_trajectory_slice, (d["amap"], d["old_map"]))
     return d
 
 
@@ -382,7 +387,7 @@ def peak_tensor_bytes(name, shape, dtype, device, map_kind=None, trajectory=Fals
     ``trajectory``: sample and prev_sample as Flow-GRPO passes them, [:, j] slices."""
     d = make_inputs(shape, dtype, device, trajectory=trajectory)
     if map_kind is not None:
-        add_map_inputs(d, map_kind)
+        add_map_inputs(d, map_kind, trajectory=trajectory)
     # meta: the compiled ops' meta kernels. Host sigmas and one step first: the step measured is
     # the steady state of a schedule whose noise levels were seen before (coefficient table
     # cached, on the CPU as on the meta device), so both devices take the same path.
@@ -404,8 +409,9 @@ def run_meta(shapes, dtypes, recorder, map_kinds=(None,), trajectory=False):
         latent = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         peaks = {name: peak_tensor_bytes(name, shape, dtype, meta, kind, trajectory)
                  for name in ("eager", "tbkernels")}
+        sliced = "sample/prev_sample" + ("" if kind is None else "/old_log_prob/map")
         print(f"\n{shape_s} {dtype_s}{'' if kind is None else f', per-{kind} ViPO map'}"
-              f"{', sample/prev_sample as [:, j] trajectory slices' if trajectory else ''} "
+              f"{f', {sliced} as [:, j] trajectory slices' if trajectory else ''} "
               f"(one latent = {latent / 2**20:.0f} MiB):")
         for name, b in peaks.items():
             recorder.add(f"{op}.forward_backward", name, shape_s, dtype_s, "peak_tensor_bytes", b)
@@ -666,8 +672,9 @@ def main():
     p.add_argument("--map", choices=MAP_KINDS + ("both",), default=None,
                    help="time flow_grpo_loss with a ViPO advantage map of this kind instead")
     p.add_argument("--trajectory", action="store_true",
-                   help="with --meta: sample and prev_sample as Flow-GRPO passes them, [:, j] "
-                        f"slices of [B, {TRAJECTORY_STEPS}, ...] trajectories (batch-strided)")
+                   help="with --meta: sample and prev_sample (and with --map the old log-prob "
+                        "and the map) as Flow-GRPO passes them, [:, j] slices of "
+                        f"[B, {TRAJECTORY_STEPS}, ...] trajectories (batch-strided)")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--no-record", action="store_true", help="print only, write no CSV rows")
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
