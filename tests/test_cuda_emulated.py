@@ -346,7 +346,7 @@ def test_flow_grpo_map_surrogate_cuda_kernels(emu, dtype, B, P, shared_map, with
         DTYPE_CODE[dtype], I64(B), I64(P), ptr(buf), ptr(ref_sq), ptr(kl_w), ptr(old), ptr(adv),
         ptr(amap), int(shared_map), ctypes.c_double(0.1), ctypes.c_double(5.0),
         ctypes.c_double(beta), int(simple), ptr(loss), ptr(metrics), ptr(dref),
-        ctypes.byref(launches))
+        ctypes.byref(launches), None)
     assert rc == 0
     assert launches.value == (2 if B * P else 1)
     e_buf = logp.clone()
@@ -372,7 +372,7 @@ def test_flow_grpo_map_surrogate_cuda_kernel_rejects_bad_arguments(emu):
         return emu.emu_flow_grpo_map_surrogate(
             acc, I64(4), I64(3), ptr(buf), ptr(ref_sq), ptr(kl_w), ptr(x), ptr(b),
             ptr(amap), 0, ctypes.c_double(clip), ctypes.c_double(5.0), ctypes.c_double(0.0), 0,
-            *map(ptr, out), ctypes.byref(launches))
+            *map(ptr, out), ctypes.byref(launches), None)
     assert call(None, None, 0.1) == 0
     assert call(b, None, 0.1) != 0                          # ref_sq without kl_weight
     assert call(None, None, 0.0) != 0                       # clip_range must be > 0
@@ -441,9 +441,13 @@ def elem_logp(v, x, prev, coefs):
 
 
 def run_emu_elem_loss(emu, dtype, shape, v, x, prev, ref, coefs, kl_w, old, adv, amap, beta,
-                      simple, write_grad, clip=ELEM_CLIP, adv_max=5.0, bstrides=None):
-    """The emulated kernels, bstrides those of (v, x, prev, ref) (None: contiguous):
-    (rc, loss, metrics, grad_v or None, launches, workspace bytes)."""
+                      simple, write_grad, clip=ELEM_CLIP, adv_max=5.0, bstrides=None,
+                      row_strides=None):
+    """The emulated kernels, bstrides those of (v, x, prev, ref) and row_strides those of (old,
+    amap) (None: contiguous): (rc, loss, metrics, grad_v or None, launches, workspace bytes)."""
+    strides = None
+    if bstrides is not None or row_strides is not None:
+        strides = list(bstrides or [-1] * 4) + list(row_strides or [-1, -1])
     acc = acc_dtype(dtype)
     loss = torch.full((), float("nan"), dtype=acc)
     metrics = torch.full((4,), float("nan"), dtype=acc)
@@ -454,7 +458,7 @@ def run_emu_elem_loss(emu, dtype, shape, v, x, prev, ref, coefs, kl_w, old, adv,
         ptr(kl_w), ptr(old), ptr(adv), ptr(amap), int(amap.shape[0] == 1),
         ctypes.c_double(clip), ctypes.c_double(adv_max), ctypes.c_double(beta), int(simple),
         ptr(loss), ptr(metrics), ptr(grad_v), ctypes.byref(launches), ctypes.byref(ws),
-        i64_array(bstrides))
+        i64_array(strides))
     return rc, loss, metrics, grad_v, launches.value, ws.value
 
 
@@ -830,6 +834,204 @@ def test_flow_step_cuda_kernels_reject_bad_batch_strides(emu):
     assert elem([-1, 0, 12, 5])[:2] == (0, 2)
     assert elem([-1, -1, -5, -1]) == (1, -1, 0)
     assert elem([-1, -1, -1, huge]) == (1, -1, 0)
+
+
+# ------------------------------------------- row-strided old_log_prob / advantage_map, in place
+# The map losses read old_log_prob and advantage_map row by row (row b at ptr + b * row_stride,
+# each row contiguous): the per-step slices old_log_prob[:, j] / map[:, j] of [B, steps, n]
+# tensors stored for a whole trajectory, and expanded rows (stride 0), are read without a copy.
+# Results must be those of contiguous copies bit for bit (same launch plan; the elem loss keeps
+# its 128-bit fragments while each row stays 16-byte aligned, see
+# test_flow_grpo_elem_loss_cuda_kernels_row_stride_alignment for rows that do not).
+
+# Per [rows, n] input: (j, K), the slice big[:, j] of a [rows, K, n] tensor (row stride K*n), or
+# None, the first row expanded over the batch (row stride 0). "latents": the elem loss's latents
+# laid out by that STRIDED_LAYOUTS entry (None: contiguous).
+ROW_LAYOUTS = {
+    "slices": {"old": (1, 3), "map": (2, 4), "latents": None},
+    "slices_other": {"old": (0, 2), "map": (4, 5), "latents": "slices"},
+    "expanded": {"old": None, "map": None, "latents": "expanded"},
+}
+
+
+def lay_out_rows(t, spec):
+    """t [rows, n] laid out as spec says (ROW_LAYOUTS); the slice's neighbours in the big tensor
+    are NaN (even j) or noise (odd j), which a wrong row stride or offset would read."""
+    if spec is None:
+        return t[:1].expand(t.shape)
+    j, K = spec
+    g = torch.Generator().manual_seed(100 * K + j + t.shape[1])
+    big = torch.randn(t.shape[0], K, t.shape[1], generator=g, dtype=torch.float64).to(t.dtype)
+    big[:, ::2] = float("nan")
+    big[:, j] = t
+    return big[:, j]
+
+
+def binding_row_strides(old, amap):
+    """The row strides flow_step_cuda.cpp passes: old_log_prob's batch stride (n for one row),
+    the map's row stride (0 for a single row, then ignored with map_shared)."""
+    n = old.shape[1]
+    return [old.stride(0) if old.shape[0] > 1 else n,
+            0 if amap.shape[0] == 1 else amap.stride(0)]
+
+
+def run_emu_map_surrogate(emu, dtype, logp, ref_sq, kl_w, old, adv, amap, beta, simple,
+                          row_strides=None):
+    """The emulated map surrogate on a copy of logp, row_strides those of (old, amap) (None:
+    contiguous): (rc, launches, logp as overwritten, loss, metrics, grad_ref_sq)."""
+    B, P = logp.shape
+    buf = logp.clone()
+    loss = torch.full((), float("nan"), dtype=dtype)
+    metrics = torch.full((4,), float("nan"), dtype=dtype)
+    dref = torch.full((B,), float("nan"), dtype=dtype)
+    launches = ctypes.c_int(0)
+    rc = emu.emu_flow_grpo_map_surrogate(
+        DTYPE_CODE[dtype], I64(B), I64(P), ptr(buf), ptr(ref_sq), ptr(kl_w), ptr(old), ptr(adv),
+        ptr(amap), int(amap.shape[0] == 1), ctypes.c_double(0.1), ctypes.c_double(5.0),
+        ctypes.c_double(beta), int(simple), ptr(loss), ptr(metrics), ptr(dref),
+        ctypes.byref(launches), i64_array(row_strides))
+    return rc, launches.value, buf, loss, metrics, dref
+
+
+def map_surrogate_inputs(B, P, dtype, with_ref, shared_map, seed):
+    g = torch.Generator().manual_seed(seed)
+    logp = (torch.randn(B, P, generator=g, dtype=torch.float64) - 1).to(dtype)
+    old = (logp.double() - 0.3 * torch.randn(B, P, generator=g, dtype=torch.float64)).to(dtype)
+    old[:, ::3] = logp[:, ::3]
+    adv = (4 * torch.randn(B, generator=g, dtype=torch.float64)).to(dtype)
+    amap = torch.rand(1 if shared_map else B, P, generator=g, dtype=torch.float64).to(dtype)
+    ref_sq = torch.rand(B, generator=g, dtype=torch.float64).to(dtype) if with_ref else None
+    kl_w = (1e-3 * torch.rand(B, generator=g, dtype=torch.float64)).to(dtype) if with_ref else None
+    return logp, ref_sq, kl_w, old, adv, amap
+
+
+# (B, P): odd rows (odd row strides), 3 blocks per sample (the last ragged), one sample
+MAP_ROW_SHAPES = [(3, 41), (2, 2500), (1, 41)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,P", MAP_ROW_SHAPES)
+@pytest.mark.parametrize("layout", list(ROW_LAYOUTS))
+@pytest.mark.parametrize("shared_map", [False, True])
+@pytest.mark.parametrize("with_ref,beta,simple", [(True, 0.05, False), (False, 0.0, True)])
+def test_flow_grpo_map_surrogate_cuda_kernels_row_strided(emu, dtype, B, P, layout, shared_map,
+                                                          with_ref, beta, simple):
+    """old_log_prob and the map (per sample, or a shared row sliced out of a bigger tensor) read
+    in place: logp overwritten, loss, metrics and grad_ref_sq as from contiguous copies, bit for
+    bit. The kernel reads them with scalar loads, so no stride needs any alignment."""
+    logp, ref_sq, kl_w, old, adv, amap = map_surrogate_inputs(B, P, dtype, with_ref, shared_map,
+                                                              seed=B * 7 + P)
+    spec = ROW_LAYOUTS[layout]
+    old_in, map_in = lay_out_rows(old, spec["old"]), lay_out_rows(amap, spec["map"])
+    if spec["old"] is not None and B > 1:
+        assert old_in.stride(0) == spec["old"][1] * P and not old_in.is_contiguous()
+    got = run_emu_map_surrogate(emu, dtype, logp, ref_sq, kl_w, old_in, adv, map_in, beta, simple,
+                                binding_row_strides(old_in, map_in))
+    exp = run_emu_map_surrogate(emu, dtype, logp, ref_sq, kl_w, old_in.contiguous(), adv,
+                                map_in.contiguous(), beta, simple)
+    assert got[0] == 0 and exp[0] == 0 and got[1] == exp[1] == 2
+    assert not torch.isnan(got[2]).any() and not torch.isnan(got[3]), "NaN read from a neighbour"
+    if layout != "expanded" and B * P > 100 and not simple:
+        assert 0 < got[4][1].item() < 1                    # ratios on both sides of the bounds
+    assert_bitwise(got[2:], exp[2:])                       # logp overwritten identically too
+
+
+@pytest.mark.parametrize("dtype", STRIDED_DTYPES)
+@pytest.mark.parametrize("shape", STRIDED_SHAPES)
+@pytest.mark.parametrize("layout", list(ROW_LAYOUTS))
+@pytest.mark.parametrize("variant", list(STRIDED_ELEM_VARIANTS))
+def test_flow_grpo_elem_loss_cuda_kernels_row_strided(emu, dtype, shape, layout, variant):
+    """old_log_prob and the map read in place (with the latents contiguous, sliced or expanded):
+    the results of contiguous copies bit for bit. N = 256 keeps every row stride a multiple of
+    VEC floats (the 128-bit fragments, and neighbours of NaN that a misplaced 128-bit word would
+    pull in); N = 111 gives odd row strides (strided fragments); B = 1 one row."""
+    with_ref, beta, simple, shared_map, write_grad = STRIDED_ELEM_VARIANTS[variant]
+    spec = ROW_LAYOUTS[layout]
+    lat = None if spec["latents"] is None else STRIDED_LAYOUTS[spec["latents"]]
+    inputs = list(elem_loss_inputs(shape, dtype, with_ref, shared_map, seed=8, layout=lat))
+    inputs[6] = lay_out_rows(inputs[6], spec["old"])
+    inputs[8] = lay_out_rows(inputs[8], spec["map"])
+    got = run_emu_elem_loss(emu, dtype, shape, *inputs, beta, simple, write_grad,
+                            bstrides=batch_strides(*inputs[:4]),
+                            row_strides=binding_row_strides(inputs[6], inputs[8]))
+    inputs[:4] = contiguous(*inputs[:4])
+    inputs[6], inputs[8] = inputs[6].contiguous(), inputs[8].contiguous()
+    exp = run_emu_elem_loss(emu, dtype, shape, *inputs, beta, simple, write_grad)
+    assert got[0] == 0 and exp[0] == 0 and got[4:] == exp[4:]     # launches, workspace
+    assert not torch.isnan(got[1]), "NaN read from a neighbour"
+    if layout != "expanded" and shape[0] * shape[1] * shape[2] > 100 and not simple:
+        assert 0 < got[2][1].item() < 1                    # ratios on both sides of the bounds
+    assert_bitwise(got[1:4], exp[1:4])
+
+
+@pytest.mark.parametrize("dtype", STRIDED_DTYPES)
+@pytest.mark.parametrize("which", [6, 8])                  # old_log_prob, advantage_map
+@pytest.mark.parametrize("pad", [1, 4])
+def test_flow_grpo_elem_loss_cuda_kernels_row_stride_alignment(emu, dtype, which, pad):
+    """Rows of whole vectors (N = 256) and every pointer 16-byte aligned, one input's rows
+    N + pad floats apart. pad = 4 keeps row 1 on a 16-byte boundary: the 128-bit fragments, the
+    results of the contiguous run bit for bit. pad = 1 leaves it off (a 128-bit load there ends
+    the emulator: see the emu fixture): the strided fragments, the results of contiguous copies
+    forced onto them by a misaligned latent bit for bit, and grad_v that of the 128-bit run too
+    (the sums of that run add the same terms in another order)."""
+    shape = (2, 4, 64)
+    inputs = list(elem_loss_inputs(shape, dtype, True, False, seed=9))
+
+    def run(ins, row_strides=None):
+        rc, *out = run_emu_elem_loss(emu, dtype, shape, *ins, 0.05, False, True,
+                                     row_strides=row_strides)[:4]
+        assert rc == 0
+        return out
+
+    strided = list(inputs)
+    strided[which] = padded(inputs[which], pad)
+    assert strided[which].data_ptr() % 16 == 0 and strided[which].stride(0) == 256 + pad
+    got = run(strided, binding_row_strides(strided[6], strided[8]))
+    vector = run(inputs)
+    if pad % 4 == 0:
+        assert_bitwise(got, vector)
+        return
+    scalar_inputs = list(inputs)
+    scalar_inputs[1] = misaligned(inputs[1])
+    assert_bitwise(got, run(scalar_inputs))
+    assert_bitwise(got[2:], vector[2:])
+
+
+def test_map_losses_cuda_kernels_reject_bad_row_strides(emu):
+    """A row stride is -1 (contiguous) or >= 0 (0: one row read by every sample), its last row
+    within int64 offsets; anything else is cudaErrorInvalidValue with no launch plan (num_launches
+    -1, elem loss workspace 0). With map_shared the map's row stride is ignored."""
+    huge = 2**63 - 1
+    shape = (2, 3, 4)                                      # N = 12
+
+    def elem(rs, shared=False):
+        inputs = elem_loss_inputs(shape, torch.float32, True, shared)
+        rc, _, _, _, launches, ws = run_emu_elem_loss(emu, torch.float32, shape, *inputs, 0.05,
+                                                      False, True, row_strides=rs)
+        return rc, launches, ws
+
+    assert elem([0, 0])[:2] == (0, 2) and elem([24, 13])[:2] == (0, 2)
+    assert elem([-2, -1]) == (1, -1, 0)
+    assert elem([-1, -5]) == (1, -1, 0)
+    assert elem([huge, -1]) == (1, -1, 0)
+    assert elem([-1, huge]) == (1, -1, 0)
+    assert elem([-1, -7], shared=True)[:2] == (0, 2)       # ignored
+    assert elem([-1, huge], shared=True)[:2] == (0, 2)
+    assert elem([-3, 0], shared=True) == (1, -1, 0)
+
+    def surrogate(rs, shared=False):
+        logp, ref_sq, kl_w, old, adv, amap = map_surrogate_inputs(2, 5, torch.float32, True,
+                                                                  shared, seed=1)
+        return run_emu_map_surrogate(emu, torch.float32, logp, ref_sq, kl_w, old, adv, amap,
+                                     0.05, False, rs)[:2]
+
+    assert surrogate([0, 5]) == (0, 2) and surrogate([7, 0]) == (0, 2)
+    assert surrogate([-2, -1]) == (1, -1)
+    assert surrogate([-1, -9]) == (1, -1)
+    assert surrogate([huge, -1]) == (1, -1)
+    assert surrogate([-1, huge]) == (1, -1)
+    assert surrogate([-1, -9], shared=True) == (0, 2)      # ignored
+    assert surrogate([-4, 0], shared=True) == (1, -1)
 
 
 # --------------------------------------------------------------------------------- per-sample MSE

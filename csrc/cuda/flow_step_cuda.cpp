@@ -4,8 +4,9 @@
 // (csrc/cpu/flow_step.cpp); the outputs and the kernels' scratch are allocated with torch on the
 // latents' device and the kernels run on the current CUDA stream. Latent inputs whose samples are
 // each contiguous (trajectory slices, batch-expanded tensors) go to the kernels in place, with
-// their batch strides. Compiled only when torch has CUDA (setup.py adds csrc/cuda/*_cuda.cpp to
-// the CUDAExtension).
+// their batch strides, and so do the map losses' old_log_prob and advantage_map whose rows are
+// each contiguous, with their row strides. Compiled only when torch has CUDA (setup.py adds
+// csrc/cuda/*_cuda.cpp to the CUDAExtension).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -178,6 +179,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_map_surrogate_cuda(
   args.advantages = advantages.data_ptr();
   args.advantage_map = advantage_map.data_ptr();
   args.map_shared = advantage_map.size(0) == 1;
+  // rows read in place: trajectory slices [:, j], expanded rows (checked: each row contiguous)
+  args.old_bstride = flow_step::batch_stride(old_log_prob);
+  args.map_bstride = flow_step::row_stride(advantage_map);
   args.clip_range = clip_range;
   args.adv_clip_max = adv_clip_max;
   args.beta = beta;
@@ -225,6 +229,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cuda(
   args.advantages = advantages.data_ptr();
   args.advantage_map = advantage_map.data_ptr();
   args.map_shared = advantage_map.size(0) == 1;
+  // rows read in place: trajectory slices [:, j], expanded rows (checked: each row contiguous)
+  args.old_bstride = flow_step::batch_stride(old_log_prob);
+  args.map_bstride = flow_step::row_stride(advantage_map);
   args.clip_range = clip_range;
   args.adv_clip_max = adv_clip_max;
   args.beta = beta;

@@ -18,9 +18,10 @@
 //
 // Layout: element e < D = C*S of sample b of a latent input is at ptr + b*bstride + e, each input
 // with its own batch stride (flow_step_kernels.h; trajectory slices, batch-expanded tensors);
-// the outputs and the other [B, ...] arrays are contiguous, element e of sample b at b*D + e.
-// So a kernel derives each input's sample base from b once and indexes inputs by e, outputs by
-// b*D + e.
+// the outputs and the other [B, ...] arrays are contiguous, element e of sample b at b*D + e,
+// but for the map losses' old_log_prob and advantage_map, whose rows are strided the same way
+// (row b at ptr + b*row_stride). So a kernel derives each input's sample base from b once and
+// indexes inputs by e, outputs by b*D + e.
 //
 // Launch structure (B samples, latent [B, C, S], D = C*S, VEC as above):
 //   forward, reduction mean / none:  fwd_flat_kernel     grid B*nblk x 256 threads; block
@@ -531,16 +532,18 @@ int elem_size(DType t) {
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
-// A latent input's batch stride is -1 (contiguous) or >= 0, and small enough that the last
-// sample's elements lie at int64 offsets (B samples of D elements).
+// A latent input's batch stride (or the row stride of old_log_prob / an advantage map) is -1
+// (contiguous) or >= 0, and small enough that the last sample's elements lie at int64 offsets
+// (B samples, or rows, of D elements).
 bool valid_bstride(int64_t bstride, int64_t B, int64_t D) {
   return bstride >= -1 && (B <= 1 || bstride <= (INT64_MAX - D) / (B - 1));
 }
 
 int64_t resolve_bstride(int64_t bstride, int64_t D) { return bstride == -1 ? D : bstride; }
 
-// A latent input read in 128-bit words: its first sample 16-byte aligned, and (batch stride a
-// multiple of VEC) so is every other. An absent input (null) is not read.
+// A latent input (or a row-strided [B, N] Acc input) read in 128-bit words: its first sample
+// (row) 16-byte aligned, and (stride a multiple of VEC = 16 / sizeof(T)) so is every other. An
+// absent input (null) is not read.
 template <typename T>
 bool vec_input(const T* p, int64_t bstride) {
   return aligned16(p) && (p == nullptr || bstride % kVecOf<T> == 0);
@@ -791,11 +794,14 @@ cudaError_t run_surrogate(const FlowGrpoSurrogateArgs& a, cudaStream_t stream) {
 // ------------------------------------------------------------------------------------------
 // flow_grpo_loss's surrogate with a ViPO map: one policy term per position of [B, P] float32
 // (float64) rows. map_surrogate_kernel, grid B*nblk x 256 (plan_flat over P with 4-byte
-// elements: chunks of 1024..16384 positions): each thread strides over its block's chunk, writes
-// d loss / d logp over logp, and the block's four sums (policy, delta^2, clipped, ratio) go to
-// partials [4, B*nblk] in double. map_finalize_kernel, one block: the partials in a fixed
-// order, the KL over the batch, loss, metrics and d loss / d ref_sq. The inputs are read once and
-// logp written once: 16 bytes per position (12 with a map shared by the batch, which stays in L2).
+// elements: chunks of 1024..16384 positions): each thread strides over its block's chunk with
+// scalar loads (no 128-bit path, so no alignment condition on the rows), writes d loss / d logp
+// over logp (contiguous), reads old_log_prob and the map from their rows (row b at
+// b * row stride: trajectory slices, a shared or expanded map at stride 0), and the block's four
+// sums (policy, delta^2, clipped, ratio) go to partials [4, B*nblk] in double.
+// map_finalize_kernel, one block: the partials in a fixed order, the KL over the batch, loss,
+// metrics and d loss / d ref_sq. The inputs are read once and logp written once: 16 bytes per
+// position (12 with a map shared by the batch, which stays in L2).
 
 // Sum of the five fields of s over the block (as block_sum2; valid in thread 0, one call per
 // kernel).
@@ -826,14 +832,15 @@ template <typename Acc>
 __global__ void __launch_bounds__(kThreads)
     map_surrogate_kernel(const surrogate::Constants<Acc> k, int64_t P, int64_t chunk,
                          int64_t nblk, Acc* __restrict__ logp, const Acc* __restrict__ old,
-                         const Acc* __restrict__ adv, const Acc* __restrict__ amap,
-                         int64_t map_stride, double* __restrict__ part, int64_t nprog) {
+                         int64_t old_stride, const Acc* __restrict__ adv,
+                         const Acc* __restrict__ amap, int64_t map_stride,
+                         double* __restrict__ part, int64_t nprog) {
   const int64_t blk = blockIdx.x;
   const int64_t b = blk / nblk, p0 = (blk - b * nblk) * chunk;
   const int64_t p1 = p0 + chunk < P ? p0 + chunk : P;
   const Acc a_b = surrogate::clamp_adv(k, adv[b]);
   Acc* row = logp + b * P;
-  const Acc* old_row = old + b * P;
+  const Acc* old_row = old + b * old_stride;
   const Acc* map_row = amap + b * map_stride;
   surrogate::Sums s;
   for (int64_t p = p0 + threadIdx.x; p < p1; p += kThreads)
@@ -869,12 +876,18 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 struct MapPlan {
+  bool ok = false;              // consistent sizes and row strides
   int64_t chunk = 0, nblk = 0;  // per sample; nblk == 0: no main launch
   size_t bytes = 0;             // workspace: the partials [4, B*nblk] double
 };
 
 MapPlan plan_map(const FlowGrpoMapSurrogateArgs& a) {
   MapPlan m;
+  if (a.batch < 0 || a.positions < 0) return m;
+  if (!valid_bstride(a.old_bstride, a.batch, a.positions) ||
+      (!a.map_shared && !valid_bstride(a.map_bstride, a.batch, a.positions)))
+    return m;
+  m.ok = true;
   const FlatPlan f = plan_flat(a.batch, a.positions, 4);
   m.chunk = f.chunk;
   m.nblk = f.nblk;
@@ -893,8 +906,9 @@ cudaError_t run_map_surrogate(const FlowGrpoMapSurrogateArgs& a, const MapPlan& 
   if (nprog > 0) {
     map_surrogate_kernel<Acc><<<static_cast<unsigned>(nprog), kThreads, 0, stream>>>(
         k, a.positions, pl.chunk, pl.nblk, static_cast<Acc*>(a.logp),
-        static_cast<const Acc*>(a.old_log_prob), static_cast<const Acc*>(a.advantages),
-        static_cast<const Acc*>(a.advantage_map), a.map_shared ? 0 : a.positions, part, nprog);
+        static_cast<const Acc*>(a.old_log_prob), resolve_bstride(a.old_bstride, a.positions),
+        static_cast<const Acc*>(a.advantages), static_cast<const Acc*>(a.advantage_map),
+        a.map_shared ? 0 : resolve_bstride(a.map_bstride, a.positions), part, nprog);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -910,7 +924,8 @@ cudaError_t run_map_surrogate(const FlowGrpoMapSurrogateArgs& a, const MapPlan& 
 // log-prob, its policy term, and (write_grad) d loss / d v, which is elementwise once the
 // per-sample constants are known. elem_loss_kernel, grid B*nblk x 256 (plan_flat over the N =
 // C*S elements of a sample, as the backward): each thread walks its fragments of the block's
-// chunk (VEC latents, and VEC old_log_prob / map values read as 128-bit words too when aligned),
+// chunk (VEC latents, and VEC old_log_prob / map values read as 128-bit words too when aligned;
+// old_log_prob and the map read from their rows, row b at b * row stride, grad_v contiguous),
 // and the block's five sums (policy, delta^2, clipped, ratio, and sum (v - v_ref)^2) go to
 // partials [5, B*nblk] in double. elem_finalize_kernel, one block: the policy partials in a fixed
 // order, each sample's ref_sq from its own blocks in block order, the KL, loss and metrics. Per
@@ -931,7 +946,8 @@ struct ElemParams {
   T* grad_v;     // may be null (no gradient)
   double* part;  // [5, nprog]
   int64_t bs_v, bs_x, bs_prev, bs_ref;  // batch strides of the latent inputs (-1 resolved)
-  int64_t N, map_stride;  // map_stride: 0 for a map shared by the batch, else N
+  int64_t N;
+  int64_t old_stride, map_stride;  // row strides (-1 resolved); map_stride 0 for a shared map
   int64_t chunk, nblk, nprog;
   bool kl_on;  // the gradient's KL term: a reference and beta != 0
 };
@@ -958,7 +974,8 @@ __global__ void __launch_bounds__(kThreads)
   const T* x = p.x + b * p.bs_x;
   const T* prev = p.prev + b * p.bs_prev;
   const T* ref = sample_of(p.ref, b, p.bs_ref);
-  const int64_t base = b * p.N;  // of old_log_prob and grad_v
+  const int64_t base = b * p.N;  // of grad_v
+  const Acc* old_row = p.old + b * p.old_stride;
   const Acc* map_row = p.amap + b * p.map_stride;
   const int64_t stride = kVec ? 1 : kThreads;
   const int tx = static_cast<int>(threadIdx.x);
@@ -977,7 +994,7 @@ __global__ void __launch_bounds__(kThreads)
     load_frag<kVec>(x + e, stride, nvalid, xx);
     load_frag<kVec>(prev + e, stride, nvalid, pp);
     if (has_ref) load_frag<kVec>(ref + e, stride, nvalid, rr);
-    load_frag<kVec>(p.old + i, stride, nvalid, oo);
+    load_frag<kVec>(old_row + e, stride, nvalid, oo);
     load_frag<kVec>(map_row + e, stride, nvalid, mm);
     T out[V];
 #pragma unroll
@@ -1055,7 +1072,10 @@ ElemPlan plan_elem(const FlowGrpoElemLossArgs& a) {
   if (a.batch > 0 && pl.N > INT64_MAX / a.batch) return pl;
   if (!valid_bstride(a.model_output_bstride, a.batch, pl.N) ||
       !valid_bstride(a.sample_bstride, a.batch, pl.N) ||
-      !valid_bstride(a.prev_bstride, a.batch, pl.N) || !valid_bstride(a.ref_bstride, a.batch, pl.N))
+      !valid_bstride(a.prev_bstride, a.batch, pl.N) ||
+      !valid_bstride(a.ref_bstride, a.batch, pl.N) ||
+      !valid_bstride(a.old_bstride, a.batch, pl.N) ||
+      (!a.map_shared && !valid_bstride(a.map_bstride, a.batch, pl.N)))
     return pl;
   const FlatPlan f = plan_flat(a.batch, pl.N, es);
   if (a.batch * f.nblk > kMaxGrid) return pl;
@@ -1091,18 +1111,21 @@ cudaError_t run_elem_loss(const FlowGrpoElemLossArgs& a, const ElemPlan& pl,
   p.bs_x = resolve_bstride(a.sample_bstride, pl.N);
   p.bs_prev = resolve_bstride(a.prev_bstride, pl.N);
   p.bs_ref = resolve_bstride(a.ref_bstride, pl.N);
-  p.map_stride = a.map_shared ? 0 : pl.N;
+  p.old_stride = resolve_bstride(a.old_bstride, pl.N);
+  p.map_stride = a.map_shared ? 0 : resolve_bstride(a.map_bstride, pl.N);
   p.chunk = pl.chunk;
   p.nblk = pl.nblk;
   p.nprog = a.batch * pl.nblk;
   p.kl_on = has_ref && a.beta != 0;
   if (p.nprog > 0) {
-    // 128-bit fragments: every streamed pointer 16-byte aligned (each sample's latents too) and
-    // whole vectors per row, which keeps a fragment of old_log_prob / the map (VEC Acc values)
-    // whole 16-byte words too.
+    // 128-bit fragments: every streamed pointer 16-byte aligned (each sample's latents and each
+    // row of old_log_prob / the map too: row strides multiples of 16 / sizeof(Acc)) and whole
+    // vectors per row, which keeps a fragment of old_log_prob / the map (VEC Acc values) whole
+    // 16-byte words too.
     const bool vec = pl.N % V == 0 && vec_input(p.v, p.bs_v) && vec_input(p.x, p.bs_x) &&
                      vec_input(p.prev, p.bs_prev) && vec_input(p.ref, p.bs_ref) &&
-                     aligned16(p.old) && aligned16(p.amap) && aligned16(p.grad_v);
+                     vec_input(p.old, p.old_stride) && vec_input(p.amap, p.map_stride) &&
+                     aligned16(p.grad_v);
     const dim3 grid(static_cast<unsigned>(p.nprog));
     if (vec) elem_loss_kernel<T, true><<<grid, kThreads, 0, stream>>>(k, p);
     else elem_loss_kernel<T, false><<<grid, kThreads, 0, stream>>>(k, p);
@@ -1118,21 +1141,21 @@ cudaError_t run_elem_loss(const FlowGrpoElemLossArgs& a, const ElemPlan& pl,
 }  // namespace
 
 size_t flow_grpo_map_surrogate_workspace_bytes(const FlowGrpoMapSurrogateArgs& args) {
-  if (args.batch < 0 || args.positions < 0) return 0;
-  return plan_map(args).bytes;
+  const MapPlan pl = plan_map(args);
+  return pl.ok ? pl.bytes : 0;
 }
 
 int flow_grpo_map_surrogate_num_launches(const FlowGrpoMapSurrogateArgs& args) {
-  if (args.batch < 0 || args.positions < 0) return -1;
-  return (plan_map(args).nblk > 0 ? 1 : 0) + 1;
+  const MapPlan pl = plan_map(args);
+  return pl.ok ? (pl.nblk > 0 ? 1 : 0) + 1 : -1;
 }
 
 cudaError_t flow_grpo_map_surrogate(const FlowGrpoMapSurrogateArgs& args, cudaStream_t stream) {
-  if (args.batch < 0 || args.positions < 0 ||
-      (args.ref_sq == nullptr) != (args.kl_weight == nullptr) || !(args.clip_range > 0) ||
-      !(args.adv_clip_max > 0) || args.loss == nullptr || args.metrics == nullptr)
-    return cudaErrorInvalidValue;
   const MapPlan pl = plan_map(args);
+  if (!pl.ok || (args.ref_sq == nullptr) != (args.kl_weight == nullptr) ||
+      !(args.clip_range > 0) || !(args.adv_clip_max > 0) || args.loss == nullptr ||
+      args.metrics == nullptr)
+    return cudaErrorInvalidValue;
   if (args.batch * pl.nblk > kMaxGrid) return cudaErrorInvalidValue;
   if (args.batch > 0 && (args.advantages == nullptr || args.grad_ref_sq == nullptr))
     return cudaErrorInvalidValue;

@@ -105,17 +105,28 @@ struct FlowGrpoSurrogateArgs {
 };
 
 // flow_grpo_loss's surrogate with a ViPO map (formula: csrc/flow_grpo_surrogate.h, one policy
-// term per position). [B, P] and [B] tensors contiguous device memory of `acc`.
+// term per position). Device memory of `acc`; [B] tensors and logp contiguous, old_log_prob and
+// advantage_map row-strided (see the row strides below).
+//
+// Row strides (here and in FlowGrpoElemLossArgs): row b of old_log_prob / advantage_map is read
+// at ptr + b*row_stride, each row contiguous, so the per-step slices [:, j] of log-probs or maps
+// stored for a whole trajectory ([B, steps, n]: row stride steps*n) and expanded rows (row stride
+// 0) are read in place. -1 (the default) means contiguous (row stride n); any value >= 0 is used
+// as given; below -1, or a last row past int64 offsets, is rejected (cudaErrorInvalidValue,
+// workspace 0, num_launches -1). map_shared means a single row shared by the batch (row stride
+// 0), and map_bstride is then ignored.
 struct FlowGrpoMapSurrogateArgs {
   DType acc = DType::kFloat32;
   int64_t batch = 0, positions = 0;    // B, P
-  void* logp = nullptr;                // [B, P]; overwritten with d loss / d logp
+  void* logp = nullptr;                // [B, P] contiguous; overwritten with d loss / d logp
   const void* ref_sq = nullptr;        // [B], with kl_weight; both nullptr: no reference
   const void* kl_weight = nullptr;     // [B]
-  const void* old_log_prob = nullptr;  // [B, P]
+  const void* old_log_prob = nullptr;  // [B, P], rows old_bstride apart
   const void* advantages = nullptr;    // [B]
-  const void* advantage_map = nullptr; // [B, P], or [1, P] with map_shared
+  const void* advantage_map = nullptr; // [B, P] (rows map_bstride apart), or [1, P] with map_shared
   bool map_shared = false;
+  // Row strides in elements of old_log_prob and advantage_map (see above; -1: contiguous, P).
+  int64_t old_bstride = -1, map_bstride = -1;
   double clip_range = 1e-4, adv_clip_max = 5.0, beta = 0.0;
   bool simple = false;
   void* loss = nullptr;         // []
@@ -126,8 +137,9 @@ struct FlowGrpoMapSurrogateArgs {
 
 // flow_grpo_loss with a per-element ViPO map, the step and the surrogate fused
 // (flow_grpo_elem_loss; formula: csrc/ops.cpp, csrc/flow_grpo_surrogate.h). Latents as
-// FlowStepForwardArgs with a stored prev_sample (batch strides included); [B, N] and [B] tensors
-// (N = C*S) contiguous device memory of the accumulation type.
+// FlowStepForwardArgs with a stored prev_sample (batch strides included); [B, N] (N = C*S) and
+// [B] tensors device memory of the accumulation type, contiguous but for old_log_prob and
+// advantage_map, which are row-strided as in FlowGrpoMapSurrogateArgs.
 struct FlowGrpoElemLossArgs {
   DType dtype = DType::kFloat32;                 // element type of the latents
   int64_t batch = 0, channels = 0, spatial = 0;  // B, C, S
@@ -140,10 +152,13 @@ struct FlowGrpoElemLossArgs {
   int64_t model_output_bstride = -1, sample_bstride = -1, prev_bstride = -1, ref_bstride = -1;
   const void* coefs = nullptr;                   // [B, 5] Acc
   const void* kl_weight = nullptr;               // [B]; nullptr: no reference
-  const void* old_log_prob = nullptr;            // [B, N]
+  const void* old_log_prob = nullptr;            // [B, N], rows old_bstride apart
   const void* advantages = nullptr;              // [B]
-  const void* advantage_map = nullptr;           // [B, N], or [1, N] with map_shared
-  bool map_shared = false;
+  const void* advantage_map = nullptr;           // [B, N] (rows map_bstride apart), or [1, N]
+  bool map_shared = false;                       // with map_shared
+  // Row strides in elements of old_log_prob and advantage_map (see FlowGrpoMapSurrogateArgs; -1:
+  // contiguous, N; map_bstride ignored with map_shared).
+  int64_t old_bstride = -1, map_bstride = -1;
   double clip_range = 1e-4, adv_clip_max = 5.0, beta = 0.0;
   bool simple = false;
   void* loss = nullptr;       // []
@@ -171,13 +186,14 @@ cudaError_t flow_step_backward(const FlowStepBackwardArgs& args, cudaStream_t st
 // One launch of a single warp (B is a batch of samples; the warp strides over it). No workspace.
 cudaError_t flow_grpo_surrogate(const FlowGrpoSurrogateArgs& args, cudaStream_t stream);
 // Two launches (the main pass over [B, P], skipped when B*P == 0, and a one-block finalize);
-// workspace 32 bytes per main-pass block.
+// workspace 32 bytes per main-pass block. workspace_bytes is 0 and num_launches -1 for
+// inconsistent sizes or row strides.
 size_t flow_grpo_map_surrogate_workspace_bytes(const FlowGrpoMapSurrogateArgs& args);
 int flow_grpo_map_surrogate_num_launches(const FlowGrpoMapSurrogateArgs& args);
 cudaError_t flow_grpo_map_surrogate(const FlowGrpoMapSurrogateArgs& args, cudaStream_t stream);
 // Two launches (the main pass over the latents, skipped when B*C*S == 0, and a one-block
 // finalize); workspace 40 bytes per main-pass block. workspace_bytes is 0 and num_launches -1
-// for inconsistent sizes or dtype.
+// for inconsistent sizes, strides or dtype.
 size_t flow_grpo_elem_loss_workspace_bytes(const FlowGrpoElemLossArgs& args);
 int flow_grpo_elem_loss_num_launches(const FlowGrpoElemLossArgs& args);
 cudaError_t flow_grpo_elem_loss(const FlowGrpoElemLossArgs& args, cudaStream_t stream);

@@ -3,7 +3,8 @@
 // memory under the emulator), gives it a workspace filled with garbage (as the caching allocator
 // would), launches, and returns the cudaError_t. The flow-step entry points take the latent
 // inputs' batch strides as a trailing array (nullptr: every input contiguous), in the order of
-// their latent pointer arguments.
+// their latent pointer arguments; the map losses' also the row strides of old_log_prob and
+// advantage_map (the elem loss at the end of that array, the map surrogate in its own).
 #include <cstdint>
 #include <vector>
 
@@ -92,25 +93,30 @@ int emu_flow_grpo_surrogate(int acc_dtype, int64_t B, const void* logp, const vo
   return static_cast<int>(tbk::cuda::flow_grpo_surrogate(a, nullptr));
 }
 
+// row_strides: {old_log_prob, advantage_map}, or nullptr.
 int emu_flow_grpo_map_surrogate(int acc_dtype, int64_t B, int64_t P, void* logp,
                                 const void* ref_sq, const void* kl_weight,
                                 const void* old_log_prob, const void* advantages,
                                 const void* advantage_map, int map_shared, double clip_range,
                                 double adv_clip_max, double beta, int simple, void* loss,
-                                void* metrics, void* grad_ref_sq, int* launches) {
+                                void* metrics, void* grad_ref_sq, int* launches,
+                                const int64_t* row_strides) {
   tbk::cuda::FlowGrpoMapSurrogateArgs a;
   a.acc = static_cast<tbk::cuda::DType>(acc_dtype); a.batch = B; a.positions = P; a.logp = logp;
   a.ref_sq = ref_sq; a.kl_weight = kl_weight; a.old_log_prob = old_log_prob;
   a.advantages = advantages; a.advantage_map = advantage_map; a.map_shared = map_shared != 0;
   a.clip_range = clip_range; a.adv_clip_max = adv_clip_max; a.beta = beta;
   a.simple = simple != 0; a.loss = loss; a.metrics = metrics; a.grad_ref_sq = grad_ref_sq;
+  if (row_strides != nullptr) {
+    a.old_bstride = row_strides[0]; a.map_bstride = row_strides[1];
+  }
   Workspace ws;
   a.workspace = ws.aligned(tbk::cuda::flow_grpo_map_surrogate_workspace_bytes(a));
   *launches = tbk::cuda::flow_grpo_map_surrogate_num_launches(a);
   return static_cast<int>(tbk::cuda::flow_grpo_map_surrogate(a, nullptr));
 }
 
-// bstrides: {v, x, prev, ref}, or nullptr.
+// bstrides: {v, x, prev, ref, old_log_prob, advantage_map}, or nullptr.
 int emu_flow_grpo_elem_loss(int dtype, int64_t B, int64_t C, int64_t S, const void* v,
                             const void* x, const void* prev, const void* ref, const void* coefs,
                             const void* kl_weight, const void* old_log_prob,
@@ -124,6 +130,7 @@ int emu_flow_grpo_elem_loss(int dtype, int64_t B, int64_t C, int64_t S, const vo
   if (bstrides != nullptr) {
     a.model_output_bstride = bstrides[0]; a.sample_bstride = bstrides[1];
     a.prev_bstride = bstrides[2]; a.ref_bstride = bstrides[3];
+    a.old_bstride = bstrides[4]; a.map_bstride = bstrides[5];
   }
   a.coefs = coefs; a.kl_weight = kl_weight; a.old_log_prob = old_log_prob;
   a.advantages = advantages; a.advantage_map = advantage_map; a.map_shared = map_shared != 0;
