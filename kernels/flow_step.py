@@ -21,7 +21,10 @@ Layout: each sample of a latent input (v, x, prev / noise, v_ref, grad_mean) is 
 each input has its own batch stride >= 0 (``_layout.batch_stride``): element e (0 <= e < C*S)
 of sample b is read at ``b * batch_stride + e``. Flow-GRPO's trajectory slices ``latents[:, j]``
 of a ``[B, steps, C, T, H, W]`` tensor (batch stride steps*C*S) and batch-expanded tensors
-(stride 0) are so read in place. Every output, and every other tensor argument, is contiguous.
+(stride 0) are so read in place. Likewise the [rows, n] old_log_prob and advantage_map of the map
+losses: each row contiguous, any row stride (``_row_stride``; a one-row map is shared, stride 0),
+so per-step slices ``old_log_prob[:, j]`` of a ``[B, steps, ...]`` store are read in place. Every
+output, and every other tensor argument, is contiguous.
 
 Launch structure
 ----------------
@@ -44,8 +47,8 @@ program runs as numpy in Python, so tiles are large (64K-128K elements, a handfu
 for a Wan latent); on a GPU the forward tile (256..2048 positions) shrinks until there are a few
 programs per SM and the backward uses 2048-element tiles; warps are chosen so that every thread
 moves 16-byte vectors. Offsets are int32 unless one could reach 2**31: a latent of 2**31 elements
-or more, or an input whose batch stride reaches that far (``(B - 1) * batch_stride + C*S``, a
-slice of a large trajectory). Row lengths and batch strides divisible by 16 (every Wan/SD latent
+or more, or an input whose batch (row) stride reaches that far (``(B - 1) * batch_stride + C*S``,
+a slice of a large trajectory). Row lengths and batch strides divisible by 16 (every Wan/SD latent
 and trajectory) let Triton prove alignment: compiled for sm_90, every latent load/store is then
 a 128-bit ``ld/st.global.v4.b32`` (``v2.b64`` for float64) with an evict-first hint (each
 element is touched once).
@@ -394,12 +397,14 @@ def _sum_policy_partials(part_ptr, NPROG, BLOCK: tl.constexpr):
 
 @triton.jit
 def _map_surrogate_kernel(logp_ptr, old_ptr, adv_ptr, map_ptr, const_ptr, part_ptr, P, NT, NPROG,
-                          MAP_STRIDE, lo, hi, clip, adv_max, inv_n,
+                          OLD_STRIDE, MAP_STRIDE, lo, hi, clip, adv_max, inv_n,
                           CONST_FROM_PTR: tl.constexpr, SIMPLE: tl.constexpr,
                           IDX64: tl.constexpr, BLOCK: tl.constexpr):
     """The surrogate with a ViPO map, one tile of BLOCK positions of one sample per program: the
     gradient d loss / d logp overwrites logp, and the tile's sums of the policy term, delta^2,
-    clipped positions and ratios go to partials [4, NPROG] (float64, no atomics)."""
+    clipped positions and ratios go to partials [4, NPROG] (float64, no atomics). old_log_prob
+    and advantage_map are read at their row strides (OLD_STRIDE, MAP_STRIDE: elements between
+    rows, 0 for a shared map), logp contiguously."""
     acc_ty = logp_ptr.dtype.element_ty
     if CONST_FROM_PTR:  # float64: scalar arguments would arrive as float32
         lo = tl.load(const_ptr + 0)
@@ -415,7 +420,7 @@ def _map_surrogate_kernel(logp_ptr, old_ptr, adv_ptr, map_ptr, const_ptr, part_p
     m = p < P
     a_b = _clamp_adv(tl.load(adv_ptr + b), adv_max)
     lp = tl.load(logp_ptr + b * P + p, mask=m, other=0.0)
-    old = tl.load(old_ptr + b * P + p, mask=m, other=0.0, eviction_policy="evict_first")
+    old = tl.load(old_ptr + b * OLD_STRIDE + p, mask=m, other=0.0, eviction_policy="evict_first")
     am = tl.load(map_ptr + b * MAP_STRIDE + p, mask=m, other=0.0)
     term, g, delta, r = _policy_term(lp, old, a_b * am, lo, hi, SIMPLE)
     tl.store(logp_ptr + b * P + p, (g * inv_n).to(acc_ty), mask=m)
@@ -444,7 +449,7 @@ def _map_finalize_kernel(part_ptr, refsq_ptr, klw_ptr, const_ptr, loss_ptr, metr
 
 @triton.jit
 def _elem_loss_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, klw_ptr, old_ptr, adv_ptr,
-                      map_ptr, const_ptr, grad_ptr, part_ptr, N, NT, NPROG, MAP_STRIDE,
+                      map_ptr, const_ptr, grad_ptr, part_ptr, N, NT, NPROG, OLD_STRIDE, MAP_STRIDE,
                       V_STRIDE, X_STRIDE, PREV_STRIDE, REF_STRIDE,
                       lo, hi, clip, adv_max, beta, inv_b, inv_n,
                       CONST_FROM_PTR: tl.constexpr, SIMPLE: tl.constexpr, HAS_REF: tl.constexpr,
@@ -454,7 +459,8 @@ def _elem_loss_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, klw_ptr, old_p
     per-element log-prob, its policy term with the map-weighted advantage and (WRITE_GRAD)
     d loss / d v of the element; the tile's policy sums go to partials[0..3, pid] and its sum of
     (v - v_ref)^2 to partials[4, pid] (float64, no atomics). The latents are read at their batch
-    strides (V_STRIDE, ...: elements between samples), old_log_prob and grad_v contiguously."""
+    strides (V_STRIDE, ...: elements between samples), old_log_prob and advantage_map at their row
+    strides (OLD_STRIDE, MAP_STRIDE; 0 for a shared map), grad_v is written contiguously."""
     acc_ty = coefs_ptr.dtype.element_ty
     lat_ty = v_ptr.dtype.element_ty
     if CONST_FROM_PTR:  # float64: scalar arguments would arrive as float32
@@ -471,7 +477,7 @@ def _elem_loss_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, klw_ptr, old_p
     b = pid // NT
     e = (pid - b * NT) * BLOCK + tl.arange(0, BLOCK)
     m = e < N
-    offs = b * N + e                                # in the contiguous old_log_prob and grad_v
+    offs = b * N + e                                # in the contiguous grad_v
 
     cx = tl.load(coefs_ptr + b * 5 + 0)
     cv = tl.load(coefs_ptr + b * 5 + 1)
@@ -486,7 +492,7 @@ def _elem_loss_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, klw_ptr, old_p
                    eviction_policy="evict_first").to(acc_ty)
     d = prev - (cx * x + cv * v)
     lp = alpha * (d * d) + gamma
-    old = tl.load(old_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first")
+    old = tl.load(old_ptr + b * OLD_STRIDE + e, mask=m, other=0.0, eviction_policy="evict_first")
     # no evict-first hint: a [1, N] map is read again by every sample
     am = tl.load(map_ptr + b * MAP_STRIDE + e, mask=m, other=0.0)
     a = _clamp_adv(tl.load(adv_ptr + b), adv_max) * am
@@ -622,6 +628,24 @@ def _check_acc_args(op, checks, dtype, device):
                                f"on {device}, got {list(t.shape)} {t.dtype} on {t.device}")
 
 
+def _check_rows(op, checks, dtype, device):
+    """Each (name, tensor, shape) of `checks`, a [rows, n] input read row by row (old_log_prob,
+    advantage_map): of that shape, dtype and device, each row contiguous, any row stride (as
+    ``check_rows_like_logp`` in csrc/flow_step_checks.h)."""
+    for name, t, shape in checks:
+        if not (tuple(t.shape) == tuple(shape) and t.dtype == dtype
+                and batch_stride(t) is not None and t.device == device):
+            raise RuntimeError(f"{op}: {name} must be a {list(shape)} {dtype} tensor on {device} "
+                               f"with each row contiguous, got {list(t.shape)} {t.dtype} strides "
+                               f"{list(t.stride())} on {t.device}")
+
+
+def _row_stride(t):
+    """Elements between row b and b + 1 of a (checked) [rows, n] input: 0 for a single row
+    (a [1, n] map shared by the batch, or a batch of one)."""
+    return 0 if t.shape[0] == 1 else batch_stride(t)
+
+
 def _check_clip(op, clip_range, adv_clip_max):
     if not (clip_range > 0 and adv_clip_max > 0):
         raise RuntimeError(f"{op}: clip_range and adv_clip_max must be > 0, got {clip_range}, "
@@ -643,8 +667,8 @@ def _idx64(extent: int, block: int) -> bool:
 
 
 def _latent_extent(batch: int, n: int, strides) -> int:
-    """The extent (see _idx64) of a launch over contiguous [batch, n] tensors and latent inputs
-    of these batch strides: a stride beyond n (a trajectory slice) reaches past batch * n."""
+    """The extent (see _idx64) of a launch over contiguous [batch, n] tensors and inputs of these
+    batch (row) strides: a stride beyond n (a trajectory slice) reaches past batch * n."""
     return max([batch * n] + [(batch - 1) * stride + n for stride in strides])
 
 
@@ -807,8 +831,9 @@ def flow_grpo_map_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advant
     """``(loss [], metrics [4], grad_ref_sq [B])``, as ``tbkernels::flow_grpo_map_surrogate``;
     logp ``[B, P]`` is overwritten with d loss / d logp.
 
-    logp and old_log_prob contiguous ``[B, P]``, advantage_map contiguous ``[B, P]`` or ``[1, P]``,
-    advantages (ref_sq, kl_weight: both or neither) contiguous ``[B]``, all float32 (or float64)
+    logp contiguous ``[B, P]``; old_log_prob ``[B, P]`` and advantage_map ``[B, P]`` or ``[1, P]``
+    with each row contiguous (any row stride: trajectory slices ``[:, j]`` are read in place);
+    advantages (ref_sq, kl_weight: both or neither) contiguous ``[B]``; all float32 (or float64)
     on one device. Two launches: the tiles, then one program that combines them.
     """
     op = "flow_grpo_map_surrogate"
@@ -821,14 +846,14 @@ def flow_grpo_map_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advant
                            f"policy, or neither)")
     B, P = logp.shape
     map_rows = 1 if advantage_map.dim() == 2 and advantage_map.shape[0] == 1 else B
-    _check_acc_args(op, (("logp", logp, (B, P)), ("old_log_prob", old_log_prob, (B, P)),
-                         ("advantages", advantages, (B,)),
-                         ("advantage_map", advantage_map, (map_rows, P)),
-                         ("ref_sq", ref_sq, (B,)), ("kl_weight", kl_weight, (B,))),
-                    logp.dtype, logp.device)
+    dt, dev = logp.dtype, logp.device
+    _check_acc_args(op, (("logp", logp, (B, P)),), dt, dev)
+    _check_rows(op, (("old_log_prob", old_log_prob, (B, P)),), dt, dev)
+    _check_acc_args(op, (("advantages", advantages, (B,)),), dt, dev)
+    _check_rows(op, (("advantage_map", advantage_map, (map_rows, P)),), dt, dev)
+    _check_acc_args(op, (("ref_sq", ref_sq, (B,)), ("kl_weight", kl_weight, (B,))), dt, dev)
     _check_clip(op, clip_range, adv_clip_max)
     _launch.require_launchable(logp, op)
-    dev = logp.device
     loss = torch.empty((), dtype=logp.dtype, device=dev)
     metrics = torch.empty((4,), dtype=logp.dtype, device=dev)
     grad_ref_sq = torch.empty((B,), dtype=logp.dtype, device=dev)
@@ -842,10 +867,12 @@ def flow_grpo_map_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advant
     nprog = B * nt
     partials = torch.empty((4, max(nprog, 1)), dtype=torch.float64, device=dev)
     if nprog:
+        strides = (_row_stride(old_log_prob), _row_stride(advantage_map))
         _map_surrogate_kernel[(nprog,)](
             logp, old_log_prob, advantages, advantage_map, const_t, partials, P, nt, nprog,
-            0 if map_rows == 1 else P, consts[0], consts[1], consts[2], consts[3], consts[6],
-            CONST_FROM_PTR=f64, SIMPLE=bool(simple), IDX64=_idx64(terms, tile), BLOCK=tile,
+            *strides, consts[0], consts[1], consts[2], consts[3], consts[6],
+            CONST_FROM_PTR=f64, SIMPLE=bool(simple),
+            IDX64=_idx64(_latent_extent(B, P, strides), tile), BLOCK=tile,
             num_warps=_num_warps(tile, logp.element_size()))
     _map_finalize_kernel[(1,)](
         partials, ref_sq if has_ref else logp, kl_weight if has_ref else logp, const_t, loss,
@@ -872,9 +899,10 @@ def flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_outp
 
     Latents as ``flow_step_forward_triton``'s (each sample contiguous, any batch stride;
     prev_sample required, ref_model_output optional);
-    old_log_prob ``[B, N]`` (N = C*S), advantage_map ``[B, N]`` or ``[1, N]``, advantages and
-    kl_weight (given exactly with ref_model_output) ``[B]``, contiguous, float32 (float64 for
-    float64 latents). Two launches: the tiles, then one program that combines them.
+    old_log_prob ``[B, N]`` (N = C*S) and advantage_map ``[B, N]`` or ``[1, N]`` with each row
+    contiguous (any row stride), advantages and kl_weight (given exactly with ref_model_output)
+    ``[B]`` contiguous, all float32 (float64 for float64 latents). Two launches: the tiles, then
+    one program that combines them.
     """
     op = "flow_grpo_elem_loss"
     v, x, prev, ref = model_output, sample, prev_sample, ref_model_output
@@ -891,9 +919,10 @@ def flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_outp
     N = C * S
     map_rows = 1 if advantage_map.dim() == 2 and advantage_map.shape[0] == 1 else B
     acc, dev = coefs.dtype, v.device
-    _check_acc_args(op, (("old_log_prob", old_log_prob, (B, N)), ("advantages", advantages, (B,)),
-                         ("advantage_map", advantage_map, (map_rows, N)),
-                         ("kl_weight", kl_weight, (B,))), acc, dev)
+    _check_rows(op, (("old_log_prob", old_log_prob, (B, N)),), acc, dev)
+    _check_acc_args(op, (("advantages", advantages, (B,)),), acc, dev)
+    _check_rows(op, (("advantage_map", advantage_map, (map_rows, N)),), acc, dev)
+    _check_acc_args(op, (("kl_weight", kl_weight, (B,)),), acc, dev)
     _check_clip(op, clip_range, adv_clip_max)
     simple, write_grad = bool(simple), bool(write_grad)
     loss = torch.empty((), dtype=acc, device=dev)
@@ -912,13 +941,14 @@ def flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_outp
     partials = torch.empty((5, max(nprog, 1)), dtype=torch.float64, device=dev)
     if nprog:
         strides = _batch_strides(N, v, x, prev, ref)
+        rows = (_row_stride(old_log_prob), _row_stride(advantage_map))
         _elem_loss_kernel[(nprog,)](
             v, x, prev, ref if has_ref else v, coefs, kl_weight if has_ref else coefs,
             old_log_prob, advantages, advantage_map, const_t, grad_v if write_grad else v,
-            partials, N, nt, nprog, 0 if map_rows == 1 else N, *strides, *consts,
+            partials, N, nt, nprog, *rows, *strides, *consts,
             CONST_FROM_PTR=f64, SIMPLE=simple, HAS_REF=has_ref,
             KL_GRAD=kl_in_loss and write_grad, WRITE_GRAD=write_grad,
-            IDX64=_idx64(_latent_extent(B, N, strides), tile), BLOCK=tile,
+            IDX64=_idx64(_latent_extent(B, N, strides + list(rows)), tile), BLOCK=tile,
             num_warps=_num_warps(tile, v.element_size()))
     # B = 0 or N = 0 still finalizes: the means over no terms are NaN, as the C++ op's
     block_t = min(_next_pow2(max(nt, 1)), _FINALIZE_BLOCK)

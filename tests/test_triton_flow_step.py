@@ -580,12 +580,15 @@ def test_elem_loss_bad_arguments():
         (dict(coefs=coefs.double()), "coefs must be"),
         (dict(kl_weight=None), "go together"),
         (dict(ref_model_output=None), "go together"),
-        (dict(old_log_prob=old[:, :-1]), "old_log_prob must be a contiguous"),
-        (dict(old_log_prob=old.double()), "old_log_prob must be a contiguous"),
+        # old_log_prob and advantage_map: any row stride, each row contiguous (the C++ message
+        # adds "with each row contiguous" after the shape, so match the common prefix)
+        (dict(old_log_prob=old[:, :-1]), "old_log_prob must be a "),
+        (dict(old_log_prob=old.double()), "old_log_prob must be a "),
+        (dict(old_log_prob=old.t().contiguous().t()), "old_log_prob must be a "),
         (dict(advantages=adv[:1]), "advantages must be a contiguous"),
-        (dict(advantage_map=amap.reshape(2, 3, 20)), "advantage_map must be a contiguous"),
-        (dict(advantage_map=amap[:, :-1]), "advantage_map must be a contiguous"),
-        (dict(advantage_map=amap.t().contiguous().t()), "advantage_map must be a contiguous"),
+        (dict(advantage_map=amap.reshape(2, 3, 20)), "advantage_map must be a "),
+        (dict(advantage_map=amap[:, :-1]), "advantage_map must be a "),
+        (dict(advantage_map=amap.t().contiguous().t()), "advantage_map must be a "),
         (dict(kl_weight=kl_w.double()), "kl_weight must be a contiguous"),
         (dict(clip_range=0.0), "must be > 0"),
         (dict(adv_clip_max=-1.0), "must be > 0"),
@@ -904,6 +907,150 @@ def test_non_contiguous_sample_rejected():
             with pytest.raises(RuntimeError, match=rf"{op}: {name} must .*each sample.*"
                                                    r"\(a batch stride is allowed\)"):
                 call({**latents, arg: bad})
+
+
+# ------------------------------------------------------------------------------------------------
+# Row-strided old_log_prob and advantage_map of the map losses
+# ------------------------------------------------------------------------------------------------
+
+map_surrogate = fs.flow_grpo_map_surrogate_triton
+
+
+def row_strided_layouts(old, amap):
+    """(old_log_prob, advantage_map) stand-ins read by rows: NaN-padded trajectory slices
+    big[:, j] of [rows, K, n] tensors (a different K and j for each), and each in turn expanded
+    from its first row (row stride 0; a [1, n] map stays [1, n]) with the other sliced."""
+    yield trajectory_slice(old, 3, 1), trajectory_slice(amap, 4, 2)
+    yield old[:1].expand(old.shape), trajectory_slice(amap, 2, 0)
+    yield trajectory_slice(old, 5, 4), amap[:1].expand(amap.shape)
+
+
+def map_surrogate_inputs(B, P, dtype, has_ref, shared_map, seed):
+    """logp, ref_sq, kl_weight (None without a reference), old_log_prob (ratios on both sides of
+    the clip bounds), advantages (inside and beyond the clamp) and a map >= 0 with zeros."""
+    g = torch.Generator().manual_seed(seed)
+    logp = torch.randn(B, P, generator=g, dtype=torch.float64) - 1
+    old = logp - 0.2 * torch.randn(B, P, generator=g, dtype=torch.float64)
+    adv = torch.tensor([2.0, -7.0, 0.5, -0.3] * B, dtype=torch.float64)[:B]
+    ref_sq = torch.rand(B, generator=g, dtype=torch.float64)
+    kl_w = torch.rand(B, generator=g, dtype=torch.float64)
+    amap = torch.rand(1 if shared_map else B, P, generator=g, dtype=torch.float64) * 2
+    amap[:, 2::5] = 0.0
+    logp, ref_sq, kl_w, old, adv, amap = (t.to(dtype).to(DEVICE)
+                                          for t in (logp, ref_sq, kl_w, old, adv, amap))
+    return logp, ref_sq if has_ref else None, kl_w if has_ref else None, old, adv, amap
+
+
+@pytest.mark.parametrize("B", [3, 1])
+@pytest.mark.parametrize("has_ref", [True, False], ids=["ref", "no_ref"])
+@pytest.mark.parametrize("shared_map", [False, True], ids=["map", "shared_map"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_map_surrogate_row_strided(monkeypatch, dtype, shared_map, has_ref, B):
+    """flow_grpo_map_surrogate_triton on row-strided old_log_prob and advantage_map (slices of
+    trajectory stores, batch-expanded rows): loss, metrics, d loss / d ref_sq and the gradient
+    written over logp are the bits of contiguous copies. Tiles of 16 positions: several per
+    row, masked tails."""
+    monkeypatch.setitem(fs._MAP_TILE, "gpu", 16)
+    monkeypatch.setitem(fs._MAP_TILE, "interpreter", 16)
+    seed = 60 + 4 * B + 2 * shared_map + has_ref
+    logp, ref_sq, kl_w, old, adv, amap = map_surrogate_inputs(B, 37, dtype, has_ref, shared_map,
+                                                              seed)
+    beta, simple = (0.3 if has_ref else 0.0), shared_map and not has_ref
+
+    def run(old, amap):
+        buf = logp.clone()
+        out = map_surrogate(buf, ref_sq, kl_w, old, adv, amap, 0.1, 5.0, beta, simple)
+        return [*out, buf]
+
+    for o, m in row_strided_layouts(old, amap):
+        if B > 1:
+            assert not o.is_contiguous() and (shared_map or not m.is_contiguous())
+        assert_same_bits(run(o, m), run(o.contiguous(), m.contiguous()))
+
+
+@pytest.mark.parametrize("has_ref", [True, False], ids=["ref", "no_ref"])
+@pytest.mark.parametrize("shared_map", [False, True], ids=["map", "shared_map"])
+@pytest.mark.parametrize("shape", list(STRIDED_SHAPES.values()), ids=list(STRIDED_SHAPES))
+@pytest.mark.parametrize("dtype", STRIDED_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_elem_loss_row_strided(dtype, shape, shared_map, has_ref):
+    """flow_grpo_elem_loss_triton on row-strided old_log_prob and advantage_map, with contiguous
+    and with batch-strided latents: loss, metrics and grad_v the bits of contiguous copies."""
+    seed = sum(shape) + 2 * shared_map + has_ref
+    v, x, prev, ref, coefs, kl_w, old, adv, amap = elem_loss_inputs(shape, dtype, has_ref,
+                                                                    shared_map, seed)
+    beta = 0.3 if has_ref else 0.0
+    latents = [v, x, prev, ref]
+    sliced = next(batch_strided_layouts(latents, seed))          # all trajectory slices
+
+    def run(lat, old, amap):
+        return elem_loss(*lat, coefs, kl_w, old, adv, amap, ELEM_CLIP, ELEM_ADV_MAX, beta,
+                         False, True)
+
+    for i, (o, m) in enumerate(row_strided_layouts(old, amap)):
+        lat = sliced if i % 2 else latents
+        assert_same_bits(run(lat, o, m), run(contiguous(lat), o.contiguous(), m.contiguous()))
+
+
+def test_int64_offsets_from_row_stride(monkeypatch):
+    """The int64-offset decision of both map losses counts the reach (B - 1) * row_stride + n of
+    old_log_prob and advantage_map: with the int32 limit lowered between B * n and a long
+    trajectory slice's reach, contiguous rows (and a shared map, row stride 0) launch with int32
+    offsets, a slice of either with int64 ones, and the bits agree."""
+    shape, steps = (3, 2, 3, 4), 50
+    B, N = shape[0], math.prod(shape[1:])
+    assert B * N < 1000 < (B - 1) * steps * N
+    monkeypatch.setattr(fs, "_INT32_OFFSET_LIMIT", 1000)
+    recs = {}
+    for name in ("_map_surrogate_kernel", "_elem_loss_kernel"):
+        recs[name] = _RecordIdx64(getattr(fs, name))
+        monkeypatch.setattr(fs, name, recs[name])
+    v, x, prev, ref, coefs, kl_w, old, adv, amap = elem_loss_inputs(shape, torch.float32, seed=61)
+    shared = amap[:1].clone()
+    logp = old + 0.01
+
+    def surrogate(old, amap):
+        buf = logp.clone()
+        return [*map_surrogate(buf, ref.new_ones(B), kl_w, old, adv, amap, 0.1, 5.0, 0.3, False),
+                buf]
+
+    def elem(old, amap):
+        return elem_loss(v, x, prev, ref, coefs, kl_w, old, adv, amap, ELEM_CLIP, ELEM_ADV_MAX,
+                         0.3, False, True)
+
+    far = functools.partial(trajectory_slice, steps=steps, j=7)
+    for name, op in (("_map_surrogate_kernel", surrogate), ("_elem_loss_kernel", elem)):
+        for m in (amap, shared):
+            expect = op(old, m)
+            assert_same_bits(op(far(old), m), expect)
+            assert_same_bits(op(old, far(m)), expect)
+        # per map: contiguous, old sliced, map sliced (a sliced [1, N] map still has stride 0)
+        assert recs[name].idx64 == [False, True, True, False, True, False], name
+
+
+def test_column_major_rows_rejected():
+    """An old_log_prob or advantage_map whose rows are not contiguous (column-major) is
+    rejected by both map losses with a message naming it; a row-strided one is accepted."""
+    v, x, prev, ref, coefs, kl_w, old, adv, amap = elem_loss_inputs((2, 3, 4, 5), torch.float32,
+                                                                    seed=62)
+    logp = old + 0.01
+    calls = {
+        "flow_grpo_map_surrogate": lambda old, amap: map_surrogate(
+            logp.clone(), None, None, old, adv, amap, 0.1, 5.0, 0.0, False),
+        "flow_grpo_elem_loss": lambda old, amap: elem_loss(
+            v, x, prev, ref, coefs, kl_w, old, adv, amap, ELEM_CLIP, ELEM_ADV_MAX, 0.3, False,
+            True),
+    }
+    for op, call in calls.items():
+        call(trajectory_slice(old, 3, 2), trajectory_slice(amap, 2, 1))
+        for name in ("old_log_prob", "advantage_map"):
+            args = dict(old=old, amap=amap)
+            key = "old" if name == "old_log_prob" else "amap"
+            bad = args[key].t().contiguous().t()
+            assert bad.shape == args[key].shape and fs.batch_stride(bad) is None
+            with pytest.raises(RuntimeError,
+                               match=rf"{op}: {name} must be a .*with each row contiguous"):
+                call(**{**args, key: bad})
 
 
 # ------------------------------------------------------------------------------------------------
