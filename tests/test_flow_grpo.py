@@ -362,6 +362,65 @@ def test_trajectory_slices_are_not_copied(map_kind):
         assert peaks[0] <= latent + 4096, (peaks, latent)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", flow_grpo.REDUCTIONS)
+def test_bf16_model_output_with_fp32_latents_computes_in_fp32(backend, reduction):
+    """A bfloat16 model_output with float32 latents (Flow-GRPO keeps its trajectory in float32
+    and computes the step in float32) is computed in float32: log-prob and mean match the
+    float64 formula on the same values to float32 rounding. Rounding the latents to bfloat16
+    instead moves per-element log-probs by ~0.08 here, and the mean over a sample by ~1e-5."""
+    _available(backend)
+    shape = (2, 16, 3, 8, 12)
+    g = torch.Generator().manual_seed(70)
+    v = torch.randn(shape, generator=g).to(torch.bfloat16).to(DEVICE)
+    x = torch.randn(shape, generator=g).to(DEVICE)
+    s, sn = 0.8, 0.7
+    prev, _, _, _ = tbkernels.sde_step_with_logprob(v.float(), s, sn, x, backend="reference",
+                                                    generator=torch.Generator(device=DEVICE).manual_seed(71))
+    exp = sde_step_reference(v.double(), torch.full((2,), s, dtype=torch.float64, device=DEVICE),
+                             torch.full((2,), sn, dtype=torch.float64, device=DEVICE), x.double(),
+                             prev.double(), logprob_reduction=reduction)
+    vv = v.clone().requires_grad_(True)
+    _, logp, mean, _ = tbkernels.sde_step_with_logprob(vv, s, sn, x, prev,
+                                                       logprob_reduction=reduction,
+                                                       backend=backend)
+    assert logp.dtype == torch.float32 and mean.dtype == torch.float32
+    close(logp, exp[1], 2e-6)
+    close(mean, exp[2], 2e-6)
+    logp.sum().backward()
+    assert vv.grad.dtype == torch.bfloat16
+    vref = v.double().requires_grad_(True)
+    sde_step_reference(vref, torch.full((2,), s, dtype=torch.float64, device=DEVICE),
+                       torch.full((2,), sn, dtype=torch.float64, device=DEVICE), x.double(),
+                       prev.double(), logprob_reduction=reduction)[1].sum().backward()
+    close(vv.grad, vref.grad, 2 * torch.finfo(torch.bfloat16).eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("map_kind", [None, "position", "element"])
+def test_loss_with_fp32_latents_and_bf16_model_output(backend, map_kind):
+    """flow_grpo_loss with a bfloat16 model_output and float32 latents and reference equals the
+    loss on model_output.float() (the float32 computation) bit for bit, its gradient that one's
+    rounded to bfloat16."""
+    _available(backend)
+    shape = (2, 4, 3, 6, 10)
+    v, x, prev, ref, old, adv, amap, s, sn = strided_loss_inputs(shape, torch.float32, map_kind)
+    v16 = v.to(torch.bfloat16)
+    results = []
+    for model_output in (v16, v16.float()):
+        vv = model_output.detach().requires_grad_(True)
+        loss, metrics = tbkernels.flow_grpo_loss(vv, x, prev, s, sn, old, adv,
+                                                 ref_model_output=ref, beta=0.1,
+                                                 advantage_map=amap, clip_range=0.05,
+                                                 backend=backend)
+        loss.backward()
+        results.append((loss.detach(), torch.stack(list(metrics.values())), vv.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert results[0][2].dtype == torch.bfloat16
+    assert torch.equal(results[0][2], results[1][2].to(torch.bfloat16))
+
+
 # ---------------------------------------------------------------------------------------------
 # The fused loss.
 

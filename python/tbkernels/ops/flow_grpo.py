@@ -34,6 +34,7 @@ reference.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import threading
 
@@ -444,12 +445,23 @@ def _rows(t, rows):
     return r if batch_stride(r) is not None else r.contiguous()
 
 
+def _compute_dtype(*tensors):
+    """The dtype the kernels compute in: the widest of the given latents' dtypes. Flow-GRPO
+    computes the step in float32 whatever its model's output dtype, so a bfloat16 model_output
+    with float32 latents is computed in float32 (model_output converted; the gradient converted
+    back by autograd). Rounding the float32 latents to bfloat16 instead moved per-element
+    log-probs by up to 0.079 (sigma 0.8 -> 0.7, [2, 16, 3, 32, 32]), a ratio error far beyond
+    any clip range. Latents of model_output's dtype are the lean path: nothing is converted."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors if t is not None))
+
+
 def _latents(dtype, *tensors):
     """Detached, one dtype, in a layout the kernels read (a copy only where needed)."""
     return [None if t is None else _kernel_layout(t.detach().to(dtype)) for t in tensors]
 
 
-def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_max, sigma_min):
+def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_max, sigma_min,
+                  dtype=None):
     if sde_type not in SDE_TYPES:
         raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
     if sde_type == "wan" and (sigma_max is None or sigma_min is None):
@@ -467,7 +479,7 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
     # take the same path: there it saves recomputing the table (~140 us) on every call.
     host = not torch.compiler.is_compiling() and all(
         not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in (sigma, sigma_next))
-    acc = _acc(model_output.dtype)
+    acc = _acc(model_output.dtype if dtype is None else dtype)
     if host:
         # A schedule revisits the same few noise levels every iteration: the checked table for
         # a (sigmas, convention, dtype, device) seen before is reused from the device, so the
@@ -615,23 +627,29 @@ def sde_step_with_logprob(model_output, sigma, sigma_next, sample, prev_sample=N
     check_finite : bool
         Check every input for NaN/inf first (costs one pass per input).
 
+    The step is computed in the widest dtype of model_output, sample and prev_sample (a bfloat16
+    model_output with float32 latents: float32, as Flow-GRPO computes it); inputs of one dtype
+    are the lean path, nothing converted. Latents whose samples are each contiguous (any batch
+    stride, e.g. a trajectory's ``latents[:, j]``) are read in place.
+
     Returns
     -------
-    prev_sample : like model_output (the given one, or the new sample in model_output's dtype)
-    log_prob : float32 (float64 for float64 input), shaped by ``logprob_reduction``
-    prev_sample_mean : like model_output
-    std_dev_t : ``[B, 1, 1, 1(, 1)]``, float32 (float64 for float64 input), what each system
-        returns (Flow-GRPO and Wan: sigma_t; DanceGRPO: eta*sqrt(-dt); CPS: its transition std; ODE: 0)
+    prev_sample : the given one, or the new sample in the compute dtype
+    log_prob : float32 (float64 when computing in float64), shaped by ``logprob_reduction``
+    prev_sample_mean : in the compute dtype
+    std_dev_t : ``[B, 1, 1, 1(, 1)]``, float32 (float64 when computing in float64), what each
+        system returns (Flow-GRPO and Wan: sigma_t; DanceGRPO: eta*sqrt(-dt); CPS: its transition
+        std; ODE: 0)
     """
     _check_latents(model_output, sample, prev_sample, None)
     if logprob_reduction not in _REDUCTION_CODE:
         raise ValueError(f"logprob_reduction must be one of {REDUCTIONS}, got {logprob_reduction!r}")
     if check_finite:
         _check_finite(model_output=model_output, sample=sample, prev_sample=prev_sample)
+    dtype = _compute_dtype(model_output, sample, prev_sample)
     coefs, std_dev_t, _ = _coefficients(model_output, sigma, sigma_next, sde_type, noise_level,
-                                        sigma_max, sigma_min)
-    dtype = model_output.dtype
-    v = _kernel_layout(model_output)
+                                        sigma_max, sigma_min, dtype)
+    v = _kernel_layout(model_output.to(dtype))
     (x, prev) = _latents(dtype, sample, prev_sample)
     sampling = prev_sample is None
     noise = None
@@ -672,6 +690,10 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
         (the Gaussian KL ||Δμ||²/(2 s²), s the transition std, as Flow-GRPO's Wan script).
     vipo_form : ``"clipped"`` (the paper's per-position clipped surrogate) | ``"simple"``
         (TeleBoost's report form ``-mean(M*A*log π)``).
+
+    Computed in the widest dtype of the latents given (see :func:`sde_step_with_logprob`);
+    trajectory slices ``[:, j]`` of latents, and of a stored per-position/per-element
+    ``old_log_prob`` or map, are read in place.
 
     Returns
     -------
@@ -721,10 +743,10 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
         _check_finite(model_output=model_output, sample=sample, prev_sample=prev_sample,
                       ref_model_output=ref_model_output, old_log_prob=old_log_prob,
                       advantages=advantages, advantage_map=advantage_map)
+    dtype = _compute_dtype(model_output, sample, prev_sample, ref_model_output)
     coefs, std_dev_t, memo = _coefficients(model_output, sigma, sigma_next, sde_type,
-                                           noise_level, sigma_max, sigma_min)
-    dtype = model_output.dtype
-    v = _kernel_layout(model_output)
+                                           noise_level, sigma_max, sigma_min, dtype)
+    v = _kernel_layout(model_output.to(dtype))
     x, prev, ref = _latents(dtype, sample, prev_sample, ref_model_output)
     name = _pick(v.device, backend)
     acc = _acc(dtype)
