@@ -44,14 +44,25 @@ inline int64_t batch_stride(const at::Tensor& t) {
   return t.size(0) == 1 ? per_sample : t.stride(0);
 }
 
-// model_output and sample: same shape and dtype, each sample contiguous (any batch stride), on a
-// device of `device_type`.
+// The dtype pairs the latent ops take: model_output's (also the reference's and grad_v's) and the
+// latents' (sample, prev_sample or noise, grad_mean, the mean and sampled outputs) equal, or a
+// bfloat16 / float16 model output beside float32 latents: Flow-GRPO's own pairing (a bf16
+// transformer, a float32 trajectory), computed in float32 without converting model_output.
+inline bool dtypes_supported(at::ScalarType model, at::ScalarType latent) {
+  return model == latent ||
+         (latent == at::kFloat && (model == at::kBFloat16 || model == at::kHalf));
+}
+
+// model_output and sample: same shape, a supported dtype pair, each sample contiguous (any batch
+// stride), on a device of `device_type`.
 inline Layout check_latents(const at::Tensor& v, const at::Tensor& x, const char* op,
                             c10::DeviceType device_type) {
   TORCH_CHECK(v.dim() >= 3, op, ": model_output must be [B, C, (T,) H, W], got ", v.sizes());
   TORCH_CHECK(x.sizes() == v.sizes(), op, ": sample ", x.sizes(), " must match model_output ",
               v.sizes());
-  TORCH_CHECK(x.scalar_type() == v.scalar_type(), op, ": sample and model_output dtypes differ");
+  TORCH_CHECK(dtypes_supported(v.scalar_type(), x.scalar_type()), op, ": sample (",
+              x.scalar_type(), ") must have model_output's dtype (", v.scalar_type(),
+              "), or be float32 beside a bfloat16 or float16 model_output");
   TORCH_CHECK(batch_stride(v) >= 0 && batch_stride(x) >= 0, op,
               ": each sample of the latents must be contiguous (a batch stride is allowed), got "
               "model_output strides ", v.strides(), " and sample strides ", x.strides());
@@ -65,14 +76,15 @@ inline Layout check_latents(const at::Tensor& v, const at::Tensor& x, const char
   return {v.size(0), v.size(1), S};
 }
 
-// An optional latent-sized input (prev_sample, noise, ref_model_output, grad_mean).
-inline void check_like(const std::optional<at::Tensor>& t, const at::Tensor& v, const char* what,
-                       const char* op) {
+// An optional latent-sized input of `like`'s shape, dtype and device, each sample contiguous:
+// like = sample for prev_sample, noise and grad_mean, model_output for ref_model_output.
+inline void check_like(const std::optional<at::Tensor>& t, const at::Tensor& like,
+                       const char* like_name, const char* what, const char* op) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->sizes() == v.sizes() && t->scalar_type() == v.scalar_type() &&
-                  batch_stride(*t) >= 0 && t->device() == v.device(),
-              op, ": ", what, " must be a tensor like model_output ", v.sizes(), " ",
-              v.scalar_type(), " with each sample contiguous, got ", t->sizes(), " ",
+  TORCH_CHECK(t->sizes() == like.sizes() && t->scalar_type() == like.scalar_type() &&
+                  batch_stride(*t) >= 0 && t->device() == like.device(),
+              op, ": ", what, " must be a tensor like ", like_name, " ", like.sizes(), " ",
+              like.scalar_type(), " with each sample contiguous, got ", t->sizes(), " ",
               t->scalar_type(), " strides ", t->strides());
 }
 
@@ -150,8 +162,8 @@ inline Layout check_forward_args(const at::Tensor& v, const at::Tensor& x,
                                  int64_t reduction, bool sampling, c10::DeviceType device_type) {
   const char* op = "flow_step_forward";
   const Layout L = check_latents(v, x, op, device_type);
-  check_like(prev_or_noise, v, sampling ? "noise" : "prev_sample", op);
-  check_like(ref, v, "ref_model_output", op);
+  check_like(prev_or_noise, x, "sample", sampling ? "noise" : "prev_sample", op);
+  check_like(ref, v, "model_output", "ref_model_output", op);
   check_coefs(coefs, v, op);
   check_reduction(reduction, op);
   return L;
@@ -167,9 +179,9 @@ inline Layout check_backward_args(const at::Tensor& v, const at::Tensor& x,
                                   c10::DeviceType device_type) {
   const char* op = "flow_step_backward";
   const Layout L = check_latents(v, x, op, device_type);
-  check_like(prev, v, "prev_sample", op);
-  check_like(ref, v, "ref_model_output", op);
-  check_like(grad_mean, v, "grad_mean", op);
+  check_like(prev, x, "sample", "prev_sample", op);
+  check_like(ref, v, "model_output", "ref_model_output", op);
+  check_like(grad_mean, x, "sample", "grad_mean", op);
   check_coefs(coefs, v, op);
   check_reduction(reduction, op);
   check_backward_grads(v, ref, reduction, grad_logp, grad_ref_sq, op);
@@ -278,8 +290,8 @@ inline Layout check_elem_loss_args(const at::Tensor& v, const at::Tensor& x, con
                                    double adv_clip_max, c10::DeviceType device_type) {
   const char* op = "flow_grpo_elem_loss";
   const Layout L = check_latents(v, x, op, device_type);
-  check_like(prev, v, "prev_sample", op);
-  check_like(ref, v, "ref_model_output", op);
+  check_like(prev, x, "sample", "prev_sample", op);
+  check_like(ref, v, "model_output", "ref_model_output", op);
   check_coefs(coefs, v, op);
   TORCH_CHECK(ref.has_value() == kl_weight.has_value(), op,
               ": ref_model_output and kl_weight go together (both for a reference policy, or "

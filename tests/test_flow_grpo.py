@@ -398,27 +398,91 @@ def test_bf16_model_output_with_fp32_latents_computes_in_fp32(backend, reduction
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("map_kind", [None, "position", "element"])
-def test_loss_with_fp32_latents_and_bf16_model_output(backend, map_kind):
-    """flow_grpo_loss with a bfloat16 model_output and float32 latents and reference equals the
-    loss on model_output.float() (the float32 computation) bit for bit, its gradient that one's
-    rounded to bfloat16."""
+@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("ref_kind", ["none", "model_dtype", "fp32"])
+def test_loss_with_fp32_latents_and_half_model_output(backend, map_kind, model_dtype, ref_kind):
+    """flow_grpo_loss with a bfloat16 / float16 model_output beside float32 latents (the
+    reference a model output too, or float32) equals the loss on model_output.float() (the
+    float32 computation) bit for bit, its gradient that one's rounded to the model dtype. On the
+    cpu backend the kernels read the pair as it is (a float32 reference: converted instead)."""
     _available(backend)
     shape = (2, 4, 3, 6, 10)
     v, x, prev, ref, old, adv, amap, s, sn = strided_loss_inputs(shape, torch.float32, map_kind)
-    v16 = v.to(torch.bfloat16)
+    v16 = v.to(model_dtype)
+    ref = {"none": None, "model_dtype": ref.to(model_dtype), "fp32": ref}[ref_kind]
     results = []
-    for model_output in (v16, v16.float()):
+    for model_output, reference in ((v16, ref), (v16.float(), None if ref is None else ref.float())):
         vv = model_output.detach().requires_grad_(True)
         loss, metrics = tbkernels.flow_grpo_loss(vv, x, prev, s, sn, old, adv,
-                                                 ref_model_output=ref, beta=0.1,
+                                                 ref_model_output=reference,
+                                                 beta=0.0 if ref is None else 0.1,
                                                  advantage_map=amap, clip_range=0.05,
                                                  backend=backend)
         loss.backward()
         results.append((loss.detach(), torch.stack(list(metrics.values())), vv.grad))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
-    assert results[0][2].dtype == torch.bfloat16
-    assert torch.equal(results[0][2], results[1][2].to(torch.bfloat16))
+    assert results[0][2].dtype == model_dtype
+    assert torch.equal(results[0][2], results[1][2].to(model_dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", flow_grpo.REDUCTIONS)
+def test_sampling_with_fp32_latents_and_bf16_model_output(backend, reduction):
+    """Sampling with a bfloat16 model_output and a float32 sample draws the float32 sample, mean
+    and log-prob that model_output.float() gives, bit for bit (the noise drawn in float32)."""
+    _available(backend)
+    shape = (3, 4, 2, 5, 7)
+    g = torch.Generator().manual_seed(80)
+    v = torch.randn(shape, generator=g).to(torch.bfloat16).to(DEVICE)
+    x = torch.randn(shape, generator=g).to(DEVICE)
+    s, sn = sigmas(3, seed=81)
+    outs = [tbkernels.sde_step_with_logprob(
+        model_output, s, sn, x, logprob_reduction=reduction, backend=backend,
+        generator=torch.Generator(device=DEVICE).manual_seed(82)) for model_output in (v, v.float())]
+    assert outs[0][0].dtype == torch.float32 and outs[0][2].dtype == torch.float32
+    for got, exp in zip(outs[0], outs[1]):
+        assert torch.equal(got, exp)
+
+
+def test_mixed_dtypes_keep_the_lean_path():
+    """On the cpu backend a bfloat16 model_output beside float32 latents costs what one dtype
+    does: the loss's forward+backward creates the bfloat16 gradient and O(B) tensors, no float32
+    copy of model_output nor float32 gradient (tbkernels.memory's count)."""
+    _available("cpu")
+    from tbkernels.memory import peak_tensor_memory
+    shape = (2, 16, 3, 12, 20)
+    v, x, prev, ref, old, adv, amap, s, sn = strided_loss_inputs(shape, torch.float32, None)
+    vv = v.to(torch.bfloat16).requires_grad_(True)
+    args = (vv, x.cpu(), prev.cpu(), s.cpu(), sn.cpu(), old.cpu(), adv.cpu())
+    kw = dict(ref_model_output=ref.to(torch.bfloat16).cpu(), beta=0.1, backend="cpu")
+    tbkernels.flow_grpo_loss(*args, **kw)[0].backward()
+    vv.grad = None
+    with peak_tensor_memory() as tm:
+        tbkernels.flow_grpo_loss(*args, **kw)[0].backward()
+    latent = math.prod(shape) * 2
+    assert latent <= tm.peak_bytes <= latent + 4096, (tm.peak_bytes, latent)
+
+
+@pytest.mark.parametrize("backend", STRIDED_BACKENDS)
+def test_latent_ops_reject_unsupported_dtype_pairs(backend):
+    """The latent ops take one dtype, or a bfloat16 / float16 model_output beside float32
+    latents; any other pair (and a reference not of model_output's dtype) raises, naming it."""
+    _available(backend)
+    from tbkernels.ops._flow_grpo_coefs import step_coefficients
+    forward = flow_grpo._forward_op(backend)
+    shape = (2, 3, 4, 5)
+    s, sn = sigmas(2)
+    coefs = step_coefficients(s.cpu(), sn.cpu(), "flow_grpo", 0.7)[0].float().to(DEVICE)
+    f32 = torch.randn(shape, device=DEVICE)
+    for v, x, ref, match in (
+            (f32, f32.bfloat16(), None, "sample"),
+            (f32.double(), f32, None, "sample"),
+            (f32.bfloat16(), f32.half(), None, "sample"),
+            (f32.bfloat16(), f32, f32, "ref_model_output")):
+        with pytest.raises(RuntimeError, match=match):
+            forward(v, x, x, ref, coefs if v.dtype != torch.float64 else coefs.double(), 0,
+                    False, False)
 
 
 # ---------------------------------------------------------------------------------------------

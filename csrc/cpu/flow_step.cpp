@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../flow_grpo_surrogate.h"
@@ -66,20 +67,42 @@ T* sample_ptr(T* p, int64_t b, int64_t stride) {
   return p ? p + b * stride : nullptr;
 }
 
+// Calls f(vt*, lt*) with null pointers typed by model_output's element type (vt) and the
+// latents' (lt): the same type, or a half / bfloat16 model output beside float32 latents
+// (flow_step_checks.h, dtypes_supported, has rejected anything else).
+template <typename F>
+void dispatch_dtypes(const at::Tensor& v, const at::Tensor& x, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "flow_step_cpu", [&] {
+    using vt = scalar_t;
+    if (x.scalar_type() == v.scalar_type()) {
+      f(static_cast<vt*>(nullptr), static_cast<vt*>(nullptr));
+    } else if constexpr (std::is_same_v<vt, at::Half> || std::is_same_v<vt, at::BFloat16>) {
+      f(static_cast<vt*>(nullptr), static_cast<float*>(nullptr));
+    }
+  });
+}
+
+#define TBK_ELEMENT_TYPES(vtag, ltag)                  \
+  using vt = std::remove_pointer_t<decltype(vtag)>; \
+  using lt = std::remove_pointer_t<decltype(ltag)>
+
 // One channel row [i0, i0 + n) of sample b. The hot case (a stored prev_sample, no mean output:
 // flow_grpo_loss) is compiled branch-free per reduction and reference flag, so the reductions
 // vectorise (omp simd lets the compiler reassociate the float sums); the sde_step case with its
 // optional outputs keeps runtime branches.
-template <typename scalar_t, typename acc_t>
+// vt: model_output's (and the reference's) element type; lt: the latents' (sample, prev_sample or
+// noise, the mean and sampled outputs). Equal, or a bf16/fp16 model output beside fp32 latents.
+template <typename vt, typename lt, typename acc_t>
 struct ForwardRow {
-  const scalar_t *v, *x, *pn, *ref;
+  const vt *v, *ref;
+  const lt *x, *pn;
   acc_t cx, cv, alpha, gamma, sd;
   bool sampling;
-  scalar_t *mean_out, *prev_out;
+  lt *mean_out, *prev_out;
 };
 
-template <int kRed, bool kHasRef, bool kGeneric, typename scalar_t, typename acc_t>
-inline void forward_row(const ForwardRow<scalar_t, acc_t>& a, int64_t i0, int64_t n,
+template <int kRed, bool kHasRef, bool kGeneric, typename vt, typename lt, typename acc_t>
+inline void forward_row(const ForwardRow<vt, lt, acc_t>& a, int64_t i0, int64_t n,
                         acc_t* chan_acc, acc_t* logp, acc_t& row_sq, acc_t& row_ref) {
   acc_t sq = 0, rf = 0;
   const acc_t cx = a.cx, cv = a.cv, alpha = a.alpha, gamma = a.gamma;
@@ -106,13 +129,13 @@ inline void forward_row(const ForwardRow<scalar_t, acc_t>& a, int64_t i0, int64_
       acc_t prev;
       if (a.sampling) {
         prev = a.pn ? mean + a.sd * static_cast<acc_t>(a.pn[i]) : mean;
-        a.prev_out[i] = static_cast<scalar_t>(prev);
+        a.prev_out[i] = static_cast<lt>(prev);
         // The log-prob is of the sample actually stored, so round-trip through its dtype.
         prev = static_cast<acc_t>(a.prev_out[i]);
       } else {
         prev = a.pn ? static_cast<acc_t>(a.pn[i]) : mean;
       }
-      if (a.mean_out) a.mean_out[i] = static_cast<scalar_t>(mean);
+      if (a.mean_out) a.mean_out[i] = static_cast<lt>(mean);
       const acc_t d = prev - mean, d2 = d * d;
       if constexpr (kRed == kReduceMean) sq += d2;
       if constexpr (kRed == kReduceChannelSum) chan_acc[j] += d2;
@@ -127,8 +150,8 @@ inline void forward_row(const ForwardRow<scalar_t, acc_t>& a, int64_t i0, int64_
   row_ref += rf;
 }
 
-template <int kRed, bool kHasRef, bool kGeneric, typename scalar_t, typename acc_t>
-void forward_tasks(const Layout L, const BatchStrides bs, const ForwardRow<scalar_t, acc_t> proto,
+template <int kRed, bool kHasRef, bool kGeneric, typename vt, typename lt, typename acc_t>
+void forward_tasks(const Layout L, const BatchStrides bs, const ForwardRow<vt, lt, acc_t> proto,
                    const acc_t* coefs, acc_t* logp, std::vector<double>& part_sq,
                    std::vector<double>& part_ref) {
   const int64_t N = L.C * L.S;
@@ -140,7 +163,7 @@ void forward_tasks(const Layout L, const BatchStrides bs, const ForwardRow<scala
       const int64_t n = std::min(kChunk, L.S - s0);
       // The row works on sample b alone: each input at its own batch stride, the outputs
       // (contiguous) at b * N.
-      ForwardRow<scalar_t, acc_t> a = proto;
+      ForwardRow<vt, lt, acc_t> a = proto;
       a.v = sample_ptr(proto.v, b, bs.v);
       a.x = sample_ptr(proto.x, b, bs.x);
       a.pn = sample_ptr(proto.pn, b, bs.prev);
@@ -170,9 +193,9 @@ void forward_tasks(const Layout L, const BatchStrides bs, const ForwardRow<scala
 }
 
 // Turns the runtime flags into one of the compiled variants above.
-template <int kRed, typename scalar_t, typename acc_t>
+template <int kRed, typename vt, typename lt, typename acc_t>
 void forward_dispatch_ref(bool has_ref, bool generic, const Layout L, const BatchStrides& bs,
-                          const ForwardRow<scalar_t, acc_t>& a, const acc_t* coefs, acc_t* logp,
+                          const ForwardRow<vt, lt, acc_t>& a, const acc_t* coefs, acc_t* logp,
                           std::vector<double>& ps, std::vector<double>& pr) {
   if (has_ref) {
     generic ? forward_tasks<kRed, true, true>(L, bs, a, coefs, logp, ps, pr)
@@ -183,14 +206,14 @@ void forward_dispatch_ref(bool has_ref, bool generic, const Layout L, const Batc
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void forward_kernel(const Layout L, const BatchStrides& bs, const scalar_t* v, const scalar_t* x, const scalar_t* pn,
-                    const scalar_t* ref, const acc_t* coefs, int64_t reduction, bool sampling,
-                    acc_t* logp, acc_t* ref_sq, scalar_t* mean_out, scalar_t* prev_out) {
+template <typename vt, typename lt, typename acc_t>
+void forward_kernel(const Layout L, const BatchStrides& bs, const vt* v, const lt* x, const lt* pn,
+                    const vt* ref, const acc_t* coefs, int64_t reduction, bool sampling,
+                    acc_t* logp, acc_t* ref_sq, lt* mean_out, lt* prev_out) {
   const int64_t nchunk = num_chunks(L), tasks = L.B * nchunk;
   // Per-task partial sums, combined per sample afterwards in a fixed order (deterministic).
   std::vector<double> part_sq(tasks, 0.0), part_ref(tasks, 0.0);
-  const ForwardRow<scalar_t, acc_t> a{v, x, pn, ref, 0, 0, 0, 0, 0, sampling, mean_out, prev_out};
+  const ForwardRow<vt, lt, acc_t> a{v, ref, x, pn, 0, 0, 0, 0, 0, sampling, mean_out, prev_out};
   const bool generic = sampling || pn == nullptr || mean_out != nullptr;
   const bool has_ref = ref != nullptr;
   if (reduction == kReduceMean)
@@ -219,11 +242,11 @@ void forward_kernel(const Layout L, const BatchStrides& bs, const scalar_t* v, c
 // none, whose grad_logp row is indexed by j (gl_row points at this row's first entry).
 constexpr int kReducePerElement = 3;
 
-template <int kRed, bool kHasRef, typename scalar_t, typename acc_t>
-inline void backward_row(const scalar_t* v, const scalar_t* x, const scalar_t* prev,
-                         const scalar_t* ref, int64_t i0, int64_t n, acc_t cx, acc_t cv,
+template <int kRed, bool kHasRef, typename vt, typename lt, typename acc_t>
+inline void backward_row(const vt* v, const lt* x, const lt* prev,
+                         const vt* ref, int64_t i0, int64_t n, acc_t cx, acc_t cv,
                          acc_t lp_scale, acc_t gl_sample, const acc_t* gl_row, acc_t gq2,
-                         scalar_t* grad_v) {
+                         vt* grad_v) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const int64_t i = i0 + j;
@@ -232,15 +255,15 @@ inline void backward_row(const scalar_t* v, const scalar_t* x, const scalar_t* p
     const acc_t gl = kRed == kReduceMean ? gl_sample : gl_row[j];
     acc_t g = lp_scale * gl * d;
     if constexpr (kHasRef) g += gq2 * (vi - static_cast<acc_t>(ref[i]));
-    grad_v[i] = static_cast<scalar_t>(g);
+    grad_v[i] = static_cast<vt>(g);
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void backward_kernel(const Layout L, const BatchStrides& bs, const scalar_t* v, const scalar_t* x, const scalar_t* prev,
-                     const scalar_t* ref, const acc_t* coefs, int64_t reduction,
-                     const acc_t* grad_logp, const scalar_t* grad_mean, const acc_t* grad_ref_sq,
-                     scalar_t* grad_v) {
+template <typename vt, typename lt, typename acc_t>
+void backward_kernel(const Layout L, const BatchStrides& bs, const vt* v, const lt* x, const lt* prev,
+                     const vt* ref, const acc_t* coefs, int64_t reduction,
+                     const acc_t* grad_logp, const lt* grad_mean, const acc_t* grad_ref_sq,
+                     vt* grad_v) {
   const int64_t nchunk = num_chunks(L), tasks = L.B * nchunk, N = L.C * L.S;
   const acc_t inv_d = acc_t(1) / static_cast<acc_t>(N);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
@@ -249,12 +272,12 @@ void backward_kernel(const Layout L, const BatchStrides& bs, const scalar_t* v, 
       const int64_t n = std::min(kChunk, L.S - s0);
       // Sample b alone: each input at its own batch stride, grad_v and a per-element grad_logp
       // (contiguous) at b * N.
-      const scalar_t* v_b = sample_ptr(v, b, bs.v);
-      const scalar_t* x_b = sample_ptr(x, b, bs.x);
-      const scalar_t* prev_b = sample_ptr(prev, b, bs.prev);
-      const scalar_t* ref_b = sample_ptr(ref, b, bs.ref);
-      const scalar_t* gm_b = sample_ptr(grad_mean, b, bs.grad_mean);
-      scalar_t* gv_b = grad_v + b * N;
+      const vt* v_b = sample_ptr(v, b, bs.v);
+      const lt* x_b = sample_ptr(x, b, bs.x);
+      const lt* prev_b = sample_ptr(prev, b, bs.prev);
+      const vt* ref_b = sample_ptr(ref, b, bs.ref);
+      const lt* gm_b = sample_ptr(grad_mean, b, bs.grad_mean);
+      vt* gv_b = grad_v + b * N;
       const acc_t* cf = coefs + b * 5;
       const acc_t cx = cf[0], cv = cf[1], alpha = cf[2];
       // d logp_e / d v_e = -2 alpha cv d_e; fold the per-sample factors once.
@@ -290,7 +313,7 @@ void backward_kernel(const Layout L, const BatchStrides& bs, const scalar_t* v, 
           }
           if (gm_b) g += cv * static_cast<acc_t>(gm_b[i]);
           if (grad_ref_sq && ref_b) g += gq2 * (vi - static_cast<acc_t>(ref_b[i]));
-          gv_b[i] = static_cast<scalar_t>(g);
+          gv_b[i] = static_cast<vt>(g);
         }
       }
     }
@@ -303,19 +326,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flow_step_forward_cpu
     bool sampling, bool write_mean) {
   const Layout L = flow_step::check_forward_args(v, x, prev_or_noise, ref, coefs, reduction,
                                                  sampling, c10::DeviceType::CPU);
-  const auto acc = flow_step::acc_type(v.scalar_type());
+  const auto acc = flow_step::acc_type(x.scalar_type());
   at::Tensor logp = at::empty(flow_step::logp_shape(v, reduction), v.options().dtype(acc));
   at::Tensor ref_sq = at::empty({L.B}, v.options().dtype(acc));
-  at::Tensor mean = write_mean ? flow_step::latent_output(v) : at::empty({0}, v.options());
-  at::Tensor prev = sampling ? flow_step::latent_output(v) : at::empty({0}, v.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "flow_step_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t, acc_t>(
-        L, flow_step::batch_strides(L, v, x, prev_or_noise, ref), v.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), opt_ptr<scalar_t>(prev_or_noise),
-        opt_ptr<scalar_t>(ref), coefs.data_ptr<acc_t>(), reduction, sampling,
+  // the mean and the sampled prev_sample are latents: the latents' dtype
+  at::Tensor mean = write_mean ? flow_step::latent_output(x) : at::empty({0}, x.options());
+  at::Tensor prev = sampling ? flow_step::latent_output(x) : at::empty({0}, x.options());
+  dispatch_dtypes(v, x, [&](auto* vtag, auto* ltag) {
+    TBK_ELEMENT_TYPES(vtag, ltag);
+    using acc_t = at::opmath_type<lt>;
+    forward_kernel<vt, lt, acc_t>(
+        L, flow_step::batch_strides(L, v, x, prev_or_noise, ref), v.data_ptr<vt>(),
+        x.data_ptr<lt>(), opt_ptr<lt>(prev_or_noise), opt_ptr<vt>(ref), coefs.data_ptr<acc_t>(),
+        reduction, sampling,
         logp.data_ptr<acc_t>(), ref_sq.data_ptr<acc_t>(),
-        write_mean ? mean.data_ptr<scalar_t>() : nullptr,
-        sampling ? prev.data_ptr<scalar_t>() : nullptr);
+        write_mean ? mean.data_ptr<lt>() : nullptr, sampling ? prev.data_ptr<lt>() : nullptr);
   });
   return {logp, ref_sq, mean, prev};
 }
@@ -329,14 +354,15 @@ at::Tensor flow_step_backward_cpu(const at::Tensor& v, const at::Tensor& x,
   const Layout L = flow_step::check_backward_args(v, x, prev, ref, coefs, reduction, grad_logp,
                                                   grad_mean, grad_ref_sq, c10::DeviceType::CPU);
   at::Tensor grad_v = flow_step::latent_output(v);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "flow_step_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    backward_kernel<scalar_t, acc_t>(L, flow_step::batch_strides(L, v, x, prev, ref, grad_mean),
-                                     v.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                     opt_ptr<scalar_t>(prev), opt_ptr<scalar_t>(ref),
+  dispatch_dtypes(v, x, [&](auto* vtag, auto* ltag) {
+    TBK_ELEMENT_TYPES(vtag, ltag);
+    using acc_t = at::opmath_type<lt>;
+    backward_kernel<vt, lt, acc_t>(L, flow_step::batch_strides(L, v, x, prev, ref, grad_mean),
+                                     v.data_ptr<vt>(), x.data_ptr<lt>(),
+                                     opt_ptr<lt>(prev), opt_ptr<vt>(ref),
                                      coefs.data_ptr<acc_t>(), reduction, opt_ptr<acc_t>(grad_logp),
-                                     opt_ptr<scalar_t>(grad_mean), opt_ptr<acc_t>(grad_ref_sq),
-                                     grad_v.data_ptr<scalar_t>());
+                                     opt_ptr<lt>(grad_mean), opt_ptr<acc_t>(grad_ref_sq),
+                                     grad_v.data_ptr<vt>());
   });
   return grad_v;
 }
@@ -491,16 +517,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_map_surrogate_cpu(
 // the loop ran scalar (measured 5x slower).
 enum ElemRef : int { kNoRef = 0, kRefSum = 1, kRefSumGrad = 2 };
 
-template <typename scalar_t, typename Acc>
+template <typename vt, typename lt, typename Acc>
 struct ElemRow {  // one task's slice of one sample, and that sample's constants
-  const scalar_t *v, *x, *prev, *ref;
+  const vt *v, *ref;
+  const lt *x, *prev;
   const Acc *old, *amap;
-  scalar_t* grad_v;
+  vt* grad_v;
   Acc cx, cv, alpha, gamma, a_b, lp_scale, gq2;
 };
 
-template <bool kSimple, int kRef, bool kGrad, typename scalar_t, typename Acc>
-void elem_loss_row(const surrogate::Constants<Acc>& k, const ElemRow<scalar_t, Acc>& r,
+template <bool kSimple, int kRef, bool kGrad, typename vt, typename lt, typename Acc>
+void elem_loss_row(const surrogate::Constants<Acc>& k, const ElemRow<vt, lt, Acc>& r,
                    int64_t n, surrogate::Sums& s, double& ref_sq) {
   // Locals, not r's fields: a store through grad_v (an Acc* for float32) could alias a field of
   // r as far as the compiler knows, which reloads every field per element and stops the
@@ -511,13 +538,13 @@ void elem_loss_row(const surrogate::Constants<Acc>& k, const ElemRow<scalar_t, A
   Acc d[kMapBlock], lp[kMapBlock], ratio[kMapBlock];
   for (int64_t j0 = 0; j0 < n; j0 += kMapBlock) {
     const int64_t m = std::min(kMapBlock, n - j0);
-    const scalar_t* __restrict__ v = r.v + j0;
-    const scalar_t* __restrict__ x = r.x + j0;
-    const scalar_t* __restrict__ prev = r.prev + j0;
-    const scalar_t* __restrict__ ref = kRef != kNoRef ? r.ref + j0 : nullptr;
+    const vt* __restrict__ v = r.v + j0;
+    const lt* __restrict__ x = r.x + j0;
+    const lt* __restrict__ prev = r.prev + j0;
+    const vt* __restrict__ ref = kRef != kNoRef ? r.ref + j0 : nullptr;
     const Acc* __restrict__ old = r.old + j0;
     const Acc* __restrict__ amap = r.amap + j0;
-    scalar_t* __restrict__ grad_v = kGrad ? r.grad_v + j0 : nullptr;
+    vt* __restrict__ grad_v = kGrad ? r.grad_v + j0 : nullptr;
     double rsq = 0;
 #pragma omp simd reduction(+ : rsq)
     for (int64_t j = 0; j < m; ++j) {
@@ -542,7 +569,7 @@ void elem_loss_row(const surrogate::Constants<Acc>& k, const ElemRow<scalar_t, A
         // the grouping of the unfused path: d loss / d logp first, then the step's chain rule
         Acc gv = (lp_scale * (g * inv_n)) * d[j];
         if constexpr (kRef == kRefSumGrad) gv += gq2 * (static_cast<Acc>(v[j]) - static_cast<Acc>(ref[j]));
-        grad_v[j] = static_cast<scalar_t>(gv);
+        grad_v[j] = static_cast<vt>(gv);
       }
       policy += static_cast<double>(term);
       delta_sq += static_cast<double>(delta * delta);
@@ -554,42 +581,44 @@ void elem_loss_row(const surrogate::Constants<Acc>& k, const ElemRow<scalar_t, A
   }
 }
 
-template <bool kSimple, int kRef, typename scalar_t, typename Acc>
+template <bool kSimple, int kRef, typename vt, typename lt, typename Acc>
 void elem_loss_row_grad(bool grad, const surrogate::Constants<Acc>& k,
-                        const ElemRow<scalar_t, Acc>& r, int64_t n, surrogate::Sums& s,
+                        const ElemRow<vt, lt, Acc>& r, int64_t n, surrogate::Sums& s,
                         double& ref_sq) {
   grad ? elem_loss_row<kSimple, kRef, true>(k, r, n, s, ref_sq)
        : elem_loss_row<kSimple, kRef, false>(k, r, n, s, ref_sq);
 }
 
-template <bool kSimple, typename scalar_t, typename Acc>
+template <bool kSimple, typename vt, typename lt, typename Acc>
 void elem_loss_row_ref(int ref_mode, bool grad, const surrogate::Constants<Acc>& k,
-                       const ElemRow<scalar_t, Acc>& r, int64_t n, surrogate::Sums& s,
+                       const ElemRow<vt, lt, Acc>& r, int64_t n, surrogate::Sums& s,
                        double& ref_sq) {
   if (ref_mode == kRefSumGrad) elem_loss_row_grad<kSimple, kRefSumGrad>(grad, k, r, n, s, ref_sq);
   else if (ref_mode == kRefSum) elem_loss_row_grad<kSimple, kRefSum>(grad, k, r, n, s, ref_sq);
   else elem_loss_row_grad<kSimple, kNoRef>(grad, k, r, n, s, ref_sq);
 }
 
-template <typename scalar_t, typename Acc>
+template <typename vt, typename lt, typename Acc>
 inline void elem_loss_row_form(const surrogate::Constants<Acc>& k, int ref_mode, bool grad,
-                               const ElemRow<scalar_t, Acc>& r, int64_t n, surrogate::Sums& s,
+                               const ElemRow<vt, lt, Acc>& r, int64_t n, surrogate::Sums& s,
                                double& ref_sq) {
   if (k.simple) elem_loss_row_ref<true>(ref_mode, grad, k, r, n, s, ref_sq);
   else elem_loss_row_ref<false>(ref_mode, grad, k, r, n, s, ref_sq);
 }
 
 // One entry point per latent dtype (target_clones needs plain functions, not templates).
-#define TBK_ELEM_ROWS(scalar_t, Acc)                                                         \
+#define TBK_ELEM_ROWS(vt, lt, Acc)                                                           \
   TBK_CPU_CLONES void elem_loss_rows(const surrogate::Constants<Acc>& k, int ref_mode,       \
-                                     bool grad, const ElemRow<scalar_t, Acc>& r, int64_t n,  \
+                                     bool grad, const ElemRow<vt, lt, Acc>& r, int64_t n,    \
                                      surrogate::Sums& s, double& ref_sq) {                   \
     elem_loss_row_form(k, ref_mode, grad, r, n, s, ref_sq);                                  \
   }
-TBK_ELEM_ROWS(float, float)
-TBK_ELEM_ROWS(double, double)
-TBK_ELEM_ROWS(c10::Half, float)
-TBK_ELEM_ROWS(c10::BFloat16, float)
+TBK_ELEM_ROWS(float, float, float)
+TBK_ELEM_ROWS(double, double, double)
+TBK_ELEM_ROWS(c10::Half, c10::Half, float)
+TBK_ELEM_ROWS(c10::BFloat16, c10::BFloat16, float)
+TBK_ELEM_ROWS(c10::Half, float, float)        // a half / bfloat16 model output, fp32 latents
+TBK_ELEM_ROWS(c10::BFloat16, float, float)
 #undef TBK_ELEM_ROWS
 
 // Tasks of kChunk elements of one sample, each with its own partial sums, combined afterwards in
@@ -607,8 +636,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cpu(
   std::tie(loss, metrics, grad_v) = flow_step::elem_loss_outputs(v, coefs, write_grad);
   const int64_t B = L.B, N = L.C * L.S;
   const BatchStrides bs = flow_step::batch_strides(L, v, x, prev, ref);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "flow_grpo_elem_loss_cpu", [&] {
-    using Acc = at::opmath_type<scalar_t>;
+  dispatch_dtypes(v, x, [&](auto* vtag, auto* ltag) {
+    TBK_ELEMENT_TYPES(vtag, ltag);
+    using Acc = at::opmath_type<lt>;
     const auto k = surrogate::make_constants<Acc>(clip_range, adv_clip_max, beta, simple,
                                                   ref.has_value(), B, B * N);
     const int ref_mode = !ref.has_value() ? kNoRef : (beta != 0 && write_grad ? kRefSumGrad : kRefSum);
@@ -625,15 +655,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cpu(
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / nchunk, e0 = (t % nchunk) * kChunk;
         const int64_t n = std::min(kChunk, N - e0), base = b * N + e0;
-        ElemRow<scalar_t, Acc> r;
+        ElemRow<vt, lt, Acc> r;
         // the latents at their own batch strides, grad_v contiguous
-        r.v = v.data_ptr<scalar_t>() + b * bs.v + e0;
-        r.x = x.data_ptr<scalar_t>() + b * bs.x + e0;
-        r.prev = prev.data_ptr<scalar_t>() + b * bs.prev + e0;
-        r.ref = ref.has_value() ? ref->data_ptr<scalar_t>() + b * bs.ref + e0 : nullptr;
+        r.v = v.data_ptr<vt>() + b * bs.v + e0;
+        r.x = x.data_ptr<lt>() + b * bs.x + e0;
+        r.prev = prev.data_ptr<lt>() + b * bs.prev + e0;
+        r.ref = ref.has_value() ? ref->data_ptr<vt>() + b * bs.ref + e0 : nullptr;
         r.old = old_log_prob.data_ptr<Acc>() + b * old_stride + e0;
         r.amap = advantage_map.data_ptr<Acc>() + b * map_stride + e0;
-        r.grad_v = write_grad ? grad_v.data_ptr<scalar_t>() + base : nullptr;
+        r.grad_v = write_grad ? grad_v.data_ptr<vt>() + base : nullptr;
         r.cx = cf[b * 5], r.cv = cf[b * 5 + 1], r.alpha = cf[b * 5 + 2], r.gamma = cf[b * 5 + 3];
         r.a_b = surrogate::clamp_adv(k, adv[b]);
         r.lp_scale = Acc(-2) * r.alpha * r.cv;                 // d logp / d v = lp_scale * d

@@ -76,7 +76,7 @@ def _forward_reference(v, x, prev_or_noise, ref, coefs, reduction, sampling, wri
     prev_out = None
     if sampling:
         prev_out = (mean + s * prev_or_noise.to(acc) if prev_or_noise is not None else mean)
-        prev_out = prev_out.to(v.dtype)
+        prev_out = prev_out.to(x.dtype)                 # a latent: the latents' dtype
         prev = prev_out.to(acc)
     else:
         prev = prev_or_noise.to(acc) if prev_or_noise is not None else mean
@@ -89,7 +89,7 @@ def _forward_reference(v, x, prev_or_noise, ref, coefs, reduction, sampling, wri
     red = tuple(range(1, v.ndim))
     ref_sq = (((vf - ref.to(acc)) ** 2).sum(red) if ref is not None
               else torch.zeros(v.shape[0], dtype=acc, device=v.device))
-    return (logp, ref_sq, mean.to(v.dtype) if write_mean else v.new_empty((0,)),
+    return (logp, ref_sq, mean.to(x.dtype) if write_mean else v.new_empty((0,)),
             prev_out if sampling else v.new_empty((0,)))
 
 
@@ -101,8 +101,8 @@ def _fake_forward(v, x, prev_or_noise, ref, coefs, reduction, sampling, write_me
     # Two distinct empties: a custom op's outputs must not alias each other.
     return (v.new_empty(_logp_shape(v.shape, reduction), dtype=acc),
             v.new_empty((v.shape[0],), dtype=acc),
-            v.new_empty(v.shape) if write_mean else v.new_empty((0,)),
-            v.new_empty(v.shape) if sampling else v.new_empty((0,)))
+            x.new_empty(x.shape) if write_mean else v.new_empty((0,)),
+            x.new_empty(x.shape) if sampling else v.new_empty((0,)))
 
 
 def _setup_forward(ctx, inputs, output):
@@ -129,7 +129,7 @@ def _make_backward(backward_op):
         grad_v = backward_op(
             v, x, prev, ref, coefs, ctx.reduction,
             None if grad_logp is None else grad_logp.contiguous(),
-            None if grad_mean is None else _kernel_layout(grad_mean.to(v.dtype)),
+            None if grad_mean is None else _kernel_layout(grad_mean.to(x.dtype)),
             None if grad_ref_sq is None else grad_ref_sq.contiguous())
         return grad_v, None, None, None, None, None, None, None
     return backward
@@ -455,6 +455,25 @@ def _compute_dtype(*tensors):
     return functools.reduce(torch.promote_types, (t.dtype for t in tensors if t is not None))
 
 
+# Backends whose latent kernels read a bfloat16 / float16 model_output beside float32 latents
+# (csrc/flow_step_checks.h, dtypes_supported); elsewhere such a pair is converted to float32.
+_MIXED_DTYPE_BACKENDS = frozenset({"cpu"})
+
+
+def _kernel_dtypes(name, model_output, latents, ref):
+    """(model dtype, latent dtype) handed to backend `name`'s kernels: the widest dtype given
+    (_compute_dtype), except that a bfloat16 / float16 model_output (and reference) beside
+    float32 latents is passed as it is where the backend reads that pair: the same float32
+    arithmetic without a float32 copy of model_output or a float32 gradient."""
+    compute = _compute_dtype(model_output, *latents, ref)
+    model = model_output.dtype
+    if (name in _MIXED_DTYPE_BACKENDS and compute == torch.float32
+            and model in (torch.bfloat16, torch.float16)
+            and (ref is None or ref.dtype == model)):
+        return model, compute
+    return compute, compute
+
+
 def _latents(dtype, *tensors):
     """Detached, one dtype, in a layout the kernels read (a copy only where needed)."""
     return [None if t is None else _kernel_layout(t.detach().to(dtype)) for t in tensors]
@@ -646,16 +665,16 @@ def sde_step_with_logprob(model_output, sigma, sigma_next, sample, prev_sample=N
         raise ValueError(f"logprob_reduction must be one of {REDUCTIONS}, got {logprob_reduction!r}")
     if check_finite:
         _check_finite(model_output=model_output, sample=sample, prev_sample=prev_sample)
-    dtype = _compute_dtype(model_output, sample, prev_sample)
+    name = _pick(model_output.device, backend)
+    model_dtype, dtype = _kernel_dtypes(name, model_output, (sample, prev_sample), None)
     coefs, std_dev_t, _ = _coefficients(model_output, sigma, sigma_next, sde_type, noise_level,
                                         sigma_max, sigma_min, dtype)
-    v = _kernel_layout(model_output.to(dtype))
+    v = _kernel_layout(model_output.to(model_dtype))
     (x, prev) = _latents(dtype, sample, prev_sample)
     sampling = prev_sample is None
     noise = None
     if sampling and sde_type != "ode":
         noise = torch.randn(model_output.shape, generator=generator, device=v.device, dtype=dtype)
-    name = _pick(v.device, backend)
     logp, _, mean, new_prev = _forward_op(name)(v, x, noise if sampling else prev, None, coefs,
                                                 _REDUCTION_CODE[logprob_reduction], sampling, True)
     out_prev = new_prev if sampling else prev_sample
@@ -743,12 +762,14 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
         _check_finite(model_output=model_output, sample=sample, prev_sample=prev_sample,
                       ref_model_output=ref_model_output, old_log_prob=old_log_prob,
                       advantages=advantages, advantage_map=advantage_map)
-    dtype = _compute_dtype(model_output, sample, prev_sample, ref_model_output)
+    name = _pick(model_output.device, backend)
+    model_dtype, dtype = _kernel_dtypes(name, model_output, (sample, prev_sample),
+                                        ref_model_output)
     coefs, std_dev_t, memo = _coefficients(model_output, sigma, sigma_next, sde_type,
                                            noise_level, sigma_max, sigma_min, dtype)
-    v = _kernel_layout(model_output.to(dtype))
-    x, prev, ref = _latents(dtype, sample, prev_sample, ref_model_output)
-    name = _pick(v.device, backend)
+    v = _kernel_layout(model_output.to(model_dtype))
+    x, prev = _latents(dtype, sample, prev_sample)
+    (ref,) = _latents(model_dtype, ref_model_output)
     acc = _acc(dtype)
     kl_w = (None if ref is None else
             _kl_weight(coefs, std_dev_t, kl_form, math.prod(model_output.shape[1:]), acc, memo))
