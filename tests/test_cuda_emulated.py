@@ -178,9 +178,16 @@ def i64_array(values):
     return None if values is None else (I64 * len(values))(*values)
 
 
+def model_code(dtype, v):
+    """The emulator's model-dtype argument: v's dtype code, or -1 (same as the latents) when it
+    is the latent dtype (or v is absent)."""
+    return -1 if v is None or v.dtype == dtype else DTYPE_CODE[v.dtype]
+
+
 def run_emu_forward(emu, dtype, shape, v, x, pn, ref, coefs, reduction, sampling, write_mean,
-                    bstrides=None):
-    """The emulated forward, bstrides those of (v, x, pn, ref) (None: contiguous):
+                    bstrides=None, model=None):
+    """The emulated forward, dtype the latents' (model_output's: model_code, or `model` when
+    given), bstrides those of (v, x, pn, ref) (None: contiguous):
     (rc, launches, logp, ref_sq, mean or None, prev_out or None)."""
     acc = acc_dtype(dtype)
     logp = torch.full(logp_shape(shape, reduction), float("nan"), dtype=acc)
@@ -188,7 +195,8 @@ def run_emu_forward(emu, dtype, shape, v, x, pn, ref, coefs, reduction, sampling
     mean = torch.full(shape, float("nan")).to(dtype) if write_mean else None
     prev_out = torch.full(shape, float("nan")).to(dtype) if sampling else None
     launches = ctypes.c_int(0)
-    rc = emu.emu_flow_step_forward(DTYPE_CODE[dtype], *map(I64, shape), ptr(v), ptr(x), ptr(pn),
+    rc = emu.emu_flow_step_forward(DTYPE_CODE[dtype], model_code(dtype, v) if model is None
+                                   else model, *map(I64, shape), ptr(v), ptr(x), ptr(pn),
                                    ptr(ref), ptr(coefs), reduction, int(sampling), ptr(logp),
                                    ptr(ref_sq), ptr(mean), ptr(prev_out), ctypes.byref(launches),
                                    i64_array(bstrides))
@@ -196,11 +204,13 @@ def run_emu_forward(emu, dtype, shape, v, x, pn, ref, coefs, reduction, sampling
 
 
 def run_emu_backward(emu, dtype, shape, v, x, prev, ref, coefs, reduction, grad_logp, grad_mean,
-                     grad_ref_sq, bstrides=None):
-    """The emulated backward, bstrides those of (v, x, prev, ref, grad_mean) (None:
-    contiguous): (rc, grad_v)."""
-    grad_v = torch.full(shape, float("nan")).to(dtype)
-    rc = emu.emu_flow_step_backward(DTYPE_CODE[dtype], *map(I64, shape), ptr(v), ptr(x),
+                     grad_ref_sq, bstrides=None, model=None):
+    """The emulated backward, dtype the latents' (model_output's and grad_v's: v's, see
+    run_emu_forward), bstrides those of (v, x, prev, ref, grad_mean) (None: contiguous):
+    (rc, grad_v)."""
+    grad_v = torch.full(shape, float("nan")).to(v.dtype)
+    rc = emu.emu_flow_step_backward(DTYPE_CODE[dtype], model_code(dtype, v) if model is None
+                                    else model, *map(I64, shape), ptr(v), ptr(x),
                                     ptr(prev), ptr(ref), ptr(coefs), reduction, ptr(grad_logp),
                                     ptr(grad_mean), ptr(grad_ref_sq), ptr(grad_v),
                                     i64_array(bstrides))
@@ -442,19 +452,21 @@ def elem_logp(v, x, prev, coefs):
 
 def run_emu_elem_loss(emu, dtype, shape, v, x, prev, ref, coefs, kl_w, old, adv, amap, beta,
                       simple, write_grad, clip=ELEM_CLIP, adv_max=5.0, bstrides=None,
-                      row_strides=None):
-    """The emulated kernels, bstrides those of (v, x, prev, ref) and row_strides those of (old,
-    amap) (None: contiguous): (rc, loss, metrics, grad_v or None, launches, workspace bytes)."""
+                      row_strides=None, model=None):
+    """The emulated kernels, dtype the latents' (model_output's and grad_v's: v's, see
+    run_emu_forward), bstrides those of (v, x, prev, ref) and row_strides those of (old, amap)
+    (None: contiguous): (rc, loss, metrics, grad_v or None, launches, workspace bytes)."""
     strides = None
     if bstrides is not None or row_strides is not None:
         strides = list(bstrides or [-1] * 4) + list(row_strides or [-1, -1])
     acc = acc_dtype(dtype)
     loss = torch.full((), float("nan"), dtype=acc)
     metrics = torch.full((4,), float("nan"), dtype=acc)
-    grad_v = torch.full(v.shape, float("nan")).to(dtype) if write_grad else None
+    grad_v = torch.full(v.shape, float("nan")).to(v.dtype) if write_grad else None
     launches, ws = ctypes.c_int(0), ctypes.c_int64(0)
     rc = emu.emu_flow_grpo_elem_loss(
-        DTYPE_CODE[dtype], *map(I64, shape), ptr(v), ptr(x), ptr(prev), ptr(ref), ptr(coefs),
+        DTYPE_CODE[dtype], model_code(dtype, v) if model is None else model, *map(I64, shape),
+        ptr(v), ptr(x), ptr(prev), ptr(ref), ptr(coefs),
         ptr(kl_w), ptr(old), ptr(adv), ptr(amap), int(amap.shape[0] == 1),
         ctypes.c_double(clip), ctypes.c_double(adv_max), ctypes.c_double(beta), int(simple),
         ptr(loss), ptr(metrics), ptr(grad_v), ctypes.byref(launches), ctypes.byref(ws),
@@ -579,7 +591,7 @@ def test_flow_grpo_elem_loss_cuda_kernel_rejects_bad_arguments(emu):
     def call(dims=shape, dtype=DTYPE_CODE[torch.float32], prev=lat[2], ref=lat[3], kl_w=per_b,
              old=per_e, amap=per_e, clip=0.1, adv_max=5.0, loss=out[0]):
         return emu.emu_flow_grpo_elem_loss(
-            dtype, *map(I64, dims), ptr(lat[0]), ptr(lat[1]), ptr(prev), ptr(ref), ptr(coefs),
+            dtype, -1, *map(I64, dims), ptr(lat[0]), ptr(lat[1]), ptr(prev), ptr(ref), ptr(coefs),
             ptr(kl_w), ptr(old), ptr(per_b), ptr(amap), 0, ctypes.c_double(clip),
             ctypes.c_double(adv_max), ctypes.c_double(0.05), 0, ptr(loss), ptr(out[1]),
             ptr(out[2]), ctypes.byref(launches), ctypes.byref(ws), None)
@@ -1032,6 +1044,173 @@ def test_map_losses_cuda_kernels_reject_bad_row_strides(emu):
     assert surrogate([-1, huge]) == (1, -1)
     assert surrogate([-1, -9], shared=True) == (0, 2)      # ignored
     assert surrogate([-4, 0], shared=True) == (1, -1)
+
+
+# ------------------------------- mixed dtypes: a bf16 / fp16 model output beside float32 latents
+# Flow-GRPO keeps its trajectory latents in float32 while the transformer's velocity is bfloat16.
+# The flow-step kernels take model_output and ref_model_output (and write grad_v) in the model
+# dtype and everything else in the latent dtype, converting every value to float on load: the
+# results must equal, bit for bit, those of the all-float32 run on model_output and
+# ref_model_output converted to float32 first (same launch plan, fragments and summation order),
+# but for grad_v, which is that run's rounded to the model dtype (round to nearest even).
+
+MIXED_PAIRS = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+MIXED_IDS = ["bf16_fp32", "fp16_fp32"]
+# (B, C, S): whole 128-bit latent fragments per row and per channel (the model-typed fragments
+# then one 8-byte word each); N = 111 (strided fragments, ragged tails).
+MIXED_SHAPES = [(2, 4, 64), (2, 3, 37)]
+MIXED_FWD_VARIANTS = {  # sampling, with_ref, write_mean, with prev_or_noise
+    "stored_prev": (False, False, False, True),
+    "stored_prev_ref_mean": (False, True, True, True),
+    "no_prev_ref": (False, True, False, False),
+    "sampling": (True, False, False, True),
+    "sampling_ref_mean": (True, True, True, True),
+}
+
+
+def as_model(model, *ts):
+    """The model-typed inputs (None stays None) and, for the comparison run, their float32
+    values."""
+    mixed = [None if t is None else t.to(model) for t in ts]
+    return mixed, [None if t is None else t.float() for t in mixed]
+
+
+def rounded_to(model, outs, which):
+    """outs with the outputs at indices `which` (grad_v) rounded to the model dtype."""
+    return [o.to(model) if i in which and o is not None else o for i, o in enumerate(outs)]
+
+
+@pytest.mark.parametrize("model,latent", MIXED_PAIRS, ids=MIXED_IDS)
+@pytest.mark.parametrize("shape", MIXED_SHAPES)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("variant", list(MIXED_FWD_VARIANTS))
+def test_flow_step_forward_cuda_kernel_mixed_dtypes(emu, model, latent, shape, reduction, variant):
+    sampling, with_ref, write_mean, with_pn = MIXED_FWD_VARIANTS[variant]
+    v, x, prev, noise, ref, coefs = flow_inputs(shape, latent, seed=11)
+    pn = (noise if sampling else prev) if with_pn else None
+    (vm, rm), (v32, r32) = as_model(model, v, ref if with_ref else None)
+    got = run_emu_forward(emu, latent, shape, vm, x, pn, rm, coefs, reduction, sampling,
+                          write_mean)
+    exp = run_emu_forward(emu, latent, shape, v32, x, pn, r32, coefs, reduction, sampling,
+                          write_mean)
+    assert got[0] == 0 and exp[0] == 0 and got[1] == exp[1]
+    assert not torch.isnan(got[2]).any(), "logp not fully written"
+    assert all(t is None or t.dtype == latent for t in got[4:])   # mean, prev: latents
+    assert_bitwise(got[2:], exp[2:])
+
+
+@pytest.mark.parametrize("model,latent", MIXED_PAIRS, ids=MIXED_IDS)
+@pytest.mark.parametrize("shape", MIXED_SHAPES)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("terms", list(STRIDED_BWD_TERMS))
+def test_flow_step_backward_cuda_kernel_mixed_dtypes(emu, model, latent, shape, reduction, terms):
+    has_gl, has_prev, has_gm, has_gq = STRIDED_BWD_TERMS[terms]
+    v, x, prev, _, ref, coefs = flow_inputs(shape, latent, seed=12)
+    g = torch.Generator().manual_seed(13)
+    grad_logp = torch.randn(logp_shape(shape, reduction), generator=g) if has_gl else None
+    grad_mean = torch.randn(shape, generator=g) if has_gm else None
+    grad_ref_sq = torch.randn(shape[0], generator=g) if has_gq else None
+    prev_in = prev if has_prev else None
+    (vm, rm), (v32, r32) = as_model(model, v, ref if has_gq else None)
+    rc, got = run_emu_backward(emu, latent, shape, vm, x, prev_in, rm, coefs, reduction,
+                               grad_logp, grad_mean, grad_ref_sq)
+    e_rc, exp = run_emu_backward(emu, latent, shape, v32, x, prev_in, r32, coefs, reduction,
+                                 grad_logp, grad_mean, grad_ref_sq)
+    assert rc == 0 and e_rc == 0 and got.dtype == model
+    assert not torch.isnan(got).any(), "grad_v not fully written"
+    assert_bitwise([got], [exp.to(model)])
+
+
+@pytest.mark.parametrize("model,latent", MIXED_PAIRS, ids=MIXED_IDS)
+@pytest.mark.parametrize("shape", MIXED_SHAPES)
+@pytest.mark.parametrize("variant", list(ELEM_VARIANTS))
+def test_flow_grpo_elem_loss_cuda_kernels_mixed_dtypes(emu, model, latent, shape, variant):
+    with_ref, beta, simple, shared_map, write_grad = ELEM_VARIANTS[variant]
+    inputs = list(elem_loss_inputs(shape, latent, with_ref, shared_map, seed=14))
+    (vm, rm), (v32, r32) = as_model(model, inputs[0], inputs[3])
+    got = run_emu_elem_loss(emu, latent, shape, vm, *inputs[1:3], rm, *inputs[4:], beta, simple,
+                            write_grad)
+    exp = run_emu_elem_loss(emu, latent, shape, v32, *inputs[1:3], r32, *inputs[4:], beta,
+                            simple, write_grad)
+    assert got[0] == 0 and exp[0] == 0 and got[4:] == exp[4:]     # launches, workspace
+    assert got[3] is None or got[3].dtype == model
+    if not simple:
+        assert 0 < got[2][1].item() < 1                    # ratios on both sides of the bounds
+    assert_bitwise(got[1:4], rounded_to(model, exp[1:4], {2}))
+
+
+@pytest.mark.parametrize("model,latent", MIXED_PAIRS, ids=MIXED_IDS)
+@pytest.mark.parametrize("op", ["forward", "backward", "elem_loss"])
+@pytest.mark.parametrize("pad", [1, 4])
+def test_flow_step_cuda_kernels_mixed_dtypes_batch_strided(emu, model, latent, op, pad):
+    """The 2-byte model output is read in 8-byte words beside the float32 latents' 16-byte ones:
+    model_output's batch stride N + 4 keeps every sample 8-byte aligned (but sample 1 off a
+    16-byte boundary), so the vector fragments stay and the results equal those of a contiguous
+    model_output bit for bit; N + 1 leaves sample 1 off an 8-byte boundary: the strided fragments
+    (an 8-byte load there would trap the emulator), whose results are those of the contiguous
+    inputs forced onto them by a misaligned sample."""
+    shape = (2, 4, 64)
+    inputs = list(elem_loss_inputs(shape, latent, True, False, seed=15))
+    (vm, rm), _ = as_model(model, inputs[0], inputs[3])
+    x, prev, coefs = inputs[1], inputs[2], inputs[4]
+    grads = torch.randn(2, shape[0], generator=torch.Generator().manual_seed(16))
+    grad_logp, grad_ref_sq = grads
+
+    def run(v_in, x_in, bstrides=None):
+        if op == "forward":
+            rc, _, *out = run_emu_forward(emu, latent, shape, v_in, x_in, prev, rm, coefs, 0,
+                                          False, True, bstrides)
+        elif op == "backward":
+            bs = None if bstrides is None else bstrides + [ABSENT_BSTRIDE]
+            rc, *out = run_emu_backward(emu, latent, shape, v_in, x_in, prev, rm, coefs, 0,
+                                        grad_logp, None, grad_ref_sq, bs)
+        else:
+            rc, *out = run_emu_elem_loss(emu, latent, shape, v_in, x_in, prev, rm, *inputs[4:],
+                                         0.05, False, True, bstrides=bstrides)[:4]
+        assert rc == 0
+        return out
+
+    vp = padded(vm, pad)
+    assert vp.data_ptr() % 16 == 0 and vp.stride(0) == 256 + pad
+    got = run(vp, x, batch_strides(vp, x, prev, rm))
+    assert_bitwise(got, run(vm, x) if pad == 4 else run(vm, misaligned(x)))
+
+
+def test_flow_step_cuda_kernels_reject_unsupported_dtype_pairs(emu):
+    """Allowed: one dtype for all, or a bf16 / fp16 model output beside float32 latents (model
+    dtype -1: the latent dtype). Any other pair is cudaErrorInvalidValue up front: no launch plan
+    (forward and elem loss num_launches -1, elem loss workspace 0)."""
+    shape = (2, 3, 4)
+    inputs = elem_loss_inputs(shape, torch.float32, True, False)
+    v, x, prev, ref, coefs = inputs[:5]
+    f32, f64, f16, bf16 = (DTYPE_CODE[t] for t in (torch.float32, torch.float64, torch.float16,
+                                                   torch.bfloat16))
+
+    def fwd(latent, model):
+        return tuple(run_emu_forward(emu, latent, shape, v, x, prev, ref, coefs, 0, False, True,
+                                     model=model)[:2])
+
+    def bwd(latent, model):
+        return run_emu_backward(emu, latent, shape, v, x, prev, ref, coefs, 0, torch.ones(2), x,
+                                torch.ones(2), model=model)[0]
+
+    def elem(latent, model):
+        rc, _, _, _, launches, ws = run_emu_elem_loss(emu, latent, shape, *inputs, 0.05, False,
+                                                      True, model=model)
+        return rc, launches, ws
+
+    assert fwd(torch.float32, f32) == (0, 2)               # the same dtype, named explicitly
+    assert bwd(torch.float32, f32) == 0
+    assert elem(torch.float32, f32)[:2] == (0, 2)
+    bad = [(torch.bfloat16, f32), (torch.float16, f32),    # a wider model output
+           (torch.float64, bf16), (torch.float64, f32),    # beside float64 latents
+           (torch.bfloat16, f16), (torch.float16, bf16),   # two different 2-byte types
+           (torch.float32, f64), (torch.float32, 7)]       # float64 model, no such dtype
+    for latent, model in bad:
+        assert fwd(latent, model) == (1, -1), (latent, model)
+        assert bwd(latent, model) == 1, (latent, model)
+        assert elem(latent, model) == (1, -1, 0), (latent, model)
+
 
 
 # --------------------------------------------------------------------------------- per-sample MSE

@@ -1,8 +1,11 @@
 // Flow-matching GRPO step: torch binding of the CUDA kernels (flow_step_kernels.{h,cu}).
 //
 // Same signatures, argument checks, output shapes and dtypes as the CPU kernels
-// (csrc/cpu/flow_step.cpp); the outputs and the kernels' scratch are allocated with torch on the
-// latents' device and the kernels run on the current CUDA stream. Latent inputs whose samples are
+// (csrc/cpu/flow_step.cpp). The kernels' latent dtype is sample's, their model dtype
+// model_output's (the same, or bfloat16 / float16 beside float32 latents: flow_step_kernels.h);
+// mean and the sampled prev come out in sample's dtype, grad_v in model_output's. The outputs
+// and the kernels' scratch are allocated with torch on the latents' device and the kernels run
+// on the current CUDA stream. Latent inputs whose samples are
 // each contiguous (trajectory slices, batch-expanded tensors) go to the kernels in place, with
 // their batch strides, and so do the map losses' old_log_prob and advantage_map whose rows are
 // each contiguous, with their row strides. Compiled only when torch has CUDA (setup.py adds
@@ -42,7 +45,8 @@ cuda::DType kernel_dtype(at::ScalarType t, const char* op) {
     case at::kBFloat16: return cuda::DType::kBFloat16;
     default: break;
   }
-  TORCH_CHECK(false, op, ": latents must be float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK(false, op, ": latents and model_output must be float32, float64, float16 or "
+              "bfloat16, got ", t);
   return cuda::DType::kFloat32;  // not reached
 }
 
@@ -53,17 +57,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flow_step_forward_cud
   const char* op = "flow_step_forward";
   const Layout L = flow_step::check_forward_args(v, x, prev_or_noise, ref, coefs, reduction,
                                                  sampling, c10::DeviceType::CUDA);
-  const cuda::DType dtype = kernel_dtype(v.scalar_type(), op);
+  const cuda::DType dtype = kernel_dtype(x.scalar_type(), op);
+  const cuda::DType model_dtype = kernel_dtype(v.scalar_type(), op);
   const c10::cuda::CUDAGuard guard(v.device());
 
-  const auto acc = flow_step::acc_type(v.scalar_type());
-  at::Tensor logp = at::empty(flow_step::logp_shape(v, reduction), v.options().dtype(acc));
-  at::Tensor ref_sq = at::empty({L.B}, v.options().dtype(acc));
-  at::Tensor mean = write_mean ? flow_step::latent_output(v) : at::empty({0}, v.options());
-  at::Tensor prev = sampling ? flow_step::latent_output(v) : at::empty({0}, v.options());
+  const auto acc = flow_step::acc_type(x.scalar_type());
+  at::Tensor logp = at::empty(flow_step::logp_shape(v, reduction), x.options().dtype(acc));
+  at::Tensor ref_sq = at::empty({L.B}, x.options().dtype(acc));
+  // mean and the sampled prev are latents: contiguous, in sample's dtype
+  at::Tensor mean = write_mean ? at::empty(v.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor prev = sampling ? at::empty(v.sizes(), x.options()) : at::empty({0}, x.options());
 
   cuda::FlowStepForwardArgs args;
   args.dtype = dtype;
+  args.model_dtype = model_dtype;
   args.batch = L.B;
   args.channels = L.C;
   args.spatial = L.S;
@@ -98,12 +105,14 @@ at::Tensor flow_step_backward_cuda(const at::Tensor& v, const at::Tensor& x,
   const char* op = "flow_step_backward";
   const Layout L = flow_step::check_backward_args(v, x, prev, ref, coefs, reduction, grad_logp,
                                                   grad_mean, grad_ref_sq, c10::DeviceType::CUDA);
-  const cuda::DType dtype = kernel_dtype(v.scalar_type(), op);
+  const cuda::DType dtype = kernel_dtype(x.scalar_type(), op);
+  const cuda::DType model_dtype = kernel_dtype(v.scalar_type(), op);
   const c10::cuda::CUDAGuard guard(v.device());
-  at::Tensor grad_v = flow_step::latent_output(v);
+  at::Tensor grad_v = flow_step::latent_output(v);  // model_output's dtype
 
   cuda::FlowStepBackwardArgs args;
   args.dtype = dtype;
+  args.model_dtype = model_dtype;
   args.batch = L.B;
   args.channels = L.C;
   args.spatial = L.S;
@@ -205,12 +214,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cuda(
   const Layout L = flow_step::check_elem_loss_args(v, x, prev, ref, coefs, kl_weight,
                                                    old_log_prob, advantages, advantage_map,
                                                    clip_range, adv_clip_max, c10::DeviceType::CUDA);
-  const cuda::DType dtype = kernel_dtype(v.scalar_type(), op);
+  const cuda::DType dtype = kernel_dtype(x.scalar_type(), op);
+  const cuda::DType model_dtype = kernel_dtype(v.scalar_type(), op);
   const c10::cuda::CUDAGuard guard(v.device());
-  at::Tensor loss, metrics, grad_v;
+  at::Tensor loss, metrics, grad_v;  // grad_v in model_output's dtype
   std::tie(loss, metrics, grad_v) = flow_step::elem_loss_outputs(v, coefs, write_grad);
   cuda::FlowGrpoElemLossArgs args;
   args.dtype = dtype;
+  args.model_dtype = model_dtype;
   args.batch = L.B;
   args.channels = L.C;
   args.spatial = L.S;

@@ -5,12 +5,18 @@
 // so every kernel is built around wide, coalesced memory traffic:
 //
 //   * every thread owns a fragment of VEC = 16 / sizeof(T) elements (8 for bf16/fp16, 4 for fp32,
-//     2 for fp64). Where the rows allow it (pointers 16-byte aligned, row length and every
-//     input's batch stride multiples of VEC) the fragment is VEC consecutive elements read with
-//     one 128-bit load per tensor; otherwise ("scalar" instantiation) it is VEC elements strided
-//     by the block width, read with coalesced scalar loads and masked at the tail. Both cover the
-//     same index ranges, so the launch geometry (and the workspace size) never depends on
-//     alignment or strides.
+//     2 for fp64), T the latent dtype. Where the rows allow it (pointers 16-byte aligned, row
+//     length and every input's batch stride multiples of VEC) the fragment is VEC consecutive
+//     elements read with one 128-bit load per tensor; otherwise ("scalar" instantiation) it is
+//     VEC elements strided by the block width, read with coalesced scalar loads and masked at the
+//     tail. Both cover the same index ranges, so the launch geometry (and the workspace size)
+//     never depends on alignment or strides.
+//   * mixed dtypes: a bf16/fp16 model_output (and ref_model_output, grad_v) beside float32
+//     latents. The kernels are templated on (TV, TL) and everything but the model-typed streams
+//     is that of the all-float32 run (VEC = 4, plan, summation order): the model-typed fragments
+//     are 4 elements, one 64-bit word (aligned to 8 bytes, batch strides multiples of 4). Every
+//     loaded value is converted to float first, so results equal those of the run on
+//     model_output converted to float32 beforehand, bit for bit (grad_v rounded to TV).
 //   * accumulation in float (double for fp64), per-sample sums combined deterministically: each
 //     block writes its partial sum into a workspace [B, nblk] array, and a tiny finalize kernel
 //     adds a sample's partials in a fixed order (in double) and applies alpha, gamma and 1/D.
@@ -58,6 +64,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace tbk {
 namespace cuda {
@@ -117,6 +124,17 @@ struct Elem<__nv_bfloat16> {
 template <typename T>
 constexpr int kVecOf = static_cast<int>(16 / sizeof(T));
 
+// The latent kernels stream two element types: TV (model_output, ref_model_output, grad_v) and
+// TL (sample, prev_sample / noise, grad_mean, mean_out, prev_out); the pair is the same type, or
+// a bfloat16 / float16 model output beside float32 latents. Every loaded value is converted to
+// Acc = Elem<TL>::Acc first. A fragment is kFrag = VEC of the latent type elements (one 128-bit
+// word of TL; of TV, one word too, or half of one, 8 bytes, for a 2-byte model type beside
+// float32 latents): the launch plan, the fragments and every summation order are those of the
+// all-TL run, so a mixed run equals, bit for bit, the run on model_output converted to TL first
+// (but for grad_v, rounded to TV).
+template <typename TV, typename TL>
+constexpr int kFrag = kVecOf<TL>;
+
 // Products and sums that must not be contracted into FMAs: the mean and the sampled prev are
 // rounded to the latent dtype (mean_out, prev_out), and the reference / CPU kernels compute them
 // as separately rounded products and sums. Everything else may use FMAs.
@@ -132,22 +150,32 @@ __device__ __forceinline__ const T* sample_of(const T* p, int64_t b, int64_t bst
 }
 
 // ------------------------------------------------------------------------------------------
-// Fragment access. A fragment is N values of type E: with kVec, N consecutive elements at p
-// (16-byte aligned, N*sizeof(E) a multiple of 16; always fully valid); otherwise elements
-// p[j*stride], j < nvalid (the rest read as 0 / not written).
+// Fragment access. A fragment is N values of type T: with kVec, N consecutive elements at p
+// (always fully valid) read as words of frag_word<T, N> bytes: N*sizeof(T) a multiple of 16
+// (128-bit words), or 8 (one 64-bit word: a 2-byte model type beside float32 latents), p aligned
+// to that word; otherwise elements p[j*stride], j < nvalid (the rest read as 0 / not written).
+template <typename T, int N>
+constexpr size_t frag_word = N * sizeof(T) < 16 ? N * sizeof(T) : 16;
+
 
 template <bool kVec, typename T, int N>
 __device__ __forceinline__ void load_frag(const T* __restrict__ p, int64_t stride, int nvalid,
                                           typename Elem<T>::Acc (&out)[N]) {
   using Acc = typename Elem<T>::Acc;
   if constexpr (kVec) {
-    static_assert((N * sizeof(T)) % 16 == 0, "vector fragment must be whole 16-byte words");
-    constexpr int kPer = static_cast<int>(16 / sizeof(T));
+    static_assert((N * sizeof(T)) % 16 == 0 || N * sizeof(T) == 8,
+                  "vector fragment must be whole 16-byte words, or one 8-byte word");
     T raw[N];
+    if constexpr (N * sizeof(T) == 8) {
+      const unsigned long long u = __ldg(reinterpret_cast<const unsigned long long*>(p));
+      memcpy(&raw[0], &u, 8);
+    } else {
+      constexpr int kPer = static_cast<int>(16 / sizeof(T));
 #pragma unroll
-    for (int k = 0; k < N / kPer; ++k) {
-      const uint4 u = __ldg(reinterpret_cast<const uint4*>(p) + k);
-      memcpy(&raw[k * kPer], &u, 16);
+      for (int k = 0; k < N / kPer; ++k) {
+        const uint4 u = __ldg(reinterpret_cast<const uint4*>(p) + k);
+        memcpy(&raw[k * kPer], &u, 16);
+      }
     }
 #pragma unroll
     for (int j = 0; j < N; ++j) out[j] = Elem<T>::to_acc(raw[j]);
@@ -161,13 +189,20 @@ template <bool kVec, typename T, int N>
 __device__ __forceinline__ void store_frag(T* __restrict__ p, int64_t stride, int nvalid,
                                            const T (&in)[N]) {
   if constexpr (kVec) {
-    static_assert((N * sizeof(T)) % 16 == 0, "vector fragment must be whole 16-byte words");
-    constexpr int kPer = static_cast<int>(16 / sizeof(T));
+    static_assert((N * sizeof(T)) % 16 == 0 || N * sizeof(T) == 8,
+                  "vector fragment must be whole 16-byte words, or one 8-byte word");
+    if constexpr (N * sizeof(T) == 8) {
+      unsigned long long u;
+      memcpy(&u, &in[0], 8);
+      *reinterpret_cast<unsigned long long*>(p) = u;
+    } else {
+      constexpr int kPer = static_cast<int>(16 / sizeof(T));
 #pragma unroll
-    for (int k = 0; k < N / kPer; ++k) {
-      uint4 u;
-      memcpy(&u, &in[k * kPer], 16);
-      reinterpret_cast<uint4*>(p)[k] = u;
+      for (int k = 0; k < N / kPer; ++k) {
+        uint4 u;
+        memcpy(&u, &in[k * kPer], 16);
+        reinterpret_cast<uint4*>(p)[k] = u;
+      }
     }
   } else {
 #pragma unroll
@@ -209,18 +244,19 @@ __device__ __forceinline__ void block_sum2(A& a, A& b) {
 // ------------------------------------------------------------------------------------------
 // Forward.
 
-template <typename T>
+template <typename TV, typename TL>
 struct FwdParams {
-  using Acc = typename Elem<T>::Acc;
-  const T* v;
-  const T* x;
-  const T* pn;   // prev_sample or noise, may be null
-  const T* ref;  // may be null
+  using Acc = typename Elem<TL>::Acc;
+  static_assert(std::is_same<Acc, typename Elem<TV>::Acc>::value, "one accumulation type");
+  const TV* v;
+  const TL* x;
+  const TL* pn;   // prev_sample or noise, may be null
+  const TV* ref;  // may be null
   const Acc* coefs;
   Acc* logp;
   Acc* ref_sq;
-  T* mean_out;  // may be null
-  T* prev_out;  // sampling only
+  TL* mean_out;  // may be null
+  TL* prev_out;  // sampling only
   Acc* part_sq;   // [B, nblk], reduction mean only
   Acc* part_ref;  // [B, nblk], with a reference only
   int64_t bs_v, bs_x, bs_pn, bs_ref;  // batch strides of the inputs (elements, -1 resolved)
@@ -253,22 +289,22 @@ struct Transition {
   }
 };
 
-template <typename T, bool kVec, int kRed, bool kSampling>
-__global__ void __launch_bounds__(kThreads) fwd_flat_kernel(const FwdParams<T> p) {
-  using Acc = typename Elem<T>::Acc;
-  constexpr int V = kVecOf<T>;
+template <typename TV, typename TL, bool kVec, int kRed, bool kSampling>
+__global__ void __launch_bounds__(kThreads) fwd_flat_kernel(const FwdParams<TV, TL> p) {
+  using Acc = typename Elem<TL>::Acc;
+  constexpr int V = kFrag<TV, TL>;
   constexpr int64_t kStep = static_cast<int64_t>(kThreads) * V;
   const int64_t blk = blockIdx.x;
   const int64_t b = blk / p.nblk, k = blk - b * p.nblk;
   const Acc* cf = p.coefs + b * 5;
-  const Transition<T, kSampling> tr{cf[0], cf[1], cf[4], p.pn != nullptr};
+  const Transition<TL, kSampling> tr{cf[0], cf[1], cf[4], p.pn != nullptr};
   const Acc alpha = cf[2], gamma = cf[3];
   const bool has_ref = p.ref != nullptr, has_mean = p.mean_out != nullptr;
   const int64_t e1 = (k + 1) * p.chunk < p.D ? (k + 1) * p.chunk : p.D;
-  const T* v = p.v + b * p.bs_v;
-  const T* x = p.x + b * p.bs_x;
-  const T* pn = sample_of(p.pn, b, p.bs_pn);
-  const T* ref = sample_of(p.ref, b, p.bs_ref);
+  const TV* v = p.v + b * p.bs_v;
+  const TL* x = p.x + b * p.bs_x;
+  const TL* pn = sample_of(p.pn, b, p.bs_pn);
+  const TV* ref = sample_of(p.ref, b, p.bs_ref);
   const int64_t base = b * p.D;  // of the outputs
   const int64_t stride = kVec ? 1 : kThreads;  // between the elements of one fragment
   const int tx = static_cast<int>(threadIdx.x);
@@ -285,7 +321,7 @@ __global__ void __launch_bounds__(kThreads) fwd_flat_kernel(const FwdParams<T> p
     load_frag<kVec>(x + e, stride, nvalid, xx);
     if (tr.has_pn) load_frag<kVec>(pn + e, stride, nvalid, nn);
     if (has_ref) load_frag<kVec>(ref + e, stride, nvalid, rr);
-    T mean_t[V], prev_t[V];
+    TL mean_t[V], prev_t[V];
     [[maybe_unused]] Acc lp[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -315,23 +351,23 @@ __global__ void __launch_bounds__(kThreads) fwd_flat_kernel(const FwdParams<T> p
 
 // Block (TX, G): thread (tx, ty) owns VEC spatial positions of tile k of sample b and channels
 // ty, ty+G, ...; the G per-position partial sums are combined in shared memory by row ty = 0.
-template <typename T, bool kVec, bool kSampling>
-__global__ void __launch_bounds__(kThreads) fwd_channel_kernel(const FwdParams<T> p) {
-  using Acc = typename Elem<T>::Acc;
-  constexpr int V = kVecOf<T>;
+template <typename TV, typename TL, bool kVec, bool kSampling>
+__global__ void __launch_bounds__(kThreads) fwd_channel_kernel(const FwdParams<TV, TL> p) {
+  using Acc = typename Elem<TL>::Acc;
+  constexpr int V = kFrag<TV, TL>;
   __shared__ Acc red[kThreads * V];
   const int64_t blk = blockIdx.x;
   const int64_t b = blk / p.nblk, k = blk - b * p.nblk;
   const int TX = static_cast<int>(blockDim.x), G = static_cast<int>(blockDim.y);
   const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
   const Acc* cf = p.coefs + b * 5;
-  const Transition<T, kSampling> tr{cf[0], cf[1], cf[4], p.pn != nullptr};
+  const Transition<TL, kSampling> tr{cf[0], cf[1], cf[4], p.pn != nullptr};
   const Acc alpha = cf[2], gamma = cf[3];
   const bool has_ref = p.ref != nullptr, has_mean = p.mean_out != nullptr;
-  const T* v = p.v + b * p.bs_v;
-  const T* x = p.x + b * p.bs_x;
-  const T* pn = sample_of(p.pn, b, p.bs_pn);
-  const T* ref = sample_of(p.ref, b, p.bs_ref);
+  const TV* v = p.v + b * p.bs_v;
+  const TL* x = p.x + b * p.bs_x;
+  const TL* pn = sample_of(p.pn, b, p.bs_pn);
+  const TV* ref = sample_of(p.ref, b, p.bs_ref);
   const int64_t stride = kVec ? 1 : TX;
   const int64_t s0 = k * TX * V + (kVec ? tx * V : tx);  // first position of the fragment
   int nvalid;
@@ -355,7 +391,7 @@ __global__ void __launch_bounds__(kThreads) fwd_channel_kernel(const FwdParams<T
       load_frag<kVec>(x + e, stride, nvalid, xx);
       if (tr.has_pn) load_frag<kVec>(pn + e, stride, nvalid, nn);
       if (has_ref) load_frag<kVec>(ref + e, stride, nvalid, rr);
-      T mean_t[V], prev_t[V];
+      TL mean_t[V], prev_t[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         acc[j] += tr.d2(vv[j], xx[j], tr.has_pn ? nn[j] : Acc(0), mean_t[j], prev_t[j]);
@@ -420,27 +456,28 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 // ------------------------------------------------------------------------------------------
 // Backward: grad_v = cv gm - 2 alpha cv gl d + 2 gq (v - vref), one elementwise pass.
 
-template <typename T>
+template <typename TV, typename TL>
 struct BwdParams {
-  using Acc = typename Elem<T>::Acc;
-  const T* v;
-  const T* x;
-  const T* prev;  // may be null (prev = mean)
-  const T* ref;
+  using Acc = typename Elem<TL>::Acc;
+  static_assert(std::is_same<Acc, typename Elem<TV>::Acc>::value, "one accumulation type");
+  const TV* v;
+  const TL* x;
+  const TL* prev;  // may be null (prev = mean)
+  const TV* ref;
   const Acc* coefs;
   const Acc* grad_logp;  // may be null
-  const T* grad_mean;    // may be null
+  const TL* grad_mean;   // may be null
   const Acc* grad_ref_sq;  // null unless a reference is given too
-  T* grad_v;
+  TV* grad_v;
   int64_t bs_v, bs_x, bs_prev, bs_ref, bs_gm;  // batch strides of the inputs (-1 resolved)
   int64_t B, C, S, D;
   int64_t chunk, nblk;
 };
 
-template <typename T, bool kVec, int kRed>
-__global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams<T> p) {
-  using Acc = typename Elem<T>::Acc;
-  constexpr int V = kVecOf<T>;
+template <typename TV, typename TL, bool kVec, int kRed>
+__global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams<TV, TL> p) {
+  using Acc = typename Elem<TL>::Acc;
+  constexpr int V = kFrag<TV, TL>;
   constexpr int64_t kStep = static_cast<int64_t>(kThreads) * V;
   const int64_t blk = blockIdx.x;
   const int64_t b = blk / p.nblk, k = blk - b * p.nblk;
@@ -455,11 +492,11 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams<T> p) {
   const Acc gl_sample = (has_gl && kRed == kFlowReduceMean) ? p.grad_logp[b] * inv_d : Acc(0);
   const Acc gq2 = has_gq ? Acc(2) * p.grad_ref_sq[b] : Acc(0);
   const int64_t e1 = (k + 1) * p.chunk < p.D ? (k + 1) * p.chunk : p.D;
-  const T* v = p.v + b * p.bs_v;
-  const T* x = p.x + b * p.bs_x;
-  const T* prev = sample_of(p.prev, b, p.bs_prev);
-  const T* ref = sample_of(p.ref, b, p.bs_ref);
-  const T* grad_mean = sample_of(p.grad_mean, b, p.bs_gm);
+  const TV* v = p.v + b * p.bs_v;
+  const TL* x = p.x + b * p.bs_x;
+  const TL* prev = sample_of(p.prev, b, p.bs_prev);
+  const TV* ref = sample_of(p.ref, b, p.bs_ref);
+  const TL* grad_mean = sample_of(p.grad_mean, b, p.bs_gm);
   const int64_t base = b * p.D;  // of grad_v and a reduction-none grad_logp
   const int64_t stride = kVec ? 1 : kThreads;
   const int tx = static_cast<int>(threadIdx.x);
@@ -506,9 +543,9 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams<T> p) {
       if (has_gm) g[j] += cv * gm[j];
       if (has_gq) g[j] += gq2 * (vv[j] - rr[j]);
     }
-    T out[V];
+    TV out[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) out[j] = Elem<T>::from_acc(g[j]);
+    for (int j = 0; j < V; ++j) out[j] = Elem<TV>::from_acc(g[j]);
     store_frag<kVec>(p.grad_v + i, stride, nvalid, out);
   }
 }
@@ -530,8 +567,6 @@ int elem_size(DType t) {
   return 0;
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
-
 // A latent input's batch stride (or the row stride of old_log_prob / an advantage map) is -1
 // (contiguous) or >= 0, and small enough that the last sample's elements lie at int64 offsets
 // (B samples, or rows, of D elements).
@@ -541,12 +576,51 @@ bool valid_bstride(int64_t bstride, int64_t B, int64_t D) {
 
 int64_t resolve_bstride(int64_t bstride, int64_t D) { return bstride == -1 ? D : bstride; }
 
-// A latent input (or a row-strided [B, N] Acc input) read in 128-bit words: its first sample
-// (row) 16-byte aligned, and (stride a multiple of VEC = 16 / sizeof(T)) so is every other. An
-// absent input (null) is not read.
-template <typename T>
+// A latent input (or a row-strided [B, N] Acc input) read in fragments of N elements, words of
+// W = frag_word<T, N> bytes (16; 8 for a 2-byte model type beside float32 latents): its first
+// sample (row) W-byte aligned, and (stride a multiple of W / sizeof(T) elements) so is every
+// other. An absent input (null) is not read. For an output (contiguous): stride 0.
+template <int N, typename T>
 bool vec_input(const T* p, int64_t bstride) {
-  return aligned16(p) && (p == nullptr || bstride % kVecOf<T> == 0);
+  constexpr size_t kWord = frag_word<T, N>;
+  return (reinterpret_cast<uintptr_t>(p) & (kWord - 1)) == 0 &&
+         (p == nullptr || bstride % static_cast<int64_t>(kWord / sizeof(T)) == 0);
+}
+
+// The element types of the latent ops: `latent` (dtype) and model_output's, kSameDType meaning
+// `latent`. Allowed: one type, or a bfloat16 / float16 model output beside float32 latents.
+DType resolve_model_dtype(DType latent, DType model) {
+  return model == kSameDType ? latent : model;
+}
+
+bool valid_dtypes(DType latent, DType model) {
+  if (elem_size(latent) == 0) return false;
+  const DType m = resolve_model_dtype(latent, model);
+  return m == latent ||
+         (latent == DType::kFloat32 && (m == DType::kBFloat16 || m == DType::kFloat16));
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// f(Tag<TV>{}, Tag<TL>{}) for the allowed pairs (valid_dtypes), cudaErrorInvalidValue otherwise.
+template <typename F>
+cudaError_t dispatch_dtypes(DType latent, DType model, F&& f) {
+  const DType m = resolve_model_dtype(latent, model);
+  if (m == latent) {
+    switch (latent) {
+      case DType::kFloat32: return f(Tag<float>{}, Tag<float>{});
+      case DType::kFloat64: return f(Tag<double>{}, Tag<double>{});
+      case DType::kFloat16: return f(Tag<__half>{}, Tag<__half>{});
+      case DType::kBFloat16: return f(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
+    }
+  } else if (latent == DType::kFloat32) {
+    if (m == DType::kBFloat16) return f(Tag<__nv_bfloat16>{}, Tag<float>{});
+    if (m == DType::kFloat16) return f(Tag<__half>{}, Tag<float>{});
+  }
+  return cudaErrorInvalidValue;
 }
 
 // Blocks per sample and chunk (elements) of the flat kernels; depends on sizes only.
@@ -577,8 +651,9 @@ struct FwdPlan {
 
 FwdPlan plan_forward(const FlowStepForwardArgs& a) {
   FwdPlan pl;
-  const int es = elem_size(a.dtype);
-  if (es == 0 || a.batch < 0 || a.channels < 0 || a.spatial < 0) return pl;
+  const int es = elem_size(a.dtype);  // of the latents: the plan of the all-latent-type run
+  if (!valid_dtypes(a.dtype, a.model_dtype) || a.batch < 0 || a.channels < 0 || a.spatial < 0)
+    return pl;
   if (a.reduction < kFlowReduceMean || a.reduction > kFlowReduceNone) return pl;
   const int64_t B = a.batch, C = a.channels, S = a.spatial;
   if (C > 0 && S > INT64_MAX / C) return pl;
@@ -621,20 +696,20 @@ FwdPlan plan_forward(const FlowStepForwardArgs& a) {
   return pl;
 }
 
-template <typename T>
+template <typename TV, typename TL>
 cudaError_t run_forward(const FlowStepForwardArgs& a, const FwdPlan& pl, cudaStream_t stream) {
-  using Acc = typename Elem<T>::Acc;
-  constexpr int V = kVecOf<T>;
-  FwdParams<T> p{};
-  p.v = static_cast<const T*>(a.model_output);
-  p.x = static_cast<const T*>(a.sample);
-  p.pn = static_cast<const T*>(a.prev_or_noise);
-  p.ref = static_cast<const T*>(a.ref_model_output);
+  using Acc = typename Elem<TL>::Acc;
+  constexpr int V = kFrag<TV, TL>;
+  FwdParams<TV, TL> p{};
+  p.v = static_cast<const TV*>(a.model_output);
+  p.x = static_cast<const TL*>(a.sample);
+  p.pn = static_cast<const TL*>(a.prev_or_noise);
+  p.ref = static_cast<const TV*>(a.ref_model_output);
   p.coefs = static_cast<const Acc*>(a.coefs);
   p.logp = static_cast<Acc*>(a.logp);
   p.ref_sq = static_cast<Acc*>(a.ref_sq);
-  p.mean_out = static_cast<T*>(a.mean_out);
-  p.prev_out = a.sampling ? static_cast<T*>(a.prev_out) : nullptr;
+  p.mean_out = static_cast<TL*>(a.mean_out);
+  p.prev_out = a.sampling ? static_cast<TL*>(a.prev_out) : nullptr;
   char* ws = static_cast<char*>(a.workspace);
   p.part_sq = pl.bytes > 0 && a.reduction == kFlowReduceMean
                   ? reinterpret_cast<Acc*>(ws + pl.off_sq)
@@ -652,17 +727,18 @@ cudaError_t run_forward(const FlowStepForwardArgs& a, const FwdPlan& pl, cudaStr
   p.nblk = pl.nblk;
 
   if (pl.nblk > 0) {
-    // 128-bit fragments need every streamed pointer 16-byte aligned (each sample's too) and
-    // whole vectors per row.
+    // 128-bit fragments need every streamed pointer aligned to its words (each sample's too:
+    // vec_input) and whole vectors per row.
     const int64_t row = pl.channel ? p.S : p.D;
-    bool vec = row % V == 0 && vec_input(p.v, p.bs_v) && vec_input(p.x, p.bs_x) &&
-               vec_input(p.pn, p.bs_pn) && vec_input(p.ref, p.bs_ref) &&
-               aligned16(p.mean_out) && aligned16(p.prev_out);
-    if (a.reduction != kFlowReduceMean) vec = vec && aligned16(p.logp);
+    bool vec = row % V == 0 && vec_input<V>(p.v, p.bs_v) && vec_input<V>(p.x, p.bs_x) &&
+               vec_input<V>(p.pn, p.bs_pn) && vec_input<V>(p.ref, p.bs_ref) &&
+               vec_input<V>(p.mean_out, 0) && vec_input<V>(p.prev_out, 0);
+    if (a.reduction != kFlowReduceMean) vec = vec && vec_input<V>(p.logp, 0);
     const dim3 grid(static_cast<unsigned>(p.B * pl.nblk));
     const int red = a.reduction;
     const bool smp = a.sampling;
-#define TBK_FWD_FLAT(VEC, RED, SMP) fwd_flat_kernel<T, VEC, RED, SMP><<<grid, kThreads, 0, stream>>>(p)
+#define TBK_FWD_FLAT(VEC, RED, SMP) \
+  fwd_flat_kernel<TV, TL, VEC, RED, SMP><<<grid, kThreads, 0, stream>>>(p)
 #define TBK_FWD_FLAT_R(VEC, SMP)                                 \
   do {                                                           \
     if (red == kFlowReduceMean) TBK_FWD_FLAT(VEC, kFlowReduceMean, SMP); \
@@ -671,11 +747,11 @@ cudaError_t run_forward(const FlowStepForwardArgs& a, const FwdPlan& pl, cudaStr
     if (pl.channel) {
       const dim3 block(static_cast<unsigned>(pl.TX), static_cast<unsigned>(pl.G));
       if (vec) {
-        if (smp) fwd_channel_kernel<T, true, true><<<grid, block, 0, stream>>>(p);
-        else fwd_channel_kernel<T, true, false><<<grid, block, 0, stream>>>(p);
+        if (smp) fwd_channel_kernel<TV, TL, true, true><<<grid, block, 0, stream>>>(p);
+        else fwd_channel_kernel<TV, TL, true, false><<<grid, block, 0, stream>>>(p);
       } else {
-        if (smp) fwd_channel_kernel<T, false, true><<<grid, block, 0, stream>>>(p);
-        else fwd_channel_kernel<T, false, false><<<grid, block, 0, stream>>>(p);
+        if (smp) fwd_channel_kernel<TV, TL, false, true><<<grid, block, 0, stream>>>(p);
+        else fwd_channel_kernel<TV, TL, false, false><<<grid, block, 0, stream>>>(p);
       }
     } else if (vec) {
       if (smp) TBK_FWD_FLAT_R(true, true);
@@ -700,20 +776,20 @@ cudaError_t run_forward(const FlowStepForwardArgs& a, const FwdPlan& pl, cudaStr
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename TV, typename TL>
 cudaError_t run_backward(const FlowStepBackwardArgs& a, cudaStream_t stream) {
-  using Acc = typename Elem<T>::Acc;
-  constexpr int V = kVecOf<T>;
-  BwdParams<T> p{};
-  p.v = static_cast<const T*>(a.model_output);
-  p.x = static_cast<const T*>(a.sample);
-  p.prev = static_cast<const T*>(a.prev_sample);
-  p.ref = static_cast<const T*>(a.ref_model_output);
+  using Acc = typename Elem<TL>::Acc;
+  constexpr int V = kFrag<TV, TL>;
+  BwdParams<TV, TL> p{};
+  p.v = static_cast<const TV*>(a.model_output);
+  p.x = static_cast<const TL*>(a.sample);
+  p.prev = static_cast<const TL*>(a.prev_sample);
+  p.ref = static_cast<const TV*>(a.ref_model_output);
   p.coefs = static_cast<const Acc*>(a.coefs);
   p.grad_logp = static_cast<const Acc*>(a.grad_logp);
-  p.grad_mean = static_cast<const T*>(a.grad_mean);
+  p.grad_mean = static_cast<const TL*>(a.grad_mean);
   p.grad_ref_sq = a.ref_model_output != nullptr ? static_cast<const Acc*>(a.grad_ref_sq) : nullptr;
-  p.grad_v = static_cast<T*>(a.grad_v);
+  p.grad_v = static_cast<TV*>(a.grad_v);
   p.B = a.batch;
   p.C = a.channels;
   p.S = a.spatial;
@@ -723,24 +799,26 @@ cudaError_t run_backward(const FlowStepBackwardArgs& a, cudaStream_t stream) {
   p.bs_prev = resolve_bstride(a.prev_bstride, p.D);
   p.bs_ref = resolve_bstride(a.ref_bstride, p.D);
   p.bs_gm = resolve_bstride(a.grad_mean_bstride, p.D);
-  const FlatPlan f = plan_flat(p.B, p.D, static_cast<int>(sizeof(T)));
+  const FlatPlan f = plan_flat(p.B, p.D, static_cast<int>(sizeof(TL)));
   if (f.nblk == 0) return cudaSuccess;
   if (p.B * f.nblk > kMaxGrid) return cudaErrorInvalidValue;
   p.chunk = f.chunk;
   p.nblk = f.nblk;
   const int red = a.reduction;
   const int64_t row = red == kFlowReduceChannelSum ? p.S : p.D;
-  bool vec = row % V == 0 && vec_input(p.v, p.bs_v) && vec_input(p.x, p.bs_x) &&
-             vec_input(p.prev, p.bs_prev) && vec_input(p.ref, p.bs_ref) &&
-             vec_input(p.grad_mean, p.bs_gm) && aligned16(p.grad_v);
-  if (red != kFlowReduceMean) vec = vec && aligned16(p.grad_logp);
+  bool vec = row % V == 0 && vec_input<V>(p.v, p.bs_v) && vec_input<V>(p.x, p.bs_x) &&
+             vec_input<V>(p.prev, p.bs_prev) && vec_input<V>(p.ref, p.bs_ref) &&
+             vec_input<V>(p.grad_mean, p.bs_gm) && vec_input<V>(p.grad_v, 0);
+  if (red != kFlowReduceMean) vec = vec && vec_input<V>(p.grad_logp, 0);
   const dim3 grid(static_cast<unsigned>(p.B * f.nblk));
-#define TBK_BWD(VEC)                                                                         \
-  do {                                                                                       \
-    if (red == kFlowReduceMean) bwd_kernel<T, VEC, kFlowReduceMean><<<grid, kThreads, 0, stream>>>(p); \
-    else if (red == kFlowReduceChannelSum)                                                   \
-      bwd_kernel<T, VEC, kFlowReduceChannelSum><<<grid, kThreads, 0, stream>>>(p);           \
-    else bwd_kernel<T, VEC, kFlowReduceNone><<<grid, kThreads, 0, stream>>>(p);             \
+#define TBK_BWD(VEC)                                                                \
+  do {                                                                              \
+    if (red == kFlowReduceMean)                                                     \
+      bwd_kernel<TV, TL, VEC, kFlowReduceMean><<<grid, kThreads, 0, stream>>>(p);    \
+    else if (red == kFlowReduceChannelSum)                                          \
+      bwd_kernel<TV, TL, VEC, kFlowReduceChannelSum><<<grid, kThreads, 0, stream>>>(p); \
+    else                                                                            \
+      bwd_kernel<TV, TL, VEC, kFlowReduceNone><<<grid, kThreads, 0, stream>>>(p);    \
   } while (0)
   if (vec) TBK_BWD(true);
   else TBK_BWD(false);
@@ -931,19 +1009,20 @@ cudaError_t run_map_surrogate(const FlowGrpoMapSurrogateArgs& a, const MapPlan& 
 // order, each sample's ref_sq from its own blocks in block order, the KL, loss and metrics. Per
 // element the inputs are read once and grad_v written once; no log-prob buffer exists.
 
-template <typename T>
+template <typename TV, typename TL>
 struct ElemParams {
-  using Acc = typename Elem<T>::Acc;
-  const T* v;
-  const T* x;
-  const T* prev;
-  const T* ref;  // may be null (no reference)
+  using Acc = typename Elem<TL>::Acc;
+  static_assert(std::is_same<Acc, typename Elem<TV>::Acc>::value, "one accumulation type");
+  const TV* v;
+  const TL* x;
+  const TL* prev;
+  const TV* ref;  // may be null (no reference)
   const Acc* coefs;
   const Acc* kl_weight;  // with ref
   const Acc* old;
   const Acc* adv;
   const Acc* amap;
-  T* grad_v;     // may be null (no gradient)
+  TV* grad_v;    // may be null (no gradient)
   double* part;  // [5, nprog]
   int64_t bs_v, bs_x, bs_prev, bs_ref;  // batch strides of the latent inputs (-1 resolved)
   int64_t N;
@@ -952,11 +1031,12 @@ struct ElemParams {
   bool kl_on;  // the gradient's KL term: a reference and beta != 0
 };
 
-template <typename T, bool kVec>
+template <typename TV, typename TL, bool kVec>
 __global__ void __launch_bounds__(kThreads)
-    elem_loss_kernel(const surrogate::Constants<typename Elem<T>::Acc> k, const ElemParams<T> p) {
-  using Acc = typename Elem<T>::Acc;
-  constexpr int V = kVecOf<T>;
+    elem_loss_kernel(const surrogate::Constants<typename Elem<TL>::Acc> k,
+                     const ElemParams<TV, TL> p) {
+  using Acc = typename Elem<TL>::Acc;
+  constexpr int V = kFrag<TV, TL>;
   constexpr int64_t kStep = static_cast<int64_t>(kThreads) * V;
   const int64_t blk = blockIdx.x;
   const int64_t b = blk / p.nblk, kb = blk - b * p.nblk;
@@ -970,10 +1050,10 @@ __global__ void __launch_bounds__(kThreads)
   const Acc lp_scale = Acc(-2) * alpha * cv;
   const Acc gq2 = Acc(2) * surrogate::kl_grad(k, has_ref ? p.kl_weight[b] : Acc(0));
   const int64_t e1 = (kb + 1) * p.chunk < p.N ? (kb + 1) * p.chunk : p.N;
-  const T* v = p.v + b * p.bs_v;
-  const T* x = p.x + b * p.bs_x;
-  const T* prev = p.prev + b * p.bs_prev;
-  const T* ref = sample_of(p.ref, b, p.bs_ref);
+  const TV* v = p.v + b * p.bs_v;
+  const TL* x = p.x + b * p.bs_x;
+  const TL* prev = p.prev + b * p.bs_prev;
+  const TV* ref = sample_of(p.ref, b, p.bs_ref);
   const int64_t base = b * p.N;  // of grad_v
   const Acc* old_row = p.old + b * p.old_stride;
   const Acc* map_row = p.amap + b * p.map_stride;
@@ -996,7 +1076,7 @@ __global__ void __launch_bounds__(kThreads)
     if (has_ref) load_frag<kVec>(ref + e, stride, nvalid, rr);
     load_frag<kVec>(old_row + e, stride, nvalid, oo);
     load_frag<kVec>(map_row + e, stride, nvalid, mm);
-    T out[V];
+    TV out[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       // past the tail: nothing to add (policy_term adds to the sums) and nothing to store
@@ -1014,7 +1094,7 @@ __global__ void __launch_bounds__(kThreads)
         // the grouping of the CPU kernel: d loss / d logp first, then the step's chain rule
         Acc gv = (lp_scale * (g * k.inv_n)) * d;
         if (ref_grad) gv += gq2 * (vv[j] - rr[j]);
-        out[j] = Elem<T>::from_acc(gv);
+        out[j] = Elem<TV>::from_acc(gv);
       }
     }
     if (grad) store_frag<kVec>(p.grad_v + i, stride, nvalid, out);
@@ -1065,8 +1145,9 @@ struct ElemPlan {
 
 ElemPlan plan_elem(const FlowGrpoElemLossArgs& a) {
   ElemPlan pl;
-  const int es = elem_size(a.dtype);
-  if (es == 0 || a.batch < 0 || a.channels < 0 || a.spatial < 0) return pl;
+  const int es = elem_size(a.dtype);  // of the latents: the plan of the all-latent-type run
+  if (!valid_dtypes(a.dtype, a.model_dtype) || a.batch < 0 || a.channels < 0 || a.spatial < 0)
+    return pl;
   if (a.channels > 0 && a.spatial > INT64_MAX / a.channels) return pl;
   pl.N = a.channels * a.spatial;
   if (a.batch > 0 && pl.N > INT64_MAX / a.batch) return pl;
@@ -1086,25 +1167,25 @@ ElemPlan plan_elem(const FlowGrpoElemLossArgs& a) {
   return pl;
 }
 
-template <typename T>
+template <typename TV, typename TL>
 cudaError_t run_elem_loss(const FlowGrpoElemLossArgs& a, const ElemPlan& pl,
                           cudaStream_t stream) {
-  using Acc = typename Elem<T>::Acc;
-  constexpr int V = kVecOf<T>;
+  using Acc = typename Elem<TL>::Acc;
+  constexpr int V = kFrag<TV, TL>;
   const bool has_ref = a.kl_weight != nullptr;
   const auto k = surrogate::make_constants<Acc>(a.clip_range, a.adv_clip_max, a.beta, a.simple,
                                                 has_ref, a.batch, a.batch * pl.N);
-  ElemParams<T> p{};
-  p.v = static_cast<const T*>(a.model_output);
-  p.x = static_cast<const T*>(a.sample);
-  p.prev = static_cast<const T*>(a.prev_sample);
-  p.ref = has_ref ? static_cast<const T*>(a.ref_model_output) : nullptr;
+  ElemParams<TV, TL> p{};
+  p.v = static_cast<const TV*>(a.model_output);
+  p.x = static_cast<const TL*>(a.sample);
+  p.prev = static_cast<const TL*>(a.prev_sample);
+  p.ref = has_ref ? static_cast<const TV*>(a.ref_model_output) : nullptr;
   p.coefs = static_cast<const Acc*>(a.coefs);
   p.kl_weight = static_cast<const Acc*>(a.kl_weight);
   p.old = static_cast<const Acc*>(a.old_log_prob);
   p.adv = static_cast<const Acc*>(a.advantages);
   p.amap = static_cast<const Acc*>(a.advantage_map);
-  p.grad_v = static_cast<T*>(a.grad_v);
+  p.grad_v = static_cast<TV*>(a.grad_v);
   p.part = static_cast<double*>(a.workspace);
   p.N = pl.N;
   p.bs_v = resolve_bstride(a.model_output_bstride, pl.N);
@@ -1118,17 +1199,17 @@ cudaError_t run_elem_loss(const FlowGrpoElemLossArgs& a, const ElemPlan& pl,
   p.nprog = a.batch * pl.nblk;
   p.kl_on = has_ref && a.beta != 0;
   if (p.nprog > 0) {
-    // 128-bit fragments: every streamed pointer 16-byte aligned (each sample's latents and each
-    // row of old_log_prob / the map too: row strides multiples of 16 / sizeof(Acc)) and whole
-    // vectors per row, which keeps a fragment of old_log_prob / the map (VEC Acc values) whole
-    // 16-byte words too.
-    const bool vec = pl.N % V == 0 && vec_input(p.v, p.bs_v) && vec_input(p.x, p.bs_x) &&
-                     vec_input(p.prev, p.bs_prev) && vec_input(p.ref, p.bs_ref) &&
-                     vec_input(p.old, p.old_stride) && vec_input(p.amap, p.map_stride) &&
-                     aligned16(p.grad_v);
+    // 128-bit fragments: every streamed pointer aligned to its words (each sample's latents and
+    // each row of old_log_prob / the map too: row strides multiples of 16 / sizeof(Acc)) and
+    // whole vectors per row, which keeps a fragment of old_log_prob / the map (VEC Acc values)
+    // whole 16-byte words too.
+    const bool vec = pl.N % V == 0 && vec_input<V>(p.v, p.bs_v) && vec_input<V>(p.x, p.bs_x) &&
+                     vec_input<V>(p.prev, p.bs_prev) && vec_input<V>(p.ref, p.bs_ref) &&
+                     vec_input<V>(p.old, p.old_stride) && vec_input<V>(p.amap, p.map_stride) &&
+                     vec_input<V>(p.grad_v, 0);
     const dim3 grid(static_cast<unsigned>(p.nprog));
-    if (vec) elem_loss_kernel<T, true><<<grid, kThreads, 0, stream>>>(k, p);
-    else elem_loss_kernel<T, false><<<grid, kThreads, 0, stream>>>(k, p);
+    if (vec) elem_loss_kernel<TV, TL, true><<<grid, kThreads, 0, stream>>>(k, p);
+    else elem_loss_kernel<TV, TL, false><<<grid, kThreads, 0, stream>>>(k, p);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -1199,13 +1280,10 @@ cudaError_t flow_grpo_elem_loss(const FlowGrpoElemLossArgs& args, cudaStream_t s
     return cudaErrorInvalidValue;
   // No elements (or no samples) still launches the finalize: loss and metrics are NaN (means of
   // nothing), as on the CPU.
-  switch (args.dtype) {
-    case DType::kFloat32: return run_elem_loss<float>(args, pl, stream);
-    case DType::kFloat64: return run_elem_loss<double>(args, pl, stream);
-    case DType::kFloat16: return run_elem_loss<__half>(args, pl, stream);
-    case DType::kBFloat16: return run_elem_loss<__nv_bfloat16>(args, pl, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtypes(args.dtype, args.model_dtype, [&](auto tv, auto tl) {
+    return run_elem_loss<typename decltype(tv)::type, typename decltype(tl)::type>(args, pl,
+                                                                                   stream);
+  });
 }
 
 size_t flow_step_forward_workspace_bytes(const FlowStepForwardArgs& args) {
@@ -1236,17 +1314,14 @@ cudaError_t flow_step_forward(const FlowStepForwardArgs& args, cudaStream_t stre
                      (args.sampling && args.prev_out == nullptr) ||
                      args.workspace == nullptr)))
     return cudaErrorInvalidValue;
-  switch (args.dtype) {
-    case DType::kFloat32: return run_forward<float>(args, pl, stream);
-    case DType::kFloat64: return run_forward<double>(args, pl, stream);
-    case DType::kFloat16: return run_forward<__half>(args, pl, stream);
-    case DType::kBFloat16: return run_forward<__nv_bfloat16>(args, pl, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtypes(args.dtype, args.model_dtype, [&](auto tv, auto tl) {
+    return run_forward<typename decltype(tv)::type, typename decltype(tl)::type>(args, pl, stream);
+  });
 }
 
 cudaError_t flow_step_backward(const FlowStepBackwardArgs& args, cudaStream_t stream) {
-  if (elem_size(args.dtype) == 0 || args.batch < 0 || args.channels < 0 || args.spatial < 0 ||
+  if (!valid_dtypes(args.dtype, args.model_dtype) || args.batch < 0 || args.channels < 0 ||
+      args.spatial < 0 ||
       args.reduction < kFlowReduceMean || args.reduction > kFlowReduceNone)
     return cudaErrorInvalidValue;
   if (args.channels > 0 && args.spatial > INT64_MAX / args.channels) return cudaErrorInvalidValue;
@@ -1261,13 +1336,9 @@ cudaError_t flow_step_backward(const FlowStepBackwardArgs& args, cudaStream_t st
   if (args.model_output == nullptr || args.sample == nullptr || args.coefs == nullptr ||
       args.grad_v == nullptr)
     return cudaErrorInvalidValue;
-  switch (args.dtype) {
-    case DType::kFloat32: return run_backward<float>(args, stream);
-    case DType::kFloat64: return run_backward<double>(args, stream);
-    case DType::kFloat16: return run_backward<__half>(args, stream);
-    case DType::kBFloat16: return run_backward<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtypes(args.dtype, args.model_dtype, [&](auto tv, auto tl) {
+    return run_backward<typename decltype(tv)::type, typename decltype(tl)::type>(args, stream);
+  });
 }
 
 cudaError_t flow_grpo_surrogate(const FlowGrpoSurrogateArgs& args, cudaStream_t stream) {

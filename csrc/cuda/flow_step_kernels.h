@@ -4,7 +4,15 @@
 // reproduces), python/tbkernels/ops/flow_grpo.py. This header and its .cu include no torch
 // header, so the kernels build with plain `nvcc -c`; the torch binding is flow_step_cuda.cpp.
 //
-// Latents are [B, C, S] (S = product of the dims after C, N = C*S), one element type. Each
+// Latents are [B, C, S] (S = product of the dims after C, N = C*S). Element types: `dtype` is
+// the latents' (sample, prev_or_noise / prev_sample, grad_mean, mean_out, prev_out), `model_dtype`
+// model_output's (and ref_model_output's and grad_v's; kSameDType, the default: `dtype`). Allowed:
+// one type for all (float32, float64, float16, bfloat16), or a bfloat16 / float16 model output
+// beside float32 latents (Flow-GRPO: trajectory latents in float32, the transformer's velocity in
+// bfloat16); any other pair is cudaErrorInvalidValue (workspace 0, num_launches -1). Every loaded
+// value is converted to the accumulation type first, so a mixed run's results equal, bit for bit,
+// those of the run on model_output (and ref_model_output) converted to float32 beforehand, grad_v
+// then rounded to model_dtype (round to nearest even). Each
 // latent input has its own batch stride (its *_bstride field): element e < N of sample b is read
 // at ptr + b*bstride + e. Every sample is contiguous, but consecutive samples may lie any
 // bstride >= 0 elements apart, so Flow-GRPO's trajectory slices (latents[:, j] of a
@@ -14,7 +22,7 @@
 // coefs[b] = (cx, cv, alpha, gamma, s):
 //   mean_e = cx x_e + cv v_e,   d_e = prev_e - mean_e,   logp_e = alpha d_e^2 + gamma
 // Accumulation (and coefs, logp, ref_sq, grad_logp, grad_ref_sq) is double for kFloat64 latents
-// and float for the others ("Acc" below).
+// and float for the others ("Acc" below: that of `dtype`).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,6 +34,9 @@
 namespace tbk {
 namespace cuda {
 
+// model_dtype's default: the same as `dtype` (the latents').
+constexpr DType kSameDType = static_cast<DType>(-1);
+
 enum FlowReduction : int {
   kFlowReduceMean = 0,        // logp [B]: mean over the C*S elements
   kFlowReduceChannelSum = 1,  // logp [B, S]: sum over channels
@@ -33,12 +44,14 @@ enum FlowReduction : int {
 };
 
 struct FlowStepForwardArgs {
-  DType dtype = DType::kFloat32;  // element type of every latent tensor
+  DType dtype = DType::kFloat32;  // element type of the latents (all but the model-typed ones)
+  DType model_dtype = kSameDType; // of model_output and ref_model_output (see the top)
   int64_t batch = 0;              // B
   int64_t channels = 0;           // C
   int64_t spatial = 0;            // S
 
-  // Inputs (device memory, [B, C, S] of `dtype` with the batch strides below unless noted).
+  // Inputs (device memory, [B, C, S] with the batch strides below unless noted; model_output and
+  // ref_model_output of model_dtype, the others of `dtype`).
   const void* model_output = nullptr;  // v
   const void* sample = nullptr;        // x
   // sampling: standard-normal noise (nullptr: prev = mean); otherwise the stored prev_sample
@@ -67,7 +80,8 @@ struct FlowStepForwardArgs {
 };
 
 struct FlowStepBackwardArgs {
-  DType dtype = DType::kFloat32;
+  DType dtype = DType::kFloat32;   // of sample, prev_sample, grad_mean
+  DType model_dtype = kSameDType;  // of model_output, ref_model_output, grad_v (see the top)
   int64_t batch = 0, channels = 0, spatial = 0;  // B, C, S
 
   const void* model_output = nullptr;      // v
@@ -84,7 +98,7 @@ struct FlowStepBackwardArgs {
   int64_t model_output_bstride = -1, sample_bstride = -1, prev_bstride = -1, ref_bstride = -1;
   int64_t grad_mean_bstride = -1;
 
-  void* grad_v = nullptr;  // [B, C, S] `dtype`, always fully written
+  void* grad_v = nullptr;  // [B, C, S] model_dtype, always fully written
 };
 
 // flow_grpo_loss's per-sample surrogate (formula: csrc/flow_grpo_surrogate.h). Every [B] tensor
@@ -141,7 +155,8 @@ struct FlowGrpoMapSurrogateArgs {
 // [B] tensors device memory of the accumulation type, contiguous but for old_log_prob and
 // advantage_map, which are row-strided as in FlowGrpoMapSurrogateArgs.
 struct FlowGrpoElemLossArgs {
-  DType dtype = DType::kFloat32;                 // element type of the latents
+  DType dtype = DType::kFloat32;                 // of sample and prev_sample
+  DType model_dtype = kSameDType;                // of model_output, ref, grad_v (see the top)
   int64_t batch = 0, channels = 0, spatial = 0;  // B, C, S
   const void* model_output = nullptr;            // v
   const void* sample = nullptr;                  // x
@@ -163,7 +178,7 @@ struct FlowGrpoElemLossArgs {
   bool simple = false;
   void* loss = nullptr;       // []
   void* metrics = nullptr;    // [4] approx_kl, clipfrac, kl, ratio_mean
-  void* grad_v = nullptr;     // [B, C, S] `dtype`, d loss / d v of a unit loss; nullptr: none
+  void* grad_v = nullptr;     // [B, C, S] model_dtype, d loss / d v of a unit loss; nullptr: none
   void* workspace = nullptr;  // flow_grpo_elem_loss_workspace_bytes(args) bytes
 };
 
@@ -178,7 +193,8 @@ int64_t flow_step_forward_num_blocks(const FlowStepForwardArgs& args);
 
 // Enqueue on `stream`; return the first launch error, or cudaErrorInvalidValue for inconsistent
 // arguments (negative sizes, a batch stride below -1 or past int64 offsets, unknown
-// dtype/reduction, a missing required pointer).
+// dtype/reduction, a dtype pair other than those allowed (see the top), a missing required
+// pointer).
 // Forward: main pass + per-sample finalize (2 launches). Backward: 1 elementwise launch, no
 // workspace.
 cudaError_t flow_step_forward(const FlowStepForwardArgs& args, cudaStream_t stream);

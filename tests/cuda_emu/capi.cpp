@@ -4,7 +4,8 @@
 // would), launches, and returns the cudaError_t. The flow-step entry points take the latent
 // inputs' batch strides as a trailing array (nullptr: every input contiguous), in the order of
 // their latent pointer arguments; the map losses' also the row strides of old_log_prob and
-// advantage_map (the elem loss at the end of that array, the map surrogate in its own).
+// advantage_map (the elem loss at the end of that array, the map surrogate in its own). Their
+// second argument is the model dtype (model_output's, ref's, grad_v's; -1: the latent dtype).
 #include <cstdint>
 #include <vector>
 
@@ -45,12 +46,14 @@ int emu_group_advantages(const void* rewards, int dtype, int64_t B, int64_t K,
 }
 
 // bstrides: {v, x, prev_or_noise, ref}, or nullptr.
-int emu_flow_step_forward(int dtype, int64_t B, int64_t C, int64_t S, const void* v, const void* x,
-                          const void* prev_or_noise, const void* ref, const void* coefs,
-                          int reduction, int sampling, void* logp, void* ref_sq, void* mean_out,
-                          void* prev_out, int* launches, const int64_t* bstrides) {
+int emu_flow_step_forward(int dtype, int model_dtype, int64_t B, int64_t C, int64_t S,
+                          const void* v, const void* x, const void* prev_or_noise,
+                          const void* ref, const void* coefs, int reduction, int sampling,
+                          void* logp, void* ref_sq, void* mean_out, void* prev_out,
+                          int* launches, const int64_t* bstrides) {
   tbk::cuda::FlowStepForwardArgs a;
   a.dtype = static_cast<tbk::cuda::DType>(dtype); a.batch = B; a.channels = C; a.spatial = S;
+  a.model_dtype = static_cast<tbk::cuda::DType>(model_dtype);
   a.model_output = v; a.sample = x; a.prev_or_noise = prev_or_noise; a.ref_model_output = ref;
   if (bstrides != nullptr) {
     a.model_output_bstride = bstrides[0]; a.sample_bstride = bstrides[1];
@@ -65,12 +68,14 @@ int emu_flow_step_forward(int dtype, int64_t B, int64_t C, int64_t S, const void
 }
 
 // bstrides: {v, x, prev, ref, grad_mean}, or nullptr.
-int emu_flow_step_backward(int dtype, int64_t B, int64_t C, int64_t S, const void* v,
-                           const void* x, const void* prev, const void* ref, const void* coefs,
-                           int reduction, const void* grad_logp, const void* grad_mean,
-                           const void* grad_ref_sq, void* grad_v, const int64_t* bstrides) {
+int emu_flow_step_backward(int dtype, int model_dtype, int64_t B, int64_t C, int64_t S,
+                           const void* v, const void* x, const void* prev, const void* ref,
+                           const void* coefs, int reduction, const void* grad_logp,
+                           const void* grad_mean, const void* grad_ref_sq, void* grad_v,
+                           const int64_t* bstrides) {
   tbk::cuda::FlowStepBackwardArgs a;
   a.dtype = static_cast<tbk::cuda::DType>(dtype); a.batch = B; a.channels = C; a.spatial = S;
+  a.model_dtype = static_cast<tbk::cuda::DType>(model_dtype);
   a.model_output = v; a.sample = x; a.prev_sample = prev; a.ref_model_output = ref;
   a.coefs = coefs; a.reduction = reduction; a.grad_logp = grad_logp; a.grad_mean = grad_mean;
   a.grad_ref_sq = grad_ref_sq; a.grad_v = grad_v;
@@ -117,15 +122,16 @@ int emu_flow_grpo_map_surrogate(int acc_dtype, int64_t B, int64_t P, void* logp,
 }
 
 // bstrides: {v, x, prev, ref, old_log_prob, advantage_map}, or nullptr.
-int emu_flow_grpo_elem_loss(int dtype, int64_t B, int64_t C, int64_t S, const void* v,
-                            const void* x, const void* prev, const void* ref, const void* coefs,
-                            const void* kl_weight, const void* old_log_prob,
+int emu_flow_grpo_elem_loss(int dtype, int model_dtype, int64_t B, int64_t C, int64_t S,
+                            const void* v, const void* x, const void* prev, const void* ref,
+                            const void* coefs, const void* kl_weight, const void* old_log_prob,
                             const void* advantages, const void* advantage_map, int map_shared,
                             double clip_range, double adv_clip_max, double beta, int simple,
                             void* loss, void* metrics, void* grad_v, int* launches,
                             int64_t* workspace_bytes, const int64_t* bstrides) {
   tbk::cuda::FlowGrpoElemLossArgs a;
   a.dtype = static_cast<tbk::cuda::DType>(dtype); a.batch = B; a.channels = C; a.spatial = S;
+  a.model_dtype = static_cast<tbk::cuda::DType>(model_dtype);
   a.model_output = v; a.sample = x; a.prev_sample = prev; a.ref_model_output = ref;
   if (bstrides != nullptr) {
     a.model_output_bstride = bstrides[0]; a.sample_bstride = bstrides[1];
