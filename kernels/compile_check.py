@@ -127,14 +127,25 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
 
 
+# Mixed dtypes of the flow-step ops: "model/latent", a bf16 (fp16) model_output and reference
+# beside float32 latents (sample, prev / noise, grad_mean), as Flow-GRPO trains.
+MIXED_DTYPES = ["bf16/fp32", "fp16/fp32"]
+
+
+def _latent_pair(dname: str):
+    """(model_output dtype, latent dtype) of a dtype name: "bf16" or a mixed "bf16/fp32"."""
+    model, _, latent = dname.partition("/")
+    return DTYPES[model], DTYPES[latent or model]
+
+
 def _flow_step_cases(quick: bool):
     from tbkernels.kernels import flow_step as fs
     # Wan 480p (S divisible by 16: vectorized), an image latent, and an odd shape (masked tails)
     shapes = {"wan480p": (2, 16, 21, 60, 104), "image": (3, 4, 32, 32), "odd": (1, 3, 5, 7, 9)}
-    dtypes = ["fp32", "bf16"] if quick else list(DTYPES)
+    dtypes = ["fp32", "bf16", "bf16/fp32"] if quick else list(DTYPES) + MIXED_DTYPES
     for (sname, shape), dname in itertools.product(shapes.items(), dtypes):
-        dt = DTYPES[dname]
-        v = torch.empty(shape, dtype=dt)
+        mt, dt = _latent_pair(dname)
+        v, x = torch.empty(shape, dtype=mt), torch.empty(shape, dtype=dt)
         coefs = torch.empty(shape[0], 5, dtype=torch.float64 if dt == torch.float64
                             else torch.float32)
         acc = coefs.dtype
@@ -143,10 +154,12 @@ def _flow_step_cases(quick: bool):
         for reduction, sampling, write_mean, has_pn, has_ref in flags:
             if quick and sname != "wan480p" and (write_mean or has_ref):
                 continue
+            if quick and "/" in dname and not (has_pn and write_mean == sampling):
+                continue            # mixed, quick: training (stored prev) and sampling (noise)
             yield (f"flow_step_forward {sname} {dname} r={reduction} sampling={sampling} "
                    f"mean={write_mean} pn={has_pn} ref={has_ref}",
-                   lambda v=v, c=coefs, r=reduction, s=sampling, m=write_mean, p=has_pn,
-                   f=has_ref: fs.flow_step_forward_triton(v, v, v if p else None, v if f else None,
+                   lambda v=v, x=x, c=coefs, r=reduction, s=sampling, m=write_mean, p=has_pn,
+                   f=has_ref: fs.flow_step_forward_triton(v, x, x if p else None, v if f else None,
                                                           c, r, s, m))
         for reduction, has_gl, has_gm, has_ref in itertools.product(
                 (0, 1, 2), (False, True), (False, True), (False, True)):
@@ -154,13 +167,15 @@ def _flow_step_cases(quick: bool):
                 continue
             if quick and sname != "wan480p" and (has_gm or has_ref):
                 continue
+            if quick and "/" in dname and not has_gl:
+                continue
             gl = torch.empty(fs._logp_shape(shape, reduction), dtype=acc) if has_gl else None
             gq = torch.empty(shape[0], dtype=acc) if has_ref else None
             yield (f"flow_step_backward {sname} {dname} r={reduction} gl={has_gl} gm={has_gm} "
                    f"ref={has_ref}",
-                   lambda v=v, c=coefs, r=reduction, gl=gl, gm=has_gm, f=has_ref, gq=gq:
-                   fs.flow_step_backward_triton(v, v, v, v if f else None, c, r, gl,
-                                                v if gm else None, gq))
+                   lambda v=v, x=x, c=coefs, r=reduction, gl=gl, gm=has_gm, f=has_ref, gq=gq:
+                   fs.flow_step_backward_triton(v, x, x, v if f else None, c, r, gl,
+                                                x if gm else None, gq))
 
 
 def _flow_grpo_surrogate_cases(quick: bool):
@@ -203,14 +218,14 @@ def _flow_grpo_elem_loss_cases(quick: bool):
     # a Wan 480p latent (N = C*S divisible by 16: vectorized) and an odd one (masked tails); the
     # size names avoid "wan480p", which selects the step kernels' cases in the compile tests
     shapes = {"elem480p": (2, 16, 21, 60, 104), "odd": (3, 5, 7, 9)}
-    dtypes = ["fp32", "bf16"] if quick else list(DTYPES)
+    dtypes = ["fp32", "bf16", "bf16/fp32"] if quick else list(DTYPES) + MIXED_DTYPES
     # (shared map, reference, beta, simple, write_grad): training with the KL in the loss, no
     # reference with a batch-shared map, a metric-only reference without the gradient, simple
     variants = ((False, True, 0.04, False, True), (True, False, 0.0, False, True),
                 (False, True, 0.0, False, False), (False, True, 0.04, True, True))
     for (sname, shape), dname in itertools.product(shapes.items(), dtypes):
-        dt = DTYPES[dname]
-        v = torch.empty(shape, dtype=dt)
+        mt, dt = _latent_pair(dname)
+        v, x = torch.empty(shape, dtype=mt), torch.empty(shape, dtype=dt)
         acc = torch.float64 if dt == torch.float64 else torch.float32
         B, N = shape[0], v[0].numel()
         coefs = torch.empty(B, 5, dtype=acc)
@@ -220,9 +235,9 @@ def _flow_grpo_elem_loss_cases(quick: bool):
                 continue
             yield (f"flow_grpo_elem_loss {sname} {dname} shared={shared} ref={has_ref} "
                    f"beta={beta} simple={simple} grad={grad}",
-                   lambda v=v, c=coefs, rows=rows, b=b, sh=shared, r=has_ref, be=beta, s=simple,
-                   g=grad: fs.flow_grpo_elem_loss_triton(
-                       v, v, v, v if r else None, c, b if r else None, rows, b,
+                   lambda v=v, x=x, c=coefs, rows=rows, b=b, sh=shared, r=has_ref, be=beta,
+                   s=simple, g=grad: fs.flow_grpo_elem_loss_triton(
+                       v, x, x, v if r else None, c, b if r else None, rows, b,
                        rows[:1] if sh else rows, 1e-4, 5.0, be, s, g))
 
 

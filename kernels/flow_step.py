@@ -17,6 +17,15 @@ The contract (arguments, outputs, math) is that of the C++ ops: ``csrc/ops.cpp``
 Everything is accumulated in float32 (float64 for float64 latents); the per-sample totals are
 combined in float64.
 
+Dtypes: the model dtype M is model_output's (and ref_model_output's), the latent dtype L is
+sample's (and prev_sample / noise's and grad_mean's). Either L == M (float32, float64, float16 or
+bfloat16), or M is bfloat16 / float16 beside float32 latents, as Flow-GRPO runs (bfloat16
+velocities, float32 trajectory latents): v and v_ref are then read as they are, not copied to
+float32 first. Every load is converted to the accumulation dtype (float32; float64 only when all
+is float64) before any arithmetic, so a mixed call computes exactly what the same call on
+``model_output.float()`` (and ``ref_model_output.float()``) computes; mean and the sampled prev
+are written in L, grad_v in M (that float32 gradient rounded to nearest even).
+
 Layout: each sample of a latent input (v, x, prev / noise, v_ref, grad_mean) is contiguous, and
 each input has its own batch stride >= 0 (``_layout.batch_stride``): element e (0 <= e < C*S)
 of sample b is read at ``b * batch_stride + e``. Flow-GRPO's trajectory slices ``latents[:, j]``
@@ -100,9 +109,10 @@ def _forward_kernel(v_ptr, x_ptr, pn_ptr, ref_ptr, coefs_ptr, logp_ptr, part_ptr
                     HAS_PN: tl.constexpr, HAS_REF: tl.constexpr, IDX64: tl.constexpr,
                     BLOCK_S: tl.constexpr):
     """One (sample, spatial tile) per program, looping over the channels. The *_STRIDE
-    arguments are the inputs' batch strides (elements between samples)."""
+    arguments are the inputs' batch strides (elements between samples). mean and prev are
+    written in the latent dtype (x's), which may be wider than v's (bf16 v, float32 x)."""
     acc_ty = coefs_ptr.dtype.element_ty
-    lat_ty = v_ptr.dtype.element_ty
+    lat_ty = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     if IDX64:
         pid = pid.to(tl.int64)
@@ -203,9 +213,10 @@ def _backward_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, gl_ptr, gm_ptr,
                      HAS_GQ: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr):
     """grad_v for one (channel row, spatial tile) per program. NEED_D: grad_logp and prev are
     given (without prev the log-prob's d is identically 0, so grad_logp contributes nothing).
-    The *_STRIDE arguments are the latent inputs' batch strides (elements between samples)."""
+    The *_STRIDE arguments are the latent inputs' batch strides (elements between samples).
+    grad_v is written in v's dtype (the model dtype; x, prev and grad_mean may be wider)."""
     acc_ty = coefs_ptr.dtype.element_ty
-    lat_ty = v_ptr.dtype.element_ty
+    out_ty = v_ptr.dtype.element_ty
     pid = tl.program_id(0)
     if IDX64:
         pid = pid.to(tl.int64)
@@ -251,7 +262,7 @@ def _backward_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, gl_ptr, gm_ptr,
         r = tl.load(ref_ptr + b * REF_STRIDE + e, mask=smask, other=0.0,
                     eviction_policy="evict_first")
         g += gq2 * (v - r.to(acc_ty))
-    tl.store(out_ptr + offs, _to_output(g, lat_ty), mask=smask, eviction_policy="evict_first")
+    tl.store(out_ptr + offs, _to_output(g, out_ty), mask=smask, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -460,9 +471,10 @@ def _elem_loss_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, klw_ptr, old_p
     d loss / d v of the element; the tile's policy sums go to partials[0..3, pid] and its sum of
     (v - v_ref)^2 to partials[4, pid] (float64, no atomics). The latents are read at their batch
     strides (V_STRIDE, ...: elements between samples), old_log_prob and advantage_map at their row
-    strides (OLD_STRIDE, MAP_STRIDE; 0 for a shared map), grad_v is written contiguously."""
+    strides (OLD_STRIDE, MAP_STRIDE; 0 for a shared map), grad_v is written contiguously in v's
+    dtype (the model dtype)."""
     acc_ty = coefs_ptr.dtype.element_ty
-    lat_ty = v_ptr.dtype.element_ty
+    out_ty = v_ptr.dtype.element_ty
     if CONST_FROM_PTR:  # float64: scalar arguments would arrive as float32
         lo = tl.load(const_ptr + 0)
         hi = tl.load(const_ptr + 1)
@@ -511,7 +523,7 @@ def _elem_loss_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, klw_ptr, old_p
         if KL_GRAD:
             gq2 = 2.0 * _kl_grad(tl.load(klw_ptr + b), beta, inv_b)
             gv += gq2 * dr
-        tl.store(grad_ptr + offs, _to_output(gv, lat_ty), mask=m, eviction_policy="evict_first")
+        tl.store(grad_ptr + offs, _to_output(gv, out_ty), mask=m, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -549,7 +561,9 @@ def _elem_finalize_kernel(part_ptr, klw_ptr, const_ptr, loss_ptr, metrics_ptr, N
 # ----------------------------------------------------------------------------------------------
 
 def _num_warps(elements: int, element_size: int) -> int:
-    # at least one 16-byte vector per thread and load (8 bf16, 4 fp32, 2 fp64 elements), 1-8 warps
+    # at least one 16-byte vector per thread and load (8 bf16, 4 fp32, 2 fp64 elements), 1-8 warps;
+    # callers pass the narrowest latent's size (model_output's: a bf16 v beside float32 latents
+    # gets 8 elements per thread, one 16-byte vector of v and two of each float32 latent)
     return max(1, min(8, elements * element_size // (16 * 32)))
 
 
@@ -557,15 +571,30 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPE_RULE = ("the latents must all have one dtype (float32, float64, float16 or bfloat16), or "
+               "model_output and ref_model_output (the model dtype) bfloat16 or float16 with "
+               "float32 sample, prev_sample / noise and grad_mean (the latent dtype)")
+
+
+def _dtype_combination_ok(model: torch.dtype, latent: torch.dtype) -> bool:
+    """model_output's dtype (M) beside sample's (L): L == M, or M bf16/fp16 with L float32."""
+    return model in _FLOAT_DTYPES and (
+        latent == model or (model in (torch.float16, torch.bfloat16) and latent == torch.float32))
+
+
 def _layout(v: torch.Tensor, x: torch.Tensor, op: str):
     if v.dim() < 3:
         raise RuntimeError(f"{op}: model_output must be [B, C, (T,) H, W], got {list(v.shape)}")
     if x.shape != v.shape:
         raise RuntimeError(f"{op}: sample {list(x.shape)} must match model_output {list(v.shape)}")
-    if x.dtype != v.dtype:
-        raise RuntimeError(f"{op}: sample and model_output dtypes differ ({x.dtype}, {v.dtype})")
-    if v.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    if v.dtype not in _FLOAT_DTYPES:
         raise RuntimeError(f"{op}: latents must be float32/float64/float16/bfloat16, got {v.dtype}")
+    if not _dtype_combination_ok(v.dtype, x.dtype):
+        # the C++ ops' wording (csrc/flow_step_checks.h), then the whole rule
+        raise RuntimeError(f"{op}: sample ({x.dtype}) must have model_output's dtype ({v.dtype}), "
+                           f"or be float32 beside a bfloat16 or float16 model_output; "
+                           f"{_DTYPE_RULE}")
     for name, t in (("model_output", v), ("sample", x)):
         if batch_stride(t) is None:
             raise RuntimeError(f"{op}: {name} must be contiguous within each sample (a batch "
@@ -579,20 +608,29 @@ def _layout(v: torch.Tensor, x: torch.Tensor, op: str):
     return v.shape[0], v.shape[1], math.prod(v.shape[2:])
 
 
-def _check_like(t, v, what, op):
+def _check_like(t, like, like_name, what, op):
+    """An optional latent-sized input of `like`'s shape, dtype and device, each sample contiguous
+    (any batch stride): like = sample (the latent dtype) for prev_sample, noise and grad_mean,
+    model_output (the model dtype) for ref_model_output. The C++ ops' message
+    (csrc/flow_step_checks.h), with the dtype rule when the dtype is what is wrong."""
     if t is None:
         return
-    if not (t.shape == v.shape and t.dtype == v.dtype and batch_stride(t) is not None
-            and t.device == v.device):
-        raise RuntimeError(f"{op}: {what} must be a tensor like model_output {list(v.shape)} "
-                           f"{v.dtype} with each sample contiguous (a batch stride is allowed), "
-                           f"got {list(t.shape)} {t.dtype} strides {list(t.stride())} on "
-                           f"{t.device}")
+    if not (t.shape == like.shape and t.dtype == like.dtype and batch_stride(t) is not None
+            and t.device == like.device):
+        why = ""
+        if t.dtype != like.dtype:
+            kind = "model" if like_name == "model_output" else "latent"
+            why = f"; {what} must have the {kind} dtype ({like_name}'s): {_DTYPE_RULE}"
+        raise RuntimeError(f"{op}: {what} must be a tensor like {like_name} {list(like.shape)} "
+                           f"{like.dtype} with each sample contiguous (a batch stride is "
+                           f"allowed), got {list(t.shape)} {t.dtype} strides {list(t.stride())} "
+                           f"on {t.device}{why}")
 
 
-def _latent_output(v):
-    # contiguous whatever v's batch stride (empty_like would keep a dense v's strides)
-    return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+def _latent_output(v, dtype=None):
+    # contiguous whatever v's batch stride (empty_like would keep a dense v's strides); v's dtype
+    # (grad_v: the model dtype) unless given (mean, prev: the latent dtype)
+    return torch.empty(v.shape, dtype=v.dtype if dtype is None else dtype, device=v.device)
 
 
 def _batch_strides(n, *latents):
@@ -601,13 +639,14 @@ def _batch_strides(n, *latents):
     return [n if t is None else batch_stride(t) for t in latents]
 
 
-def _check_coefs(coefs, v, op):
-    acc = _acc_dtype(v.dtype)
-    if not (coefs.dim() == 2 and coefs.shape[0] == v.shape[0] and coefs.shape[1] == 5
+def _check_coefs(coefs, x, op):
+    """coefs [B, 5] in the accumulation dtype of the latent dtype (x: sample)."""
+    acc = _acc_dtype(x.dtype)
+    if not (coefs.dim() == 2 and coefs.shape[0] == x.shape[0] and coefs.shape[1] == 5
             and coefs.is_contiguous() and coefs.dtype == acc):
         raise RuntimeError(f"{op}: coefs must be a contiguous [B, 5] {acc} tensor, got "
                            f"{list(coefs.shape)} {coefs.dtype}")
-    if coefs.device != v.device:
+    if coefs.device != x.device:
         raise RuntimeError(f"{op}: coefs must be on the latents' device")
 
 
@@ -675,27 +714,29 @@ def _latent_extent(batch: int, n: int, strides) -> int:
 def flow_step_forward_triton(v, x, prev_or_noise, ref, coefs, reduction, sampling, write_mean):
     """``(logp, ref_sq, mean_or_empty, prev_or_empty)``, as ``tbkernels::flow_step_forward``.
 
-    v, x, prev_or_noise (optional), ref (optional): latents ``[B, C, S...]`` of one dtype, each
-    sample contiguous (any batch stride, see ``_layout.batch_stride``); coefs ``[B, 5]`` float32
-    (float64 for float64 latents), contiguous. ``prev_or_noise`` is the stored prev_sample, or
-    with ``sampling`` the noise (None: the deterministic step, prev = mean). The outputs are
-    contiguous.
+    v, x, prev_or_noise (optional), ref (optional): latents ``[B, C, S...]``, each sample
+    contiguous (any batch stride, see ``_layout.batch_stride``); v and ref of the model dtype, x
+    and prev_or_noise of the latent dtype: one dtype, or bfloat16/float16 v and ref beside float32
+    x and prev_or_noise. coefs ``[B, 5]`` float32 (float64 for float64 latents), contiguous.
+    ``prev_or_noise`` is the stored prev_sample, or with ``sampling`` the noise (None: the
+    deterministic step, prev = mean). The outputs are contiguous; mean and prev in the latent
+    dtype.
     """
     op = "flow_step_forward"
     reduction, sampling, write_mean = int(reduction), bool(sampling), bool(write_mean)
     B, C, S = _layout(v, x, op)
-    _check_like(prev_or_noise, v, "noise" if sampling else "prev_sample", op)
-    _check_like(ref, v, "ref_model_output", op)
-    _check_coefs(coefs, v, op)
+    _check_like(prev_or_noise, x, "sample", "noise" if sampling else "prev_sample", op)
+    _check_like(ref, v, "model_output", "ref_model_output", op)
+    _check_coefs(coefs, x, op)
     if reduction not in (0, 1, 2):
         raise RuntimeError(f"{op}: reduction must be 0, 1 or 2, got {reduction}")
-    acc = _acc_dtype(v.dtype)
+    acc = _acc_dtype(x.dtype)
     dev = v.device
     logp = torch.empty(_logp_shape(v.shape, reduction), dtype=acc, device=dev)
     ref_sq = torch.empty((B,), dtype=acc, device=dev)
-    # distinct empties: a custom op's outputs must not alias each other
-    mean = _latent_output(v) if write_mean else v.new_empty((0,))
-    prev = _latent_output(v) if sampling else v.new_empty((0,))
+    # distinct empties: a custom op's outputs must not alias each other; the latent dtype
+    mean = _latent_output(v, x.dtype) if write_mean else x.new_empty((0,))
+    prev = _latent_output(v, x.dtype) if sampling else x.new_empty((0,))
     if B == 0:
         return logp, ref_sq, mean, prev
     if v.numel() == 0:                         # C or S is 0: the C++ op's values, no launch
@@ -735,20 +776,21 @@ def flow_step_backward_triton(v, x, prev, ref, coefs, reduction, grad_logp, grad
     """``grad_v`` (contiguous, v's shape and dtype), as ``tbkernels::flow_step_backward``.
 
     Latents (v, x, prev, ref, grad_mean) as ``flow_step_forward_triton``'s: each sample
-    contiguous, any batch stride. grad_logp: contiguous, shaped like the reduced log-prob,
-    float32 (float64 for float64 latents); grad_mean: like v; grad_ref_sq: ``[B]`` accumulation
-    dtype, needs ``ref``. Each of them may be None (no contribution).
+    contiguous, any batch stride; v and ref of the model dtype, x, prev and grad_mean of the
+    latent dtype (see there). grad_logp: contiguous, shaped like the reduced log-prob, float32
+    (float64 for float64 latents); grad_mean: like x; grad_ref_sq: ``[B]`` accumulation dtype,
+    needs ``ref``. Each of them may be None (no contribution).
     """
     op = "flow_step_backward"
     reduction = int(reduction)
     B, C, S = _layout(v, x, op)
-    _check_like(prev, v, "prev_sample", op)
-    _check_like(ref, v, "ref_model_output", op)
-    _check_like(grad_mean, v, "grad_mean", op)
-    _check_coefs(coefs, v, op)
+    _check_like(prev, x, "sample", "prev_sample", op)
+    _check_like(ref, v, "model_output", "ref_model_output", op)
+    _check_like(grad_mean, x, "sample", "grad_mean", op)
+    _check_coefs(coefs, x, op)
     if reduction not in (0, 1, 2):
         raise RuntimeError(f"{op}: reduction must be 0, 1 or 2, got {reduction}")
-    acc = _acc_dtype(v.dtype)
+    acc = _acc_dtype(x.dtype)
     if grad_logp is not None:
         expect = _logp_shape(v.shape, reduction)
         if not (tuple(grad_logp.shape) == expect and grad_logp.is_contiguous()
@@ -898,7 +940,8 @@ def flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_outp
     model_output, contiguous; ``[0]`` without).
 
     Latents as ``flow_step_forward_triton``'s (each sample contiguous, any batch stride;
-    prev_sample required, ref_model_output optional);
+    model_output and ref_model_output of the model dtype, sample and prev_sample of the latent
+    dtype, grad_v in the model dtype; prev_sample required, ref_model_output optional);
     old_log_prob ``[B, N]`` (N = C*S) and advantage_map ``[B, N]`` or ``[1, N]`` with each row
     contiguous (any row stride), advantages and kl_weight (given exactly with ref_model_output)
     ``[B]`` contiguous, all float32 (float64 for float64 latents). Two launches: the tiles, then
@@ -908,11 +951,11 @@ def flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_outp
     v, x, prev, ref = model_output, sample, prev_sample, ref_model_output
     B, C, S = _layout(v, x, op)
     if prev is None:
-        raise RuntimeError(f"{op}: prev_sample must be a tensor like model_output "
-                           f"{list(v.shape)} {v.dtype} with each sample contiguous, got None")
-    _check_like(prev, v, "prev_sample", op)
-    _check_like(ref, v, "ref_model_output", op)
-    _check_coefs(coefs, v, op)
+        raise RuntimeError(f"{op}: prev_sample must be a tensor like sample "
+                           f"{list(x.shape)} {x.dtype} with each sample contiguous, got None")
+    _check_like(prev, x, "sample", "prev_sample", op)
+    _check_like(ref, v, "model_output", "ref_model_output", op)
+    _check_coefs(coefs, x, op)
     if (ref is None) != (kl_weight is None):
         raise RuntimeError(f"{op}: ref_model_output and kl_weight go together (both for a "
                            f"reference policy, or neither)")

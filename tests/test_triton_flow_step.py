@@ -570,9 +570,9 @@ def test_elem_loss_bad_arguments():
 
     bad = [
         (dict(model_output=v[0, 0], sample=x[0, 0]), r"model_output must be \[B, C"),
-        (dict(sample=x.double()), "sample and model_output dtypes differ"),
-        (dict(prev_sample=prev[:1]), "prev_sample must be a tensor like model_output"),
-        (dict(prev_sample=None), "prev_sample must be a tensor like model_output"),
+        (dict(sample=x.double()), r"sample \(.*\) must have model_output's dtype"),
+        (dict(prev_sample=prev[:1]), "prev_sample must be a tensor like sample"),
+        (dict(prev_sample=None), "prev_sample must be a tensor like sample"),
         (dict(ref_model_output=ref.transpose(2, 3).contiguous().transpose(2, 3)),
          "ref_model_output must be a tensor like model_output"),
         (dict(model_output=v.transpose(2, 3).contiguous().transpose(2, 3)),
@@ -708,9 +708,10 @@ def test_bad_arguments():
     v, x, prev, _, ref, coefs = make_inputs((2, 3, 4, 5), torch.float32)
     with pytest.raises(RuntimeError, match="coefs must be"):
         forward(v, x, prev, None, coefs.double(), 0, False, False)
-    with pytest.raises(RuntimeError, match="sample and model_output dtypes differ"):
+    with pytest.raises(RuntimeError, match=r"sample \(torch.float64\) must have model_output's "
+                                           r"dtype \(torch.float32\)"):
         forward(v, x.double(), prev, None, coefs, 0, False, False)
-    with pytest.raises(RuntimeError, match="prev_sample must be a tensor like model_output"):
+    with pytest.raises(RuntimeError, match="prev_sample must be a tensor like sample"):
         forward(v, x, prev.transpose(2, 3).contiguous().transpose(2, 3), None, coefs, 0, False,
                 False)
     with pytest.raises(RuntimeError, match="reduction must be"):
@@ -1051,6 +1052,183 @@ def test_column_major_rows_rejected():
             with pytest.raises(RuntimeError,
                                match=rf"{op}: {name} must be a .*with each row contiguous"):
                 call(**{**args, key: bad})
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed dtypes: a bfloat16 / float16 model output beside float32 latents (Flow-GRPO's training)
+# ------------------------------------------------------------------------------------------------
+
+# (model dtype M, latent dtype L): model_output and ref_model_output in M; sample, prev / noise
+# and grad_mean in L
+MIXED = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+MIXED_IDS = ["bf16-fp32", "fp16-fp32"]
+# 4-D and 5-D, odd sizes (masked tails), and B = 1
+MIXED_SHAPES = {"image_odd": (2, 3, 5, 7), "video_odd": (3, 2, 3, 5, 7), "b1": (1, 3, 2, 3, 5)}
+
+
+def mixed_inputs(shape, model, seed):
+    """make_inputs in float32 with v and ref rounded to the model dtype: (v_m, ref_m) in M, their
+    exact float32 copies, and x, prev, noise, coefs in float32."""
+    v, x, prev, noise, ref, coefs = make_inputs(shape, torch.float32, seed)
+    v_m, ref_m = v.to(model), ref.to(model)
+    return v_m, ref_m, v_m.float(), ref_m.float(), x, prev, noise, coefs
+
+
+def assert_bits(got, expect, dtype):
+    assert got.dtype == dtype and got.shape == expect.shape and got.is_contiguous()
+    assert torch.equal(got.view(-1).view(torch.uint8) if got.numel() else got,
+                       expect.view(-1).view(torch.uint8) if expect.numel() else expect)
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["mean", "channel_sum", "none"])
+@pytest.mark.parametrize("shape", list(MIXED_SHAPES.values()), ids=list(MIXED_SHAPES))
+@pytest.mark.parametrize("model,latent", MIXED, ids=MIXED_IDS)
+def test_forward_mixed_dtypes(model, latent, shape, reduction):
+    """Every mode (stored prev, none, sampling with noise and without, write_mean, with and
+    without the reference): logp, ref_sq, mean and the sampled prev (in the latent dtype) bit for
+    bit those of the same call on model_output.float() / ref_model_output.float()."""
+    v_m, ref_m, v32, ref32, x, prev, noise, coefs = mixed_inputs(shape, model, sum(shape) + reduction)
+    for mode, (sampling, has_pn, has_ref, write_mean) in MODES.items():
+        pn = (noise if sampling else prev) if has_pn else None
+        got = forward(v_m, x, pn, ref_m if has_ref else None, coefs, reduction, sampling,
+                      write_mean)
+        expect = forward(v32, x, pn, ref32 if has_ref else None, coefs, reduction, sampling,
+                         write_mean)
+        for g, e in zip(got, expect):
+            assert_bits(g, e, latent)                   # logp, ref_sq: float32 too (acc of L)
+        assert got[2].shape == (shape if write_mean else (0,)), mode
+        assert got[3].shape == (shape if sampling else (0,)), mode
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["mean", "channel_sum", "none"])
+@pytest.mark.parametrize("shape", list(MIXED_SHAPES.values()), ids=list(MIXED_SHAPES))
+@pytest.mark.parametrize("model,latent", MIXED, ids=MIXED_IDS)
+def test_backward_mixed_dtypes(model, latent, shape, reduction):
+    """Each combination of grad_logp, grad_mean (latent dtype) and grad_ref_sq (with the
+    reference in the model dtype), with and without prev: grad_v, in the model dtype, is the
+    float32 call's grad_v (on model_output.float()) rounded to the model dtype with .to()."""
+    seed = sum(shape) + 3 * reduction
+    v_m, ref_m, v32, ref32, x, prev, _, coefs = mixed_inputs(shape, model, seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    gl = torch.randn(flow_grpo._logp_shape(shape, reduction), generator=g).to(DEVICE)
+    gm = torch.randn(shape, generator=g).to(latent).to(DEVICE)
+    gq = torch.randn(shape[0], generator=g).to(DEVICE)
+    for grads, (want_gl, want_gm, want_gq, has_prev) in GRADS.items():
+        args = (prev if has_prev else None, coefs, reduction, gl if want_gl else None,
+                gm if want_gm else None, gq if want_gq else None)
+
+        def call(v, ref):
+            p, c, r, l, m, q = args
+            return backward(v, x, p, ref if want_gq else None, c, r, l, m, q)
+
+        got, expect32 = call(v_m, ref_m), call(v32, ref32)
+        assert expect32.dtype == torch.float32
+        assert_bits(got, expect32.to(model), model)
+        if grads == "none":
+            assert torch.all(got == 0)
+
+
+@pytest.mark.parametrize("shape", list(MIXED_SHAPES.values()), ids=list(MIXED_SHAPES))
+@pytest.mark.parametrize("model,latent", MIXED, ids=MIXED_IDS)
+def test_elem_loss_mixed_dtypes(model, latent, shape):
+    """flow_grpo_elem_loss_triton with and without the reference (in the model dtype), a
+    per-sample and a shared map, write_grad on and off, clipped and simple: loss and metrics bit
+    for bit those of the call on model_output.float(), grad_v that call's rounded to M."""
+    variants = dict(ELEM_MODES, shared_no_ref=(False, 0.0, False, True, True),
+                    shared_no_grad=(True, 0.3, False, True, False))
+    for mode, (has_ref, beta, simple, shared, write_grad) in variants.items():
+        v, x, prev, ref, coefs, kl_w, old, adv, amap = elem_loss_inputs(
+            shape, latent, has_ref, shared, seed=sum(shape) + len(mode))
+        v_m = v.to(model)
+        ref_m = ref.to(model) if has_ref else None
+        rest = (coefs, kl_w, old, adv, amap, ELEM_CLIP, ELEM_ADV_MAX, beta, simple, write_grad)
+        loss, metrics, grad_v = elem_loss(v_m, x, prev, ref_m, *rest)
+        e_loss, e_metrics, e_grad = elem_loss(v_m.float(), x, prev,
+                                              None if ref_m is None else ref_m.float(), *rest)
+        assert_bits(loss, e_loss, latent)
+        assert_bits(metrics, e_metrics, latent)
+        assert_bits(grad_v, e_grad.to(model), model)
+        assert grad_v.shape == (shape if write_grad else (0,)), mode
+
+
+@pytest.mark.parametrize("model,latent", MIXED[:1], ids=MIXED_IDS[:1])
+def test_mixed_dtypes_batch_strided(model, latent):
+    """Mixed dtypes read in place from trajectory slices (each latent of its own dtype at its own
+    batch stride): the bits of contiguous copies, for each op."""
+    shape = (3, 2, 3, 4, 5)
+    v_m, ref_m, _, _, x, prev, noise, coefs = mixed_inputs(shape, model, 70)
+    _, _, _, _, _, kl_w, old, adv, amap = elem_loss_inputs(shape, latent, seed=71)
+    gl = torch.randn(shape[0], generator=torch.Generator().manual_seed(72)).to(DEVICE)
+    gm = (0.5 * x).contiguous()
+    ops = (lambda v, x, p, r, m: forward(v, x, p, r, coefs, 2, True, True),
+           lambda v, x, p, r, m: forward(v, x, p, r, coefs, 0, False, False),
+           lambda v, x, p, r, m: [backward(v, x, p, r, coefs, 0, gl, m, gl)],
+           lambda v, x, p, r, m: elem_loss(v, x, p, r, coefs, kl_w, old, adv, amap, ELEM_CLIP,
+                                           ELEM_ADV_MAX, 0.3, False, True))
+    for i, op in enumerate(ops):
+        latents = [v_m, x, noise if i == 0 else prev, ref_m, gm]
+        expect = op(*latents)
+        assert_same_bits(op(*(trajectory_slice(t, *TRAJECTORY_SLICES[k])
+                              for k, t in enumerate(latents))), expect)
+
+
+def test_mixed_dtypes_rejected():
+    """Combinations outside the rule (one dtype, or bf16/fp16 model dtype with float32 latents)
+    are rejected by each op with a message naming the tensor and the rule: a float32 model output
+    with bfloat16 latents, float64 with float32 (either way), bfloat16 with float16; a reference
+    not of the model dtype; prev / noise / grad_mean not of the latent dtype."""
+    shape = (2, 3, 4, 5)
+    v_m, ref_m, v32, ref32, x, prev, noise, coefs = mixed_inputs(shape, torch.bfloat16, 73)
+    _, _, _, _, _, kl_w, old, adv, amap = elem_loss_inputs(shape, torch.float32, seed=73)
+    gl = torch.ones(2, device=DEVICE)
+    rule = r".*or model_output and ref_model_output \(the model dtype\) bfloat16 or float16 with "
+    rule += r"float32 sample, prev_sample / noise and grad_mean"
+
+    def fwd(v, x, p, r, m=None):
+        return forward(v, x, p, r, coefs.to(acc_of(x.dtype)), 0, False, True)
+
+    def fwd_sampling(v, x, p, r, m=None):
+        return forward(v, x, p, r, coefs.to(acc_of(x.dtype)), 1, True, False)
+
+    def bwd(v, x, p, r, m=None):
+        c, g = coefs.to(acc_of(x.dtype)), gl.to(acc_of(x.dtype))
+        return backward(v, x, p, r, c, 0, g, m, g)
+
+    def elem(v, x, p, r, m=None):
+        acc = acc_of(x.dtype)
+        return elem_loss(v, x, p, r, coefs.to(acc), kl_w.to(acc), old.to(acc), adv.to(acc),
+                         amap.to(acc), ELEM_CLIP, ELEM_ADV_MAX, 0.3, False, True)
+
+    ops = {"flow_step_forward": fwd, "flow_step_forward (sampling)": fwd_sampling,
+           "flow_step_backward": bwd, "flow_grpo_elem_loss": elem}
+    for what, op in ops.items():
+        name = what.split()[0]
+        pname = "noise" if "sampling" in what else "prev_sample"
+        # accepted: the mixed pair, and one dtype throughout
+        op(v_m, x, prev, ref_m, 0.5 * x)
+        op(v_m, x.to(v_m.dtype), prev.to(v_m.dtype), ref_m, (0.5 * x).to(v_m.dtype))
+        pairs = [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                 (torch.float64, torch.float32), (torch.float32, torch.float64),
+                 (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16),
+                 (torch.bfloat16, torch.float64)]
+        for model, latent in pairs:
+            with pytest.raises(RuntimeError, match=rf"{name}: sample \({latent}\) must have "
+                                                   rf"model_output's dtype \({model}\){rule}"):
+                op(v32.to(model), x.to(latent), prev.to(latent), ref32.to(model),
+                   x.to(latent))
+        # the reference has the model dtype, prev / noise (and grad_mean) the latent dtype
+        bad = [(dict(r=ref32), "ref_model_output", "model_output"),
+               (dict(p=prev.to(torch.bfloat16)), pname, "sample"),
+               (dict(p=prev.double()), pname, "sample")]
+        if name == "flow_step_backward":
+            bad.append((dict(m=(0.5 * x).to(torch.bfloat16)), "grad_mean", "sample"))
+        for kw, arg, like in bad:
+            kind = "model" if like == "model_output" else "latent"
+            args = {**dict(v=v_m, x=x, p=prev, r=ref_m, m=0.5 * x), **kw}
+            with pytest.raises(RuntimeError, match=rf"{name}: {arg} must be a tensor like {like} "
+                                                   rf".* must have the {kind} dtype \({like}'s\)"
+                                                   rf"{rule}"):
+                op(**args)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -456,8 +456,9 @@ def _compute_dtype(*tensors):
 
 
 # Backends whose latent kernels read a bfloat16 / float16 model_output beside float32 latents
-# (csrc/flow_step_checks.h, dtypes_supported); elsewhere such a pair is converted to float32.
-_MIXED_DTYPE_BACKENDS = frozenset({"cpu"})
+# (csrc/flow_step_checks.h, dtypes_supported; kernels/flow_step.py): every kernel backend. The
+# reference backend computes such a pair after converting it to float32.
+_MIXED_DTYPE_BACKENDS = frozenset({"cpu", "cuda", "triton"})
 
 
 def _kernel_dtypes(name, model_output, latents, ref):
