@@ -446,12 +446,12 @@ def _rows(t, rows):
 
 
 def _compute_dtype(*tensors):
-    """The dtype the kernels compute in: the widest of the given latents' dtypes. Flow-GRPO
+    """The dtype the step is computed in: the widest of the given tensors' dtypes. Flow-GRPO
     computes the step in float32 whatever its model's output dtype, so a bfloat16 model_output
-    with float32 latents is computed in float32 (model_output converted; the gradient converted
-    back by autograd). Rounding the float32 latents to bfloat16 instead moved per-element
-    log-probs by up to 0.079 (sigma 0.8 -> 0.7, [2, 16, 3, 32, 32]), a ratio error far beyond
-    any clip range. Latents of model_output's dtype are the lean path: nothing is converted."""
+    with float32 latents is computed in float32 (read as it is where the kernels take the pair,
+    _kernel_dtypes; else converted). Rounding the float32 latents to bfloat16 instead moved
+    per-element log-probs by up to 0.079 (sigma 0.8 -> 0.7, [2, 16, 3, 32, 32]), a ratio error
+    far beyond any clip range."""
     return functools.reduce(torch.promote_types, (t.dtype for t in tensors if t is not None))
 
 
@@ -648,9 +648,10 @@ def sde_step_with_logprob(model_output, sigma, sigma_next, sample, prev_sample=N
         Check every input for NaN/inf first (costs one pass per input).
 
     The step is computed in the widest dtype of model_output, sample and prev_sample (a bfloat16
-    model_output with float32 latents: float32, as Flow-GRPO computes it); inputs of one dtype
-    are the lean path, nothing converted. Latents whose samples are each contiguous (any batch
-    stride, e.g. a trajectory's ``latents[:, j]``) are read in place.
+    model_output with float32 latents: float32, as Flow-GRPO computes it). One dtype, or a
+    bfloat16 / float16 model_output beside float32 latents, is read as it is; other pairs are
+    converted. Latents whose samples are each contiguous (any batch stride, e.g. a trajectory's
+    ``latents[:, j]``) are read in place.
 
     Returns
     -------
