@@ -166,6 +166,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_surrogate_cuda(
   return {loss, metrics, factors};
 }
 
+// The fields flow_grpo_map_surrogate's and flow_grpo_elem_loss's argument structs share: the
+// [B, n] old log-prob and map (read at their row strides: trajectory slices [:, j], expanded
+// rows; checked to have contiguous rows), the surrogate's constants and the loss / metrics.
+template <typename Args>
+void set_map_loss_fields(Args& args, const at::Tensor& old_log_prob, const at::Tensor& advantages,
+                         const at::Tensor& advantage_map, double clip_range, double adv_clip_max,
+                         double beta, bool simple, at::Tensor& loss, at::Tensor& metrics) {
+  args.old_log_prob = old_log_prob.data_ptr();
+  args.advantages = advantages.data_ptr();
+  args.advantage_map = advantage_map.data_ptr();
+  args.map_shared = advantage_map.size(0) == 1;
+  args.old_bstride = flow_step::batch_stride(old_log_prob);
+  args.map_bstride = flow_step::row_stride(advantage_map);
+  args.clip_range = clip_range;
+  args.adv_clip_max = adv_clip_max;
+  args.beta = beta;
+  args.simple = simple;
+  args.loss = loss.data_ptr();
+  args.metrics = metrics.data_ptr();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_map_surrogate_cuda(
     at::Tensor& logp, const std::optional<at::Tensor>& ref_sq,
     const std::optional<at::Tensor>& kl_weight, const at::Tensor& old_log_prob,
@@ -184,19 +205,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_map_surrogate_cuda(
   args.logp = logp.data_ptr();
   args.ref_sq = opt_ptr(ref_sq);
   args.kl_weight = opt_ptr(kl_weight);
-  args.old_log_prob = old_log_prob.data_ptr();
-  args.advantages = advantages.data_ptr();
-  args.advantage_map = advantage_map.data_ptr();
-  args.map_shared = advantage_map.size(0) == 1;
-  // rows read in place: trajectory slices [:, j], expanded rows (checked: each row contiguous)
-  args.old_bstride = flow_step::batch_stride(old_log_prob);
-  args.map_bstride = flow_step::row_stride(advantage_map);
-  args.clip_range = clip_range;
-  args.adv_clip_max = adv_clip_max;
-  args.beta = beta;
-  args.simple = simple;
-  args.loss = loss.data_ptr();
-  args.metrics = metrics.data_ptr();
+  set_map_loss_fields(args, old_log_prob, advantages, advantage_map, clip_range, adv_clip_max,
+                      beta, simple, loss, metrics);
   args.grad_ref_sq = grad_ref_sq.data_ptr();
   const at::Tensor workspace =  // alive until the kernels are queued
       cuda_scratch(cuda::flow_grpo_map_surrogate_workspace_bytes(args), logp, &args.workspace);
@@ -236,19 +246,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cuda(
   args.ref_bstride = bs.ref;
   args.coefs = coefs.data_ptr();
   args.kl_weight = opt_ptr(kl_weight);
-  args.old_log_prob = old_log_prob.data_ptr();
-  args.advantages = advantages.data_ptr();
-  args.advantage_map = advantage_map.data_ptr();
-  args.map_shared = advantage_map.size(0) == 1;
-  // rows read in place: trajectory slices [:, j], expanded rows (checked: each row contiguous)
-  args.old_bstride = flow_step::batch_stride(old_log_prob);
-  args.map_bstride = flow_step::row_stride(advantage_map);
-  args.clip_range = clip_range;
-  args.adv_clip_max = adv_clip_max;
-  args.beta = beta;
-  args.simple = simple;
-  args.loss = loss.data_ptr();
-  args.metrics = metrics.data_ptr();
+  set_map_loss_fields(args, old_log_prob, advantages, advantage_map, clip_range, adv_clip_max,
+                      beta, simple, loss, metrics);
   args.grad_v = write_grad ? grad_v.data_ptr() : nullptr;  // without write_grad: [0], unwritten
   const at::Tensor workspace =  // alive until the kernels are queued
       cuda_scratch(cuda::flow_grpo_elem_loss_workspace_bytes(args), v, &args.workspace);
