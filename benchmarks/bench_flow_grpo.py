@@ -9,10 +9,14 @@ against the measured device copy bandwidth, and peak extra memory.
     python benchmarks/bench_flow_grpo.py --host          # host overhead: device ops, host time
     python benchmarks/bench_flow_grpo.py --map both      # with a ViPO advantage map (per position
                                                          # and per element); combines with --gpu
+    python benchmarks/bench_flow_grpo.py --gpu --mixed --trajectory
+                     # Flow-GRPO's own inputs: bf16 model_output/reference beside float32 latents,
+                     # sample/prev_sample (and old log-prob/map) as [:, j] trajectory slices
 
 Rows go to the results CSV (benchmarks/results/results.csv, or $TBK_RESULTS_CSV) with op
 ``flow_grpo_loss`` (``flow_grpo_loss_map_position`` / ``_map_element`` with a map: times,
-speedups and memory; no bandwidth rows, the map path's traffic depends on the map's kind). Peak extra memory: on a GPU ``max_memory_allocated`` minus what was allocated
+speedups and memory), with ``_trajectory`` appended under --trajectory; under --mixed the dtype
+column reads ``bfloat16/float32`` (model_output/latents). Peak extra memory: on a GPU ``max_memory_allocated`` minus what was allocated
 before the step; on a CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) minus
 the resident set before the step, each variant in its own process (with a fixed glibc mmap
 threshold, so freed tensors leave the resident set) so one cannot inflate another's peak. "Extra" includes the gradient the step must produce, so the floor is one latent.
@@ -58,13 +62,17 @@ def _as_trajectory_slice(t):
     return view
 
 
-def make_inputs(shape, dtype, device, seed=0, trajectory=False):
+def make_inputs(shape, dtype, device, seed=0, trajectory=False, latent_dtype=None):
+    """Step inputs: model_output v and the reference in ``dtype``, sample x and prev_sample in
+    ``latent_dtype`` (default ``dtype``; Flow-GRPO keeps its trajectory in float32 beside a bf16
+    transformer, --mixed)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    def rnd():
-        return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
-    v, x = rnd(), rnd()
-    prev = (x + 0.05 * rnd()).contiguous()
-    ref = (v + 0.01 * rnd()).contiguous()
+    latent_dtype = latent_dtype or dtype
+    def rnd(dt):
+        return torch.randn(shape, generator=g).to(device=device, dtype=dt)
+    v, x = rnd(dtype), rnd(latent_dtype)
+    prev = (x + 0.05 * rnd(latent_dtype)).contiguous()
+    ref = (v + 0.01 * rnd(dtype)).contiguous()
     if trajectory:
         x, prev = _as_trajectory_slice(x), _as_trajectory_slice(prev)
     b = shape[0]
@@ -355,10 +363,11 @@ def _rss_kib(field):
     raise RuntimeError(field)
 
 
-def peak_extra_bytes(name, shape, dtype, device, map_kind=None):
-    d = make_inputs(shape, dtype, device)
+def peak_extra_bytes(name, shape, dtype, device, map_kind=None, trajectory=False,
+                     latent_dtype=None):
+    d = make_inputs(shape, dtype, device, trajectory=trajectory, latent_dtype=latent_dtype)
     if map_kind is not None:
-        add_map_inputs(d, map_kind)
+        add_map_inputs(d, map_kind, trajectory=trajectory)
     fn = build(name, device, map_kind)
     vv = d["v"].clone().requires_grad_(True)
     fn(vv, d).backward()                       # warm-up: compilation, allocator growth
@@ -379,13 +388,15 @@ def peak_extra_bytes(name, shape, dtype, device, map_kind=None):
     return (_rss_kib("VmHWM") - base) * 1024
 
 
-def peak_tensor_bytes(name, shape, dtype, device, map_kind=None, trajectory=False):
+def peak_tensor_bytes(name, shape, dtype, device, map_kind=None, trajectory=False,
+                      latent_dtype=None):
     """Exact bytes of the tensors one forward+backward creates (tbkernels.memory's count). On
     the meta device this is the memory model of a step at any size: eager's temporaries are the
     same ops' outputs there, and tbkernels' compiled op runs its meta kernel, which allocates
     what the CPU, CUDA and Triton kernels allocate (their outputs; Triton adds O(B) partials).
-    ``trajectory``: sample and prev_sample as Flow-GRPO passes them, [:, j] slices."""
-    d = make_inputs(shape, dtype, device, trajectory=trajectory)
+    ``trajectory``: sample and prev_sample as Flow-GRPO passes them, [:, j] slices;
+    ``latent_dtype``: theirs, when it differs from model_output's (--mixed)."""
+    d = make_inputs(shape, dtype, device, trajectory=trajectory, latent_dtype=latent_dtype)
     if map_kind is not None:
         add_map_inputs(d, map_kind, trajectory=trajectory)
     # meta: the compiled ops' meta kernels. Host sigmas and one step first: the step measured is
@@ -401,13 +412,27 @@ def peak_tensor_bytes(name, shape, dtype, device, map_kind=None, trajectory=Fals
     return tm.peak_bytes
 
 
-def run_meta(shapes, dtypes, recorder, map_kinds=(None,), trajectory=False):
+def dtype_label(dtype, latent_dtype=None):
+    """The CSV's dtype column: ``bfloat16``, or ``bfloat16/float32`` for model_output/latents."""
+    name = str(dtype).replace("torch.", "")
+    if latent_dtype is None or latent_dtype == dtype:
+        return name
+    return f"{name}/{str(latent_dtype).replace('torch.', '')}"
+
+
+def op_label(map_kind, trajectory):
+    return (OP if map_kind is None else f"{OP}_map_{map_kind}") + ("_trajectory" if trajectory
+                                                                    else "")
+
+
+def run_meta(shapes, dtypes, recorder, map_kinds=(None,), trajectory=False, latent_dtype=None):
     meta = torch.device("meta")
     for shape, dtype, kind in itertools.product(shapes, dtypes, map_kinds):
-        shape_s, dtype_s = "x".join(map(str, shape)), str(dtype).replace("torch.", "")
-        op = (OP if kind is None else f"{OP}_map_{kind}") + ("_trajectory" if trajectory else "")
+        shape_s, dtype_s = "x".join(map(str, shape)), dtype_label(dtype, latent_dtype)
+        op = op_label(kind, trajectory)
+        # "latents" count model_output's dtype: the gradient the step must produce is one
         latent = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        peaks = {name: peak_tensor_bytes(name, shape, dtype, meta, kind, trajectory)
+        peaks = {name: peak_tensor_bytes(name, shape, dtype, meta, kind, trajectory, latent_dtype)
                  for name in ("eager", "tbkernels")}
         sliced = "sample/prev_sample" + ("" if kind is None else "/old_log_prob/map")
         print(f"\n{shape_s} {dtype_s}{'' if kind is None else f', per-{kind} ViPO map'}"
@@ -534,11 +559,16 @@ def coefficient_table_us(latent, reps):
             "cached_floats": time_call(stage_floats, cpu, reps) * 1e6}
 
 
-def measure_memory_in_child(name, shape, dtype, device, map_kind=None):
+def measure_memory_in_child(name, shape, dtype, device, map_kind=None, trajectory=False,
+                            latent_dtype=None):
     cmd = [sys.executable, __file__, "--child-memory", name, "--shape", ",".join(map(str, shape)),
            "--dtype", str(dtype).replace("torch.", ""), "--device", device.type]
     if map_kind is not None:
         cmd += ["--map", map_kind]
+    if trajectory:
+        cmd += ["--trajectory"]
+    if latent_dtype is not None:
+        cmd += ["--latent-dtype", str(latent_dtype).replace("torch.", "")]
     # A fixed mmap threshold makes glibc return every large block to the OS when it is freed
     # (its default threshold grows after the first free, and freed blocks then stay resident),
     # so the resident set tracks live tensors and its peak is the step's peak.
@@ -549,10 +579,11 @@ def measure_memory_in_child(name, shape, dtype, device, map_kind=None):
 
 # ------------------------------------------------------------------------------------------------
 
-def fused_bytes_moved(shape, elt, map_kind=None):
+def fused_bytes_moved(shape, elt, map_kind=None, latent_elt=None):
     """Bytes tbkernels' fused path must move per phase; eager moves far more, and the same count
-    is its useful work. Latents of `elt` bytes, float32 log-probs and maps, beta != 0 (the
-    reference is read for the gradient too).
+    is its useful work. model_output, the reference and grad_v of `elt` bytes, sample and
+    prev_sample of `latent_elt` (default `elt`), float32 log-probs and maps, beta != 0 (the
+    reference is read for the gradient too). "A latent" below is one of each of these.
     No map: forward reads v, x, prev, ref; backward reads them again and writes grad_v.
     Per position (P = numel / C): the step also writes the [B, P] log-prob, the map surrogate
     reads it with old_log_prob and the map and overwrites it; the backward reads it once more
@@ -560,32 +591,43 @@ def fused_bytes_moved(shape, elt, map_kind=None):
     Per element: one pass reads the four latents, old_log_prob and the map and writes grad_v;
     the backward scales grad_v in place."""
     numel = math.prod(shape)
-    latent = numel * elt
+    model = numel * elt                                  # v, the reference, grad_v
+    pair = 2 * numel * (elt if latent_elt is None else latent_elt)   # sample and prev_sample
+    inputs = 2 * model + pair                            # the four latents read
     if map_kind is None:
-        fwd, bwd = 4 * latent, 5 * latent
+        fwd, bwd = inputs, inputs + model
     elif map_kind == "position":
         positions = numel // shape[1]
-        fwd, bwd = 4 * latent + 20 * positions, 7 * latent + 4 * positions
+        fwd, bwd = inputs + 20 * positions, inputs + 3 * model + 4 * positions
     else:
-        fwd, bwd = 5 * latent + 8 * numel, 2 * latent
+        fwd, bwd = inputs + model + 8 * numel, 2 * model
     return {"forward": fwd, "backward": bwd, "forward_backward": fwd + bwd}
 
 
-def run(shapes, dtypes, device, reps, recorder, memory=True, map_kind=None):
-    op_name = OP if map_kind is None else f"{OP}_map_{map_kind}"
+def run(shapes, dtypes, device, reps, recorder, memory=True, map_kind=None, trajectory=False,
+        latent_dtype=None):
+    op_name = op_label(map_kind, trajectory)
     for shape in shapes:
         for dtype in dtypes:
             shape_s = "x".join(map(str, shape))
-            dtype_s = str(dtype).replace("torch.", "")
-            numel = math.prod(shape)
+            dtype_s = dtype_label(dtype, latent_dtype)
             elt = torch.empty((), dtype=dtype).element_size()
-            bytes_moved = fused_bytes_moved(shape, elt, map_kind)
+            latent_elt = (None if latent_dtype is None
+                          else torch.empty((), dtype=latent_dtype).element_size())
+            bytes_moved = fused_bytes_moved(shape, elt, map_kind, latent_elt)
             bw = copy_bandwidth(shape, dtype, device, reps)
             recorder.add("device_copy", "torch", shape_s, dtype_s, "copy_gb_per_s", bw / 1e9)
             print(f"\n{shape_s} {dtype_s}: device copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
-            d = make_inputs(shape, dtype, device)
+            d = make_inputs(shape, dtype, device, trajectory=trajectory,
+                            latent_dtype=latent_dtype)
+            if latent_dtype is not None:
+                print(f"  sample/prev_sample in {str(latent_dtype).replace('torch.', '')}",
+                      flush=True)
+            if trajectory:
+                print(f"  sample/prev_sample{'' if map_kind is None else ', old_log_prob, map'}"
+                      " as [:, j] trajectory slices", flush=True)
             if map_kind is not None:
-                add_map_inputs(d, map_kind)
+                add_map_inputs(d, map_kind, trajectory=trajectory)
                 print(f"  with a per-{map_kind} ViPO advantage map", flush=True)
             fns = {name: build(name, device, map_kind) for name in variants(device, map_kind)}
             print(f"  forward+backward, {reps} rounds interleaved over {len(fns)} variants ...",
@@ -606,7 +648,8 @@ def run(shapes, dtypes, device, reps, recorder, memory=True, map_kind=None):
                     recorder.add(op, name, shape_s, dtype_s, "fraction_of_copy_bw", achieved / bw)
                 line = "  ".join(f"{p} {s * 1e3:8.2f} ms" for p, s in phases.items())
                 if memory:
-                    extra = measure_memory_in_child(name, shape, dtype, device, map_kind)
+                    extra = measure_memory_in_child(name, shape, dtype, device, map_kind,
+                                                    trajectory, latent_dtype)
                     recorder.add(f"{op_name}.forward_backward", name, shape_s, dtype_s,
                                  "peak_extra_bytes", extra)
                     line += f"  peak extra {extra / 2**20:8.1f} MiB"
@@ -672,9 +715,13 @@ def main():
     p.add_argument("--map", choices=MAP_KINDS + ("both",), default=None,
                    help="time flow_grpo_loss with a ViPO advantage map of this kind instead")
     p.add_argument("--trajectory", action="store_true",
-                   help="with --meta: sample and prev_sample (and with --map the old log-prob "
+                   help="sample and prev_sample (and with --map the old log-prob "
                         "and the map) as Flow-GRPO passes them, [:, j] slices of "
                         f"[B, {TRAJECTORY_STEPS}, ...] trajectories (batch-strided)")
+    p.add_argument("--mixed", action="store_true",
+                   help="model_output and the reference in bfloat16, sample and prev_sample in "
+                        "float32, as Flow-GRPO keeps its trajectory beside a bf16 transformer")
+    p.add_argument("--latent-dtype", default=None, help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--no-record", action="store_true", help="print only, write no CSV rows")
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
@@ -686,7 +733,8 @@ def main():
     if args.child_memory:
         shape = tuple(int(s) for s in args.shape.split(","))
         extra = peak_extra_bytes(args.child_memory, shape, getattr(torch, args.dtype),
-                                 torch.device(args.device), args.map)
+                                 torch.device(args.device), args.map, args.trajectory,
+                                 args.latent_dtype and getattr(torch, args.latent_dtype))
         print(json.dumps({"peak_extra_bytes": extra}))
         return
 
@@ -705,7 +753,7 @@ def main():
             kinds = ((None,) if args.map is None else MAP_KINDS if args.map == "both"
                      else (args.map,))
             run_meta([(8, 16, 21, 60, 104), (8, 16, 21, 90, 160)], [torch.bfloat16], recorder,
-                     kinds, args.trajectory)
+                     kinds, args.trajectory, torch.float32 if args.mixed else None)
         path = recorder.finish()
         if path:
             print(f"\nrows appended to {path}")
@@ -720,13 +768,17 @@ def main():
         dtypes, reps = [torch.bfloat16], args.reps or 20
     else:
         shapes, dtypes, reps = [(4, 16, 21, 60, 104)], [torch.float32], args.reps or 15
+    latent_dtype = None
+    if args.mixed:
+        dtypes, latent_dtype = [torch.bfloat16], torch.float32
     command = "python benchmarks/bench_flow_grpo.py " + " ".join(sys.argv[1:])
     recorder = Recorder(enabled=not args.no_record, device=device_name(device),
                         commit=git_commit(), command=command.strip())
     print(f"{OP} on {recorder.device}, commit {recorder.commit}")
     kinds = [None] if args.map is None else MAP_KINDS if args.map == "both" else [args.map]
     for kind in kinds:
-        run(shapes, dtypes, device, reps, recorder, memory=not args.quick, map_kind=kind)
+        run(shapes, dtypes, device, reps, recorder, memory=not args.quick, map_kind=kind,
+            trajectory=args.trajectory, latent_dtype=latent_dtype)
     path = recorder.finish()
     if path:
         print(f"\nrows appended to {path}")

@@ -5,13 +5,14 @@
 #   benchmarks/gpu_check.sh OUTDIR                 # every step, in order
 #   benchmarks/gpu_check.sh OUTDIR STEP [STEP ...]  # only these (names below), in the order given
 #
-# Steps: environment tools build backends tests benchmarks flow_grpo flow_grpo_map mps dpo_memory
-# plot.
+# Steps: environment tools build backends tests benchmarks flow_grpo flow_grpo_map
+# flow_grpo_inputs mps dpo_memory plot.
 # Everything takes longer than one 10-minute device command; split it over calls on one warm
 # machine (the build stays installed between them), e.g.
 #   gpu_check.sh $OUT environment tools build backends tests
 #   gpu_check.sh $OUT environment benchmarks flow_grpo mps
 #   gpu_check.sh $OUT environment flow_grpo_map dpo_memory plot
+#   gpu_check.sh $OUT environment flow_grpo_inputs plot
 #
 # Assumes a CUDA torch and nvcc are installed; pytest, pytest-benchmark and triton are installed
 # only if missing (from PIP_FIND_LINKS wheels or the network; neither is required to exist).
@@ -23,8 +24,8 @@
 # them with nvidia-smi -L. Commit OUTDIR/results.csv into benchmarks/results/ afterwards.
 set -u
 
-ALL_STEPS=(environment tools build backends tests benchmarks flow_grpo flow_grpo_map mps dpo_memory
-  plot)
+ALL_STEPS=(environment tools build backends tests benchmarks flow_grpo flow_grpo_map
+  flow_grpo_inputs mps dpo_memory plot)
 if [ $# -lt 1 ]; then
   echo "usage: $0 OUTDIR [STEP ...]   (steps: ${ALL_STEPS[*]})" >&2
   exit 2
@@ -139,6 +140,19 @@ flow_grpo_map_bench() {
   return $rc
 }
 
+flow_grpo_inputs_bench() {
+  # Flow-GRPO's own inputs: a bf16 model_output and reference beside float32 sample/prev_sample
+  # that are [:, j] slices of stored trajectories; without a map and with a per-position map.
+  # Rows: ops flow_grpo_loss_trajectory / _map_position_trajectory, dtype bfloat16/float32.
+  TBK_RESULTS_CSV="$OUT/results.csv" $PY benchmarks/bench_flow_grpo.py --gpu --mixed \
+    --trajectory >"$OUT/flow_grpo_inputs.log" 2>&1 &&
+  TBK_RESULTS_CSV="$OUT/results.csv" $PY benchmarks/bench_flow_grpo.py --gpu --mixed \
+    --trajectory --map position >>"$OUT/flow_grpo_inputs.log" 2>&1
+  local rc=$?
+  tail -40 "$OUT/flow_grpo_inputs.log"
+  return $rc
+}
+
 mps_bench() {
   # Starts a private MPS daemon (own pipe/log directories) and stops it before returning.
   $PY benchmarks/bench_mps.py --csv "$OUT/results.csv" --out-dir "$OUT/mps" \
@@ -170,12 +184,13 @@ plot() {
 
 declare -A STEP_FN=([environment]=environment [tools]=tools [build]=build [backends]=backends
   [tests]=tests [benchmarks]=benchmarks [flow_grpo]=flow_grpo_bench
-  [flow_grpo_map]=flow_grpo_map_bench [mps]=mps_bench
+  [flow_grpo_map]=flow_grpo_map_bench [flow_grpo_inputs]=flow_grpo_inputs_bench [mps]=mps_bench
   [dpo_memory]=dpo_memory_bench [plot]=plot)
 declare -A STEP_NAME=([environment]="environment" [tools]="test tools"
   [build]="build tbkernels with CUDA" [backends]="backend table" [tests]="test suite on the GPU"
   [benchmarks]="benchmark suite" [flow_grpo]="flow-GRPO loss benchmark"
   [flow_grpo_map]="flow-GRPO loss benchmark with ViPO maps"
+  [flow_grpo_inputs]="flow-GRPO loss benchmark on Flow-GRPO's inputs (mixed dtypes, trajectory slices)"
   [mps]="MPS reward-worker benchmark" [dpo_memory]="DPO peak-memory benchmark" [plot]="plot")
 for s in "${STEPS[@]}"; do
   step "${STEP_NAME[$s]}" "${STEP_FN[$s]}"

@@ -812,6 +812,22 @@ def test_meta_memory_model_equals_cpu_count(dtype, trajectory):
             assert meta >= 5 * latent
 
 
+def test_meta_memory_model_mixed_trajectory_equals_cpu_count():
+    """bench_flow_grpo.py --meta --mixed --trajectory (Flow-GRPO's own inputs: a bf16
+    model_output and reference beside float32 trajectory slices): meta and CPU counts agree, and
+    tbkernels' extra is the bf16 gradient alone (nothing converted, nothing copied)."""
+    bench = _load_flow_bench()
+    shape = (2, 16, 3, 12, 20)
+    grad = math.prod(shape) * 2
+    for name in ("eager", "tbkernels"):
+        counts = [bench.peak_tensor_bytes(name, shape, torch.bfloat16, torch.device(dev),
+                                          trajectory=True, latent_dtype=torch.float32)
+                  for dev in ("cpu", "meta")]
+        assert counts[0] == counts[1], (name, counts)
+        if name == "tbkernels":
+            assert grad <= counts[1] <= grad + 4096, (counts, grad)
+
+
 @pytest.mark.parametrize("map_kind", ["position", "element"])
 def test_meta_memory_model_with_a_map_equals_cpu_count(map_kind):
     """The same for bench_flow_grpo.py --meta --map: with a ViPO map, meta and CPU counts agree
@@ -1341,26 +1357,31 @@ def test_bench_map_variants_compute_the_same_loss(map_kind):
     assert 0.05 < m["clipfrac"].item() < 0.95, m["clipfrac"]
 
 
-def test_bench_bytes_model_counts_the_fused_path_traffic():
+@pytest.mark.parametrize("latent_dtype", [None, torch.float32], ids=["bf16", "mixed"])
+def test_bench_bytes_model_counts_the_fused_path_traffic(latent_dtype):
     """bench_flow_grpo.py's bytes model (the bandwidth rows): per element, the fused op's one
     pass reads the bench's four latents, old_log_prob and map and writes the gradient, then the
     backward scales it; per position the [B, positions] log-prob adds its traffic; counted here
-    from the bench's own input tensors."""
+    from the bench's own input tensors, also for --mixed (float32 sample/prev_sample beside a
+    bf16 model_output, reference and gradient)."""
     bench = _load_flow_bench()
     shape = (2, 16, 3, 12, 20)
-    d = bench.make_inputs(shape, torch.bfloat16, torch.device("meta"))
+    d = bench.make_inputs(shape, torch.bfloat16, torch.device("meta"), latent_dtype=latent_dtype)
+    assert d["x"].dtype == d["prev"].dtype == (latent_dtype or torch.bfloat16)
+    assert d["v"].dtype == d["ref"].dtype == torch.bfloat16
+    latent_elt = None if latent_dtype is None else 4
     nb = lambda t: t.numel() * t.element_size()  # noqa: E731
     latents = sum(nb(d[k]) for k in ("v", "x", "prev", "ref"))
     grad = nb(d["v"])
-    assert bench.fused_bytes_moved(shape, 2) == {"forward": latents, "backward": latents + grad,
-                                                 "forward_backward": 2 * latents + grad}
+    assert bench.fused_bytes_moved(shape, 2, None, latent_elt) == {
+        "forward": latents, "backward": latents + grad, "forward_backward": 2 * latents + grad}
     e = bench.add_map_inputs(dict(d), "element")
-    model = bench.fused_bytes_moved(shape, 2, "element")
+    model = bench.fused_bytes_moved(shape, 2, "element", latent_elt)
     assert model["forward"] == latents + nb(e["old_map"]) + nb(e["amap"]) + grad
     assert model["backward"] == 2 * grad
     p = bench.add_map_inputs(dict(d), "position")
     logp = nb(p["old_map"])                                   # [B, positions] float32
-    model = bench.fused_bytes_moved(shape, 2, "position")
+    model = bench.fused_bytes_moved(shape, 2, "position", latent_elt)
     assert model["forward"] == latents + logp + (3 * logp + logp)   # write; read 3, overwrite
     assert model["backward"] == latents + logp + grad + 2 * grad
     assert model["forward_backward"] == model["forward"] + model["backward"]
