@@ -67,10 +67,13 @@ def _git(*args: str) -> str:
 
 
 def git_commit() -> str:
-    """Short HEAD, with ``-dirty`` when tracked files differ from it; ``unknown`` without git."""
+    """Short HEAD, with ``-dirty`` when tracked files differ from it; ``unknown`` without git.
+    Results (benchmarks/results/) do not count: rows appended by one run do not make the next
+    run's code dirty."""
     try:
         head = _git("rev-parse", "--short", "HEAD").strip()
-        dirty = _git("status", "--porcelain", "--untracked-files=no").strip()
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                     ":(exclude)benchmarks/results").strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
