@@ -156,6 +156,33 @@ def test_mse_outputs_fully_written(backend):
             assert torch.isfinite(out).all() and torch.isfinite(p.grad).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mse_inference_target_and_double_backward(backend):
+    """A target made under torch.inference_mode() (noise, or a frozen model's prediction) is
+    accepted as PyTorch's own ops accept it, with the same gradient as an ordinary copy; a
+    backward with create_graph=True is refused by the kernel backends (no second derivative)
+    and works on the reference backend."""
+    _available(backend)
+    p = rand((3, 4, 5), seed=21)
+    with torch.inference_mode():
+        t = rand((3, 4, 5), seed=22) * 1.0
+    assert t.is_inference()
+    grads = []
+    for target in (t, t.clone()):
+        pp = p.clone().requires_grad_(True)
+        tbkernels.per_sample_mse(pp, target, backend=backend).sum().backward()
+        grads.append(pp.grad)
+    assert torch.equal(grads[0], grads[1])
+    pp = p.clone().requires_grad_(True)
+    out = tbkernels.per_sample_mse(pp, t.clone(), backend=backend).sum()
+    if backend == "reference":
+        (g,) = torch.autograd.grad(out, pp, create_graph=True)
+        assert g.requires_grad
+    else:
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad(out, pp, create_graph=True)
+
+
 def test_mse_errors():
     p = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="target has shape"):

@@ -628,6 +628,19 @@ def _call(**over):
     (dict(sde_type="wan"), ValueError, "sigma_max and sigma_min"),
     (dict(kl_form="reverse"), ValueError, "kl_form"),
     (dict(sde_type="ode", ref_model_output=torch.zeros(2, 4, 2, 5, 6)), ValueError, "no KL"),
+    (dict(sigma_next=math.nan), ValueError, "sigma_next must be a finite number"),
+    (dict(sde_type="wan", sigma_max=0.0, sigma_min=0.0), ValueError,
+     r"degenerate transition .*sigma_min \+ \(sigma_max - sigma_min\)"),
+    (dict(sde_type="wan", sigma_max=-0.5, sigma_min=-0.9), ValueError, "degenerate transition"),
+    (dict(sigma=1.0, sigma_max=1.0), ValueError, r"degenerate transition .*1 - sigma_max"),
+    (dict(beta=-0.1, ref_model_output=torch.zeros(2, 4, 2, 5, 6)), ValueError,
+     "beta .* finite number >= 0"),
+    (dict(beta=math.nan), ValueError, "beta .* finite number >= 0"),
+    (dict(advantages=[1.0, -1.0]), TypeError, "advantages must be a tensor"),
+    (dict(old_log_prob=torch.zeros(2, device="meta")), ValueError,
+     "old_log_prob is on meta but model_output is on cpu"),
+    (dict(advantages=torch.ones(2, dtype=torch.long)), TypeError, "advantages must be floating"),
+    (dict(advantage_map=[[1.0]]), TypeError, "advantage_map must be a tensor"),
 ])
 def test_bad_input(over, error, match):
     with pytest.raises(error, match=match):
@@ -644,6 +657,34 @@ def test_nan_check_behind_flag():
     with pytest.raises(ValueError, match="prev_sample contains"):
         tbkernels.sde_step_with_logprob(v.nan_to_num(), 0.8, 0.7, v.nan_to_num(), v,
                                         check_finite=True)
+
+
+def test_numpy_scalar_sigmas_equal_floats():
+    """numpy.float32 is not a Python float (numpy.float64 is): both are accepted as numbers and
+    give the result of the same Python floats."""
+    np = pytest.importorskip("numpy")
+    v, x, prev, _ = latents((2, 4, 2, 5, 6), torch.float32, seed=23)
+    exp = tbkernels.sde_step_with_logprob(v, float(np.float32(0.8)), float(np.float32(0.7)), x,
+                                          prev)[1]
+    got = tbkernels.sde_step_with_logprob(v, np.float32(0.8), np.float32(0.7), x, prev)[1]
+    assert torch.equal(got, exp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("map_kind", [None, "position", "element"])
+def test_empty_batch(backend, map_kind):
+    """B = 0 (every sample of a micro-batch filtered out): no error, a NaN loss (the mean of
+    nothing, as eager PyTorch gives) and an empty gradient."""
+    _available(backend)
+    z = torch.zeros(0, 4, 2, 5, 6, dtype=torch.float64, device=DEVICE)
+    amap = {None: None, "position": torch.zeros(0, 2, 5, 6, dtype=torch.float64, device=DEVICE),
+            "element": torch.zeros_like(z)}[map_kind]
+    old = torch.zeros((0,) if amap is None else amap.shape, dtype=torch.float64, device=DEVICE)
+    vv = z.clone().requires_grad_(True)
+    loss, _ = tbkernels.flow_grpo_loss(vv, z, z, 0.8, 0.7, old, old.new_zeros(0),
+                                       advantage_map=amap, backend=backend)
+    loss.backward()
+    assert math.isnan(loss.item()) and vv.grad.shape == z.shape
 
 
 def test_step_errors():
@@ -1412,23 +1453,6 @@ def test_host_overhead_counts():
 
 
 @pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
-def test_fused_loss_refuses_double_backward(backend):
-    """The eager fused node's backward is kernels, with no autograd of its own: a second-order
-    gradient raises (the first-order gradient carries no graph) instead of silently coming out
-    as zero."""
-    _available(backend)
-    v, x, prev, ref = latents((2, 3, 2, 4, 5), seed=33)
-    vv = v.clone().requires_grad_(True)
-    old = torch.full((2,), -1.0, dtype=torch.float64, device=DEVICE)
-    adv = torch.tensor([1.0, -1.0], dtype=torch.float64, device=DEVICE)
-    loss, _ = tbkernels.flow_grpo_loss(vv, x, prev, 0.9, 0.8, old, adv, backend=backend)
-    (g,) = torch.autograd.grad(loss, vv, create_graph=True)
-    assert not g.requires_grad
-    with pytest.raises(RuntimeError, match="does not require grad|differentiate twice"):
-        torch.autograd.grad(g.sum(), vv)
-
-
-@pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
 def test_fused_loss_under_autocast(backend):
     """Flow-GRPO computes the loss inside the training step's autocast region: the model's bf16
     velocity meets float32 stored latents. The fused path gives the reference backend's loss
@@ -1744,3 +1768,84 @@ def test_kl_weight_is_the_kl_formula_and_memoized_with_the_table():
     w = flow_grpo._kl_weight(*first[:2], "flow_grpo", 96, torch.float32, first[2])
     again = flow_grpo._coefficients(meta, 0.8, 0.7, "flow_grpo", 0.7, None, None)
     assert flow_grpo._kl_weight(*again[:2], "flow_grpo", 96, torch.float32, again[2]) is w
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts under torch.inference_mode(), and double backward.
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("map_kind", [None, "position", "element"])
+def test_rollout_under_inference_mode_then_train(backend, map_kind):
+    """The usual loop: the rollout samples under torch.inference_mode() (which also builds the
+    cached coefficient table of its noise levels), then training at the same noise levels is
+    given those inference tensors (latents, old log-prob, reference, advantages, map) directly.
+    The loss and the gradient equal those of the same values as ordinary tensors, bit for bit,
+    and a differentiable step on an inference-mode sample works too."""
+    _available(backend)
+    flow_grpo._COEF_CACHE.clear()
+    shape = (2, 4, 3, 6, 5)
+    v, x, noise, _ = latents(shape, seed=71)
+    reduction = {None: "mean", "position": "channel_sum", "element": "none"}[map_kind]
+    with torch.inference_mode():
+        x_inf = x.clone()
+        prev, old, _, _ = tbkernels.sde_step_with_logprob(
+            v + 0.05 * noise, 0.61, 0.53, x_inf, logprob_reduction=reduction, backend=backend,
+            generator=torch.Generator(DEVICE).manual_seed(3))
+        ref = v + 0.01 * noise
+        adv = torch.tensor([1.2, -0.8], dtype=torch.float64, device=DEVICE)
+        amap = None if map_kind is None else torch.rand_like(old)
+    assert prev.is_inference() and old.is_inference()
+    grads, losses = [], []
+    for inference in (True, False):
+        args = (x_inf, prev, old, adv, ref, amap)
+        if not inference:
+            args = tuple(None if t is None else t.clone() for t in args)
+        xs, ps, olds, advs, refs, amaps = args
+        vv = v.clone().requires_grad_(True)
+        loss, _ = tbkernels.flow_grpo_loss(vv, xs, ps, 0.61, 0.53, olds, advs,
+                                           ref_model_output=refs, beta=0.2, clip_range=0.3,
+                                           advantage_map=amaps, backend=backend)
+        loss.backward()
+        grads.append(vv.grad)
+        losses.append(loss.detach())
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+    vv = v.clone().requires_grad_(True)
+    lp = tbkernels.sde_step_with_logprob(vv, 0.61, 0.53, x_inf, prev, backend=backend)[1]
+    lp.sum().backward()
+    assert vv.grad is not None and bool(torch.isfinite(vv.grad).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused_by_the_kernels(backend):
+    """A backward with create_graph=True (a gradient penalty, a Hessian-vector product): the
+    reference backend differentiates twice; the kernel backends have no second derivative and
+    say so, rather than returning a gradient whose graph is missing (a penalty on it would
+    silently be zero)."""
+    _available(backend)
+    shape = (2, 3, 2, 4, 5)
+    v, x, prev, ref = latents(shape, seed=73)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64, device=DEVICE)
+    cases = {}
+    for map_kind in (None, "position", "element"):
+        amap = (None if map_kind is None else
+                torch.rand(shape if map_kind == "element" else (2, 2, 4, 5),
+                           dtype=torch.float64, device=DEVICE))
+        old = torch.zeros((2,) if amap is None else amap.shape, dtype=torch.float64,
+                          device=DEVICE)
+        cases[f"loss_{map_kind}"] = lambda vv, amap=amap, old=old: tbkernels.flow_grpo_loss(
+            vv, x, prev, 0.9, 0.8, old, adv, ref_model_output=ref, beta=0.1, clip_range=0.5,
+            advantage_map=amap, backend=backend)[0]
+    cases["step"] = lambda vv: tbkernels.sde_step_with_logprob(
+        vv, 0.9, 0.8, x, prev, logprob_reduction="none", backend=backend)[1].sum()
+    for name, fn in cases.items():
+        vv = v.clone().requires_grad_(True)
+        out = fn(vv)
+        if backend == "reference":
+            (g,) = torch.autograd.grad(out, vv, create_graph=True)
+            (gg,) = torch.autograd.grad((g * g).sum(), vv)
+            assert gg.abs().sum() > 0, name
+        else:
+            with pytest.raises(RuntimeError, match="no second derivative"):
+                torch.autograd.grad(out, vv, create_graph=True)
+            (g,) = torch.autograd.grad(fn(vv), vv)       # first order unaffected
+            assert bool(torch.isfinite(g).all()), name

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .._backend import resolve_backend
 from ._dpo_reference import per_sample_mse_reference
+from . import _autograd
 
 IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 LOSSES = ("diffusion_dpo", "flow_dpo", "teleboost", "kto")
@@ -65,12 +66,13 @@ def _fake_backward(grad_out, pred, target):
 
 def _setup(ctx, inputs, output):
     pred, target = inputs
-    ctx.save_for_backward(pred, target)
+    _autograd.save(ctx, pred, target)
 
 
 def _make_backward(backward_op):
     def backward(ctx, grad_out):
-        pred, target = ctx.saved_tensors
+        _autograd.refuse_double_backward("per_sample_mse")
+        pred, target = _autograd.saved(ctx)
         g = grad_out.to(_acc(pred.dtype, target.dtype)).contiguous()
         return backward_op(g, pred, target), None
     return backward

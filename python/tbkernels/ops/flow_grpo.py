@@ -36,13 +36,14 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import numbers
 import threading
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._backend import resolve_backend
 from ..kernels._layout import batch_stride
+from . import _autograd
 from ._flow_grpo_coefs import step_coefficients
 from ._flow_grpo_reference import REDUCTIONS, SDE_TYPES
 
@@ -108,7 +109,7 @@ def _fake_forward(v, x, prev_or_noise, ref, coefs, reduction, sampling, write_me
 def _setup_forward(ctx, inputs, output):
     v, x, prev_or_noise, ref, coefs, reduction, sampling, _ = inputs
     prev = output[3] if sampling else prev_or_noise
-    ctx.save_for_backward(v, x, prev, ref, coefs)
+    _autograd.save(ctx, v, x, prev, ref, coefs)
     ctx.reduction, ctx.sampling = reduction, sampling
     # An output nobody differentiated arrives as None, not as zeros: no zero-fill launches, and
     # an unused ref_sq (a reference given for the KL metric only, beta = 0) keeps the backward
@@ -118,7 +119,8 @@ def _setup_forward(ctx, inputs, output):
 
 def _make_backward(backward_op):
     def backward(ctx, grad_logp, grad_ref_sq, grad_mean, grad_prev):
-        v, x, prev, ref, coefs = ctx.saved_tensors
+        _autograd.refuse_double_backward("sde_step_with_logprob")
+        v, x, prev, ref, coefs = _autograd.saved(ctx)
         # A sampled prev_sample is mean + s*noise: its gradient reaches v through the mean.
         if ctx.sampling and grad_prev is not None and grad_prev.numel():
             grad_mean = grad_prev if grad_mean is None or not grad_mean.numel() else grad_mean + grad_prev
@@ -209,6 +211,7 @@ def _setup_surrogate(ctx, inputs, output):
 
 
 def _surrogate_backward(ctx, grad_loss, grad_metrics, grad_factors):
+    _autograd.refuse_double_backward("flow_grpo_loss")
     (factors,) = ctx.saved_tensors
     grads = factors * grad_loss           # one launch for both per-sample gradients
     return grads[0], grads[1] if ctx.kl_grad else None, None, None, None, None, None, None, None
@@ -365,15 +368,20 @@ def _sigma_tensor(value, name, batch, device):
             raise ValueError(f"{name} must be a float, a 0-d tensor or a [B] = [{batch}] tensor, "
                              f"got shape {list(value.shape)}")
         return value.detach().to(device=device, dtype=torch.float64).reshape(-1).expand(batch)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if _is_number(value):
         return torch.full((batch,), float(value), dtype=torch.float64, device=device)
     raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+
+
+def _is_number(value):
+    """A real number given as a Python or NumPy scalar (numpy.float32 is not a float)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _host_levels(value, name, batch):
     """A host sigma as a tuple of B Python floats (the cache key), without building tensors
     for plain numbers."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if _is_number(value):
         return (float(value),) * batch
     if isinstance(value, torch.Tensor) and value.dim() <= 1 and value.numel() in (1, batch):
         # a CPU tensor's values, read directly (float32 or float64 -> exact Python floats)
@@ -385,6 +393,9 @@ def _host_levels(value, name, batch):
 def _check_sigmas(sigma, sigma_next):
     if torch.compiler.is_compiling() or sigma.is_meta:   # no values to check (tracing, meta)
         return
+    if not bool(torch.isfinite(sigma_next).all()):
+        raise ValueError(f"sigma_next must be a finite number in [0, sigma), got "
+                         f"{sigma_next[~torch.isfinite(sigma_next)][0].item()}")
     if not bool(((sigma > 0) & (sigma <= 1)).all()):
         raise ValueError(f"sigma must lie in (0, 1] (rectified flow noise level), got "
                          f"{sigma.min().item():.6g}..{sigma.max().item():.6g}")
@@ -441,7 +452,8 @@ def _kernel_layout(t):
 def _rows(t, rows):
     """t as the [rows, n] rows the map ops read: a view where each row is contiguous (any row
     stride: a [:, j] slice of log-probs or maps stored for a whole trajectory), else a copy."""
-    r = t.reshape(rows, -1)                  # a view whenever the dims after the first merge
+    assert t.shape[0] == rows
+    r = t.reshape(rows, math.prod(t.shape[1:]))   # a view whenever the dims after the first merge
     return r if batch_stride(r) is not None else r.contiguous()
 
 
@@ -518,11 +530,19 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
                 cached = next(iter(per_stream.values()))
             if cached is not None:
                 return cached
+    if host and torch.is_inference_mode_enabled():
+        # a cached table outlives this call: made under inference_mode it would be an inference
+        # tensor, which a later differentiable call at the same noise levels cannot save for
+        # its backward (the usual rollout-then-train loop)
+        with torch.inference_mode(False):
+            return _coefficients(model_output, sigma, sigma_next, sde_type, noise_level,
+                                 sigma_max, sigma_min, dtype)
     where = torch.device("cpu") if host else device
     s = _sigma_tensor(sigma, "sigma", batch, where)
     sn = _sigma_tensor(sigma_next, "sigma_next", batch, where)
     _check_sigmas(s, sn)
     coefs, std_dev_t = step_coefficients(s, sn, sde_type, noise_level, sigma_max, sigma_min)
+    _check_table(coefs, s, sn, sde_type, sigma_max, sigma_min)
     coefs = coefs.to(acc).contiguous()
     # memo: per-sample quantities derived from the table (the KL weight), kept with a cached
     # table so that they too are computed once per noise level
@@ -533,6 +553,30 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
         coefs, std_dev_t = _to_device(coefs, device), _to_device(std_dev_t, device)
         _COEF_CACHE.put(key, stream, (coefs, std_dev_t, memo))
     return coefs, std_dev_t, memo
+
+
+def _check_table(coefs, sigma, sigma_next, sde_type, sigma_max, sigma_min):
+    """Valid sigmas can still make a convention's transition degenerate: a zero or negative
+    Wan std (sigma_min + (sigma_max - sigma_min) * sigma <= 0), or Flow-GRPO's first step with
+    sigma_max >= 1 (1 - sigma_max in a square root's denominator). The log-prob would then be
+    NaN or infinite everywhere; say which argument did it instead."""
+    if torch.compiler.is_compiling() or coefs.is_meta:
+        return
+    gaussian = sde_type in ("flow_grpo", "dance_grpo", "wan")
+    ok = torch.isfinite(coefs).all(dim=1)
+    if gaussian:
+        ok &= coefs[:, 4] > 0
+    if bool(ok.all()):
+        return
+    i = int((~ok).nonzero()[0, 0])
+    hint = {"wan": f"std_dev_t = sigma_min + (sigma_max - sigma_min) * sigma must be > 0; got "
+                   f"sigma_max={sigma_max!r}, sigma_min={sigma_min!r}",
+            "flow_grpo": f"at sigma = 1 Flow-GRPO's std uses sigma_max (the schedule's sigmas[1]) "
+                         f"in 1 - sigma_max, which must be > 0; got sigma_max={sigma_max!r}"}
+    raise ValueError(f"sde_type={sde_type!r} gives a degenerate transition (std "
+                     f"{coefs[i, 4].item():.6g}, coefficients not finite or std <= 0) at sample "
+                     f"{i}: sigma={sigma[i].item():.6g}, sigma_next={sigma_next[i].item():.6g}. "
+                     + hint.get(sde_type, "check noise_level and the sigmas"))
 
 
 def _stream_state(device):
@@ -554,6 +598,11 @@ def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo):
     with a cached table; for a table made on the host it is computed there and copied (no device
     arithmetic), otherwise it is six tiny launches on the device."""
     key = (kl_form, numel, acc)
+    # (a table made on the host is never a traced one, so the mode is not queried under
+    # torch.compile, which cannot trace that query)
+    if key not in memo and "host_table" in memo and torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):     # memoized with a cached table (_coefficients)
+            return _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo)
     if key not in memo:
         host = memo.get("host_table")
         device = coefs.device
@@ -728,6 +777,8 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
         raise ValueError(f"kl_form must be one of {KL_FORMS}, got {kl_form!r}")
     if vipo_form not in VIPO_FORMS:
         raise ValueError(f"vipo_form must be one of {VIPO_FORMS}, got {vipo_form!r}")
+    if not (beta >= 0 and math.isfinite(beta)):
+        raise ValueError(f"beta (the KL coefficient) must be a finite number >= 0, got {beta}")
     if beta != 0 and ref_model_output is None:
         raise ValueError(f"beta = {beta} needs ref_model_output (the reference policy's velocity)")
     if ref_model_output is not None and sde_type == "ode":
@@ -735,6 +786,17 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
                          "the reference policy; drop ref_model_output/beta or use a stochastic step")
     if not (clip_range > 0 and adv_clip_max > 0):
         raise ValueError(f"clip_range and adv_clip_max must be > 0, got {clip_range}, {adv_clip_max}")
+    for arg, t in (("old_log_prob", old_log_prob), ("advantages", advantages),
+                   ("advantage_map", advantage_map)):
+        if t is None and arg == "advantage_map":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg} must be a tensor, got {type(t).__name__}")
+        if t.device != model_output.device:
+            raise ValueError(f"{arg} is on {t.device} but model_output is on "
+                             f"{model_output.device}; move it there")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{arg} must be floating, got {t.dtype}")
     batch = model_output.shape[0]
     reduction = 0
     if advantage_map is not None:
@@ -831,16 +893,16 @@ class _FusedLoss(torch.autograd.Function):
         ctx.set_materialize_grads(False)     # no zero-filled gradient for the metrics
         # beta = 0: the KL is only a metric, so the backward does not read the reference
         ctx.kl_grad = ref is not None and consts[2] != 0
-        ctx.save_for_backward(v, x, prev, ref if ctx.kl_grad else None, coefs, factors)
+        _autograd.save(ctx, v, x, prev, ref if ctx.kl_grad else None, coefs, factors)
         ctx.backend = name
         return loss, metrics
 
     @staticmethod
-    @once_differentiable                   # the kernels' backward has no autograd of its own
+    @_autograd.kernel_backward("flow_grpo_loss")   # the kernels' backward has no autograd
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:
             return (None,) * 10
-        v, x, prev, ref, coefs, factors = ctx.saved_tensors
+        v, x, prev, ref, coefs, factors = _autograd.saved(ctx)
         grads = factors * grad_loss          # d loss / d logp and d loss / d ref_sq, one launch
         with torch._C._AutoDispatchBelowAutograd():
             grad_v = _backward_op(ctx.backend)(v, x, prev, ref, coefs, 0, grads[0], None,
@@ -856,7 +918,7 @@ def _map_rows(advantage_map, logp_shape, acc):
     m = advantage_map.detach().to(acc)
     if tuple(m.shape[1:]) == tuple(logp_shape[1:]) and m.shape[0] in (1, logp_shape[0]):
         return _rows(m, m.shape[0])
-    return m.expand(logp_shape).contiguous().view(logp_shape[0], -1)
+    return m.expand(logp_shape).contiguous().view(logp_shape[0], math.prod(logp_shape[1:]))
 
 
 class _MapLoss(torch.autograd.Function):
@@ -883,17 +945,17 @@ class _MapLoss(torch.autograd.Function):
         ctx.mark_non_differentiable(metrics)
         ctx.set_materialize_grads(False)
         ctx.kl_grad = ref is not None and beta != 0
-        ctx.save_for_backward(v, x, prev, ref if ctx.kl_grad else None, coefs, logp,
+        _autograd.save(ctx, v, x, prev, ref if ctx.kl_grad else None, coefs, logp,
                               grad_ref_sq if ctx.kl_grad else None)
         ctx.backend, ctx.reduction = name, reduction
         return loss, metrics
 
     @staticmethod
-    @once_differentiable
+    @_autograd.kernel_backward("flow_grpo_loss")
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:
             return (None,) * 12
-        v, x, prev, ref, coefs, factor, grad_ref_sq = ctx.saved_tensors
+        v, x, prev, ref, coefs, factor, grad_ref_sq = _autograd.saved(ctx)
         # The step's backward is linear in its incoming gradients: run it on the gradient of a
         # unit loss and scale the (fresh, owned) result, rather than allocating factor * g, a
         # second [B, positions] float32 buffer.
@@ -922,19 +984,19 @@ class _ElemLoss(torch.autograd.Function):
         ctx.mark_non_differentiable(metrics)
         ctx.set_materialize_grads(False)
         ctx.grad_v = grad_v                # an intermediate, not an input or output: kept as is
-        ctx.save_for_backward(v, x, prev, ref, coefs, kl_w, old_rows, adv, amap)
+        _autograd.save(ctx, v, x, prev, ref, coefs, kl_w, old_rows, adv, amap)
         ctx.consts, ctx.backend = consts, name
         return loss, metrics
 
     @staticmethod
-    @once_differentiable
+    @_autograd.kernel_backward("flow_grpo_loss")
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:
             return (None,) * 11
         grad_v, ctx.grad_v = ctx.grad_v, None
         if grad_v is None:                 # retain_graph: the first backward took the buffer
             with torch._C._AutoDispatchBelowAutograd():
-                _, _, grad_v = _elem_loss_op(ctx.backend)(*ctx.saved_tensors, *ctx.consts, True)
+                _, _, grad_v = _elem_loss_op(ctx.backend)(*_autograd.saved(ctx), *ctx.consts, True)
         return (grad_v.mul_(grad_loss),) + (None,) * 10
 
 
