@@ -107,7 +107,9 @@ void group_advantages_kernel(const scalar_t* r, int64_t B, int64_t K,
         std_out[g * K + k] = static_cast<stat_t>(sd);
 
         // A group whose rewards are all equal (n = 1 included) carries no signal: exact 0.
-        const bool flat = !(lo < hi);
+        // std::min/max skip a NaN, torch's amin/amax propagate it: a group holding a NaN (its
+        // sum is NaN) is never flat, so its advantages are NaN as the reference's are.
+        const bool flat = !(lo < hi) && !std::isnan(s);
         const double denom = std_mode == kStdGroup    ? sd + eps
                              : std_mode == kStdGlobal ? global_std[k] + eps
                                                       : 1.0;

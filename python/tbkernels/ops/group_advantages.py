@@ -108,6 +108,7 @@ def _resolve_options(preset, std, ddof, eps, clip):
     if isinstance(ddof, bool) or ddof not in (0, 1):
         raise ValueError(f"group_advantages: ddof must be 0 (population std, Flow-GRPO) or 1 "
                          f"(unbiased std, DanceGRPO), got {ddof!r}")
+    ddof = int(ddof)                       # 1.0 passes the check; the kernels take an int
     eps = float(eps)
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"group_advantages: eps must be a finite number >= 0, got {eps!r}")
@@ -130,6 +131,18 @@ def _dense_group_index(group_ids, batch, device):
                              f"{list(group_ids.shape)}")
         unique, index = torch.unique(group_ids.to(device), sorted=True, return_inverse=True)
         return index.to(torch.int64), unique.shape[0], unique
+    if type(group_ids).__module__ == "numpy" and hasattr(group_ids, "dtype"):
+        # a NumPy array, as trainers often hold prompts: integers as a tensor, anything else
+        # (strings, objects) as a sequence of ids
+        if group_ids.dtype.kind in "iub":
+            return _dense_group_index(torch.as_tensor(group_ids), batch, device)
+        if group_ids.dtype.kind in "fc":
+            raise TypeError(f"group_advantages: group_ids must hold integers or hashable ids, "
+                            f"got a NumPy array of {group_ids.dtype}")
+        if group_ids.ndim != 1:
+            raise ValueError(f"group_advantages: group_ids must have shape [B] = [{batch}], "
+                             f"got {list(group_ids.shape)}")
+        group_ids = group_ids.tolist()
     if isinstance(group_ids, (str, bytes)) or not isinstance(group_ids, Sequence):
         raise TypeError("group_advantages: group_ids must be a [B] integer tensor or a sequence of "
                         f"B hashable ids (e.g. prompts), got {type(group_ids).__name__}")
