@@ -490,10 +490,27 @@ def test_loss_errors():
     with pytest.raises(DPOInputError, match="rejected has shape"):
         tbkernels.flow_dpo_loss(a, torch.rand(5))
     with pytest.raises(DPOInputError, match="ref_chosen has shape"):
-        tbkernels.diffusion_dpo_loss(a, b, torch.rand(3), None)
-    for beta in (0.0, -1.0, float("nan"), float("inf")):
+        tbkernels.diffusion_dpo_loss(a, b, torch.rand(3), torch.rand(4))
+    for refs in ((torch.rand(4), None), (None, torch.rand(4))):
+        with pytest.raises(DPOInputError, match="give both ref_chosen and ref_rejected"):
+            tbkernels.diffusion_dpo_loss(a, b, *refs)
+        with pytest.raises(DPOInputError, match="give both ref_desirable and ref_undesirable"):
+            tbkernels.diffusion_kto_loss(a, b, *refs)
+    for beta in (0.0, -1.0, float("nan"), float("inf"), torch.tensor(float("inf")),
+                 torch.tensor(float("nan")), torch.tensor(-2.0)):
         with pytest.raises(DPOInputError, match="beta"):
             tbkernels.flow_dpo_loss(a, b, beta=beta)
+    with pytest.raises(DPOInputError, match=r"empty \(B = 0\)"):
+        tbkernels.flow_dpo_loss(torch.rand(0), torch.rand(0))
+    with pytest.raises(DPOInputError, match="both empty"):
+        tbkernels.diffusion_kto_loss(torch.rand(0), torch.rand(0))
+    t = torch.rand(4)
+    with pytest.raises(DPOInputError, match=r"timesteps must be a \[B\] = \[4\] tensor"):
+        tbkernels.flow_dpo_loss(a, b, timesteps=t.view(-1, 1), beta_schedule=lambda s: (1 - s) ** 2)
+    with pytest.raises(DPOInputError, match="must return a"):
+        tbkernels.flow_dpo_loss(a, b, timesteps=t, beta_schedule=lambda s: s.view(-1, 1))
+    with pytest.raises(DPOInputError, match="finite and >= 0"):
+        tbkernels.flow_dpo_loss(a, b, timesteps=t, beta_schedule=lambda s: s - 2)
     with pytest.raises(DPOInputError, match=r"shape \[B\]"):
         tbkernels.flow_dpo_loss(a.view(2, 2), b.view(2, 2))
     with pytest.raises(DPOInputError, match="needs timesteps"):
@@ -508,6 +525,18 @@ def test_loss_errors():
         tbkernels.flow_dpo_loss(a, b, nll_real_weight=0.1)
     loss, _ = tbkernels.flow_dpo_loss(torch.tensor([float("nan")] * 4), b, check_finite=False)
     assert torch.isnan(loss)
+
+
+def test_numpy_beta_and_one_sided_kto():
+    """beta as a NumPy scalar equals the same Python float; KTO is unpaired, so a batch with
+    only desirable samples is valid."""
+    np = pytest.importorskip("numpy")
+    a, b = torch.rand(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    for beta in (np.float32(5.0), np.int64(5), np.float64(5.0)):
+        got, _ = tbkernels.flow_dpo_loss(a, b, beta=beta)
+        assert got.item() == tbkernels.flow_dpo_loss(a, b, beta=float(beta))[0].item()
+    loss, _ = tbkernels.diffusion_kto_loss(a, torch.rand(0, dtype=torch.float64), beta=2.0)
+    assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -1200,6 +1229,25 @@ def test_peak_memory_cpu():
             pass
 
 
+def test_nested_peak_memory_cpu_keeps_the_outer_peak():
+    """The kernel keeps one peak RSS per process and each CPU block resets it: an inner block
+    must not erase the peak its enclosing block saw before it (it did: 48 MiB reported for a
+    block that had touched 300 MiB). Also: peak_tensor_memory's live_at_exit is final at exit."""
+    with tbkernels.memory.peak_memory("cpu") as outer:
+        x = torch.ones(32 * 2**20)                      # 128 MiB, touched, then freed
+        del x
+        with tbkernels.memory.peak_memory("cpu") as inner:
+            y = torch.ones(4 * 2**20)                   # 16 MiB
+            del y
+    assert outer.peak_extra >= 120 * 2**20, (str(outer), str(inner))
+    assert inner.peak_extra < 100 * 2**20, str(inner)
+    with tbkernels.memory.peak_tensor_memory() as tm:
+        a = torch.ones(1000)
+    live = tm.live_at_exit
+    del a
+    assert live == 4000 and tm.live_at_exit == live
+
+
 def test_peak_tensor_memory_counts_forward_and_backward():
     w = torch.randn(256, 256, requires_grad=True)
     x = torch.randn(64, 256)
@@ -1401,3 +1449,58 @@ def test_peak_tensor_memory_counts_wrapper_subclasses_by_their_inner_tensors():
         del y
     assert (tm.peak_bytes, tm.live_at_exit, tm.allocations) == (4 * 16384, 2 * 16384, 4)
     del z
+
+
+def test_atomic_warns_when_reentrant_checkpoints_hide_parameters():
+    """Reentrant activation checkpointing records one graph node per block, so the block's
+    parameters are invisible to the graph walk that finds what atomic=True protects: the call
+    warns (pass model=/params=) instead of silently leaving them unprotected; with model= it
+    does not warn, and a failure in the second branch restores their .grad."""
+    import warnings
+
+    import torch.utils.checkpoint as ckpt
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([torch.nn.Linear(6, 6) for _ in range(2)])
+    x = torch.randn(3, 6)
+
+    def errors(inp, fail=False):
+        h = inp
+        for block in blocks:
+            h = ckpt.checkpoint(block, h, use_reentrant=True)
+        if fail:
+            raise RuntimeError("reward model crashed")
+        return (h ** 2).mean(1)
+
+    with pytest.warns(UserWarning, match="reentrant activation checkpoints"):
+        tbkernels.dpo_backward(lambda: errors(x.clone().requires_grad_(True)),
+                               lambda: errors((x * 0.5).requires_grad_(True)), beta=1.0, mode="recompute")
+    before = [p.grad.clone() for p in blocks.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="reward model crashed"):
+            tbkernels.dpo_backward(lambda: errors(x.clone().requires_grad_(True)),
+                                   lambda: errors((x * 0.5).requires_grad_(True), fail=True), beta=1.0,
+                                   mode="recompute", model=blocks)
+    assert not [w for w in caught if "reentrant activation" in str(w.message)]
+    for p, g in zip(blocks.parameters(), before):
+        assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "recompute"])
+def test_branches_sharing_a_graph_get_a_named_error(mode):
+    """A trainable value computed once outside both fns is freed by the first branch's
+    backward in the two-backward modes: the call says so (DPOInputError) rather than PyTorch's
+    "backward through the graph a second time", and leaves .grad as it was; standard works."""
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    h = lin(x)
+    tbkernels.dpo_backward(lambda: (h ** 2).mean(1), lambda: (0.5 * h).pow(2).mean(1), beta=1.0,
+                           mode="standard")
+    before = [p.grad.clone() for p in lin.parameters()]
+    h = lin(x)
+    with pytest.raises(DPOInputError, match="share part of their autograd graph"):
+        tbkernels.dpo_backward(lambda: (h ** 2).mean(1), lambda: (0.5 * h).pow(2).mean(1),
+                               beta=1.0, mode=mode)
+    for p, g in zip(lin.parameters(), before):
+        assert torch.equal(p.grad, g)

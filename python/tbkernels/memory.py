@@ -53,6 +53,13 @@ def rss_bytes() -> int | None:
     return None if kib is None else kib * 1024
 
 
+# Open CPU peak_memory blocks, innermost last, each with the highest VmHWM read before an inner
+# block reset it: the kernel keeps one peak per process, so a nested block's reset would
+# otherwise erase what the enclosing block had seen.
+_OPEN_CPU_BLOCKS: list[list] = []
+_OPEN_CPU_LOCK = threading.Lock()
+
+
 def _reset_hwm() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -204,13 +211,22 @@ def peak_memory(device: str | torch.device | None = None, *, nvml_interval: floa
         return
     if device.type != "cpu":
         raise ValueError(f"peak_memory measures CUDA devices and the CPU, not {device.type}")
-    result.rss_reset = _reset_hwm()
+    with _OPEN_CPU_LOCK:
+        hwm = _status_kib("VmHWM")
+        for entry in _OPEN_CPU_BLOCKS:          # keep the enclosing blocks' peaks
+            if hwm is not None:
+                entry[1] = max(entry[1], hwm)
+        result.rss_reset = _reset_hwm()
+        entry = [result, 0]
+        _OPEN_CPU_BLOCKS.append(entry)
     result.start_rss = rss_bytes()
     try:
         yield result
     finally:
-        hwm = _status_kib("VmHWM")
-        result.peak_rss = None if hwm is None else hwm * 1024
+        with _OPEN_CPU_LOCK:
+            _OPEN_CPU_BLOCKS.remove(entry)
+            hwm = _status_kib("VmHWM")
+        result.peak_rss = None if hwm is None else max(hwm, entry[1]) * 1024
         result.end_rss = rss_bytes()
         if result.peak_rss is None:                  # no /proc: the lifetime peak, in KiB
             import resource
@@ -246,7 +262,8 @@ def peak_tensor_memory():
 
     Yields
     ------
-    :class:`PeakTensorMemory`, updated live and final when the block exits.
+    :class:`PeakTensorMemory`, updated live and final when the block exits (tensors freed
+    after it no longer change ``live_at_exit``).
     """
     import weakref
 
@@ -256,6 +273,7 @@ def peak_tensor_memory():
     result = PeakTensorMemory()
     live: dict = {}
     lock = threading.Lock()
+    open_ = [True]                               # False once the block has exited
 
     def storage_key(storage):
         # meta storages have no address (data_ptr 0); their StorageImpl pointer is unique while
@@ -277,7 +295,7 @@ def peak_tensor_memory():
 
     def freed(key, nbytes):
         with lock:
-            if live.pop(key, None) is not None:
+            if live.pop(key, None) is not None and open_[0]:
                 result.live_at_exit -= nbytes
 
     class _Counter(TorchDispatchMode):
@@ -310,5 +328,9 @@ def peak_tensor_memory():
                 weakref.finalize(storage, freed, key, nbytes)
             return out
 
-    with _Counter():
-        yield result
+    try:
+        with _Counter():
+            yield result
+    finally:
+        with lock:
+            open_[0] = False

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from typing import Callable
 
@@ -187,25 +188,29 @@ def _compiling():
 
 
 def _check_beta(beta, name="beta"):
-    if isinstance(beta, bool) or not isinstance(beta, (int, float, torch.Tensor)):
+    # numbers.Real: Python and NumPy scalars (numpy.float32 is not a float)
+    if isinstance(beta, bool) or not isinstance(beta, (numbers.Real, torch.Tensor)):
         raise DPOInputError(f"{name} must be a positive number, got {type(beta).__name__}")
     if isinstance(beta, torch.Tensor):
         if beta.dim() > 0:
             raise DPOInputError(f"{name} must be a number or a 0-d tensor, got shape "
                                 f"{list(beta.shape)}")
-        if not _compiling() and not bool(beta > 0):
-            raise DPOInputError(f"{name} must be > 0, got {beta.item():g}")
+        if not _compiling() and not bool((beta > 0) & torch.isfinite(beta)):
+            raise DPOInputError(f"{name} must be a finite number > 0, got {beta.item():g}")
     elif not (beta > 0 and math.isfinite(beta)):
         raise DPOInputError(f"{name} must be a finite number > 0, got {beta}")
 
 
-def _check_errors(name, t, length=None, like=None):
+def _check_errors(name, t, length=None, like=None, allow_empty=False):
     if not isinstance(t, torch.Tensor):
         raise DPOInputError(f"{name} must be a tensor of per-sample errors [B], got "
                             f"{type(t).__name__}")
     if t.dim() != 1:
         raise DPOInputError(f"{name} must be per-sample errors of shape [B] (reduce the latent "
                             f"dims first, e.g. with per_sample_mse), got shape {list(t.shape)}")
+    if t.shape[0] == 0 and not allow_empty:
+        raise DPOInputError(f"{name} is empty (B = 0): there is no pair to train on; skip the "
+                            f"step instead")
     if not t.dtype.is_floating_point:
         raise DPOInputError(f"{name} must be floating, got {t.dtype}")
     if like is not None and t.shape != like[1].shape:
@@ -241,7 +246,21 @@ def _beta_weight(beta_schedule, timesteps, batch):
     if callable(beta_schedule):
         if timesteps is None:
             raise DPOInputError("a callable beta_schedule needs timesteps [B]")
-        return beta_schedule(timesteps)
+        if not isinstance(timesteps, torch.Tensor) or timesteps.shape != (batch,):
+            # a [B, 1, 1, 1, 1] view (as broadcast against latents) would make the loss a
+            # mean over all B x B cross pairs, silently
+            raise DPOInputError(f"timesteps must be a [B] = [{batch}] tensor, got "
+                                f"{getattr(timesteps, 'shape', type(timesteps).__name__)}")
+        weight = beta_schedule(timesteps.detach())
+        if not isinstance(weight, torch.Tensor) or weight.shape not in ((batch,), ()):
+            raise DPOInputError(f"beta_schedule(timesteps) must return a [B] = [{batch}] (or 0-d) "
+                                f"tensor of per-pair beta factors, got "
+                                f"{getattr(weight, 'shape', type(weight).__name__)}")
+        if not _compiling() and not bool((torch.isfinite(weight) & (weight >= 0)).all()):
+            raise DPOInputError("beta_schedule(timesteps) must be finite and >= 0 (a negative "
+                                f"factor flips the objective), got min {weight.min().item():g}, "
+                                f"max {weight.max().item():g}")
+        return weight
     if beta_schedule not in BETA_SCHEDULES:
         raise DPOInputError(f"beta_schedule must be one of {BETA_SCHEDULES} or a callable, got "
                             f"{beta_schedule!r}")
@@ -289,6 +308,9 @@ def _dpo(chosen, rejected, ref_chosen, ref_rejected, *, beta, half, beta_weight,
     _check_beta(beta)
     _check_errors("chosen", chosen)
     _check_errors("rejected", rejected, like=("chosen", chosen))
+    if (ref_chosen is None) != (ref_rejected is None):
+        raise DPOInputError("give both ref_chosen and ref_rejected (reference-model errors) or "
+                            "neither (reference-free); with one the margin would mix the two")
     if ref_chosen is not None:
         _check_errors("ref_chosen", ref_chosen, like=("chosen", chosen))
     if ref_rejected is not None:
@@ -437,8 +459,14 @@ def diffusion_kto_loss(desirable, undesirable, ref_desirable=None, ref_undesirab
     ``-L``, plus ``kto/z0`` and ``loss/kto``.
     """
     _check_beta(beta)
-    _check_errors("desirable", desirable)
-    _check_errors("undesirable", undesirable)
+    # KTO is unpaired: one side may be empty, not both
+    _check_errors("desirable", desirable, allow_empty=True)
+    _check_errors("undesirable", undesirable, allow_empty=True)
+    if desirable.shape[0] + undesirable.shape[0] == 0:
+        raise DPOInputError("desirable and undesirable are both empty: nothing to train on")
+    if (ref_desirable is None) != (ref_undesirable is None):
+        raise DPOInputError("give both ref_desirable and ref_undesirable (reference-model "
+                            "errors) or neither (reference-free)")
     if ref_desirable is not None:
         _check_errors("ref_desirable", ref_desirable, like=("desirable", desirable))
     if ref_undesirable is not None:
@@ -536,8 +564,11 @@ def _allreduce_grads(ddp, params, bucket_bytes=25 * 2**20):
                 bucket, size = [], 0
 
 
-def _graph_leaves(*outputs):
-    """Parameters (autograd leaves) reached from the outputs' graphs."""
+def _graph_leaves(*outputs, hidden=None):
+    """Parameters (autograd leaves) reached from the outputs' graphs. ``hidden``, a list, gets
+    the names of nodes whose parameters the graph cannot show: reentrant activation
+    checkpointing (``use_reentrant=True``) records one node for the whole block and recomputes
+    it in its backward, so the block's parameters are not leaves of this graph."""
     seen, leaves, stack = set(), {}, [o.grad_fn for o in outputs
                                       if o is not None and o.grad_fn is not None]
     while stack:
@@ -548,6 +579,8 @@ def _graph_leaves(*outputs):
         var = getattr(fn, "variable", None)
         if isinstance(var, torch.Tensor):
             leaves[id(var)] = var
+        if hidden is not None and fn.name().startswith("CheckpointFunction"):
+            hidden.append(fn.name())
         stack.extend(f for f, _ in fn.next_functions)
     return list(leaves.values())
 
@@ -700,7 +733,19 @@ def _surrogate_backward(weights, values, scale, scaler):
         s = s * scale
     if scaler is not None:
         s = scaler.scale(s)
-    s.backward()
+    try:
+        s.backward()
+    except RuntimeError as e:
+        if "backward through the graph a second time" not in str(e):
+            raise
+        # the two branches share part of their graph (a trainable conditioning computed once
+        # outside the fns, one concatenated forward sliced into both): the first branch's
+        # backward freed it
+        raise DPOInputError(
+            "the chosen and rejected branches share part of their autograd graph, which the "
+            "first branch's backward freed; in 'decoupled' and 'recompute' modes each fn must "
+            "compute its errors from its own forward (compute shared trainable inputs inside "
+            "both fns), or use mode='standard'") from e
 
 
 def _weights(loss_fn, chosen, rejected, ref_c, ref_r):
@@ -833,7 +878,14 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
 
     def protect(*outs):
         if snapshot is not None and not explicit_params:
-            snapshot.add(_graph_leaves(*outs))
+            hidden = []
+            snapshot.add(_graph_leaves(*outs, hidden=hidden))
+            if hidden:
+                warnings.warn(
+                    "dpo_backward(atomic=True): the branch's graph holds reentrant activation "
+                    "checkpoints (use_reentrant=True), whose parameters the graph does not show, "
+                    "so a failure could not restore their .grad; pass model= or params= (or "
+                    "checkpoint with use_reentrant=False)", stacklevel=3)
 
     def check_pair(c, r):
         if pair and c.shape != r.shape:
