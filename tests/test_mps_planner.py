@@ -245,6 +245,22 @@ def test_profiles_json_round_trip(tmp_path):
     assert "torch" in meta["versions"] and "device" in meta
 
 
+def test_profiles_json_keeps_every_quota_exactly(tmp_path):
+    """Quota keys are written as the shortest text that reads back as the same float: six
+    significant digits (the old "%g") merged 33.33331 and 33.33332 into one point, silently,
+    and turned 100/3 into 33.3333. Whole quotas stay "25", not "25.0"."""
+    ps = mps.ProfileSet({"x": {33.33331: 1.0, 33.33332: 0.9, 100: 0.4},
+                         "a": {100 / 3: 1.0, 200 / 3: 0.6, 25: 0.8, 100: 0.5}},
+                        samples={"a": {100 / 3: [1.0, 1.01]}})
+    ps.save(tmp_path / "p.json")
+    raw = json.loads((tmp_path / "p.json").read_text())
+    assert "25" in raw["workers"]["a"]["runtimes"]
+    back = mps.load_profiles(tmp_path / "p.json")
+    assert dict(back) == {"x": {33.33331: 1.0, 33.33332: 0.9, 100.0: 0.4},
+                          "a": {100 / 3: 1.0, 200 / 3: 0.6, 25.0: 0.8, 100.0: 0.5}}
+    assert back.samples["a"] == {100 / 3: [1.0, 1.01]}
+
+
 def test_plan_json_round_trip(tmp_path):
     p = mps.plan(PROFILES, "exact")
     p.save(tmp_path / "plan.json")

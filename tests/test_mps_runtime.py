@@ -162,6 +162,43 @@ def test_input_validation():
         mps.WorkerSpec("x", "m:f", mem_limit="lots")
     with pytest.raises(ValueError, match="no WorkerSpec"):
         mps.run_plan(mps.plan(PROFILES), {"cnn": w["cnn"]})
+    for bad in (0, -5, float("nan"), True, "10"):
+        for arg in ("timeout", "setup_timeout"):
+            with pytest.raises(ValueError, match=f"{arg} must be positive seconds"):
+                mps.run_groups([[(w["cnn"], 50)]], backend="process", **{arg: bad})
+
+
+def test_builtin_worker_targets_survive_another_installation():
+    """Profiles record the built-in reward and simulated workers by file path. Read by another
+    installation (venv, node, a reinstall), that path is gone: the worker is rebuilt from this
+    installation's copy of the same file. Other targets are kept as written."""
+    from tbkernels.mps.workers import REWARDS_FILE, SIM_FILE
+    old = os.path.join(os.sep, "old", "venv", "site-packages", "tbkernels", "mps")
+    spec = mps.WorkerSpec.from_description("sim", {"target": os.path.join(old, "_sim.py") + ":hang"})
+    assert spec.target == SIM_FILE + ":hang"
+    spec = mps.WorkerSpec.from_description(
+        "cnn", {"target": os.path.join(old, "rewards.py") + ":cnn_scorer", "factory": True})
+    assert spec.target == REWARDS_FILE + ":cnn_scorer" and spec.factory
+    mine = os.path.join(os.sep, "old", "mine.py") + ":score"
+    assert mps.WorkerSpec.from_description("m", {"target": mine}).target == mine
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path):
+    """python -m tbkernels.mps: a missing file, a malformed profile, bad JSON arguments and
+    --kwargs for a worker nobody named end in one "error:" line, not a traceback."""
+    (tmp_path / "bad.json").write_text("{bad")
+    cases = [(["show", str(tmp_path / "missing.json")], "FileNotFoundError"),
+             (["plan", str(tmp_path / "bad.json")], "not valid JSON"),
+             (["profile", "--rewards", "cnn", "--reward-kwargs", "{x", "-o", "o.json"],
+              "--reward-kwargs: not valid JSON"),
+             (["profile", "--worker", "a=os:getpid", "--kwargs", "b={}", "-o", "o.json"],
+              "--kwargs for 'b', which no --worker names")]
+    for argv, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "tbkernels.mps", *argv], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, TBK_DEBUG=""))
+        assert proc.returncode in (1, 2), (argv, proc.returncode, proc.stderr)
+        assert "Traceback" not in proc.stderr and message in proc.stderr, (argv, proc.stderr)
 
 
 # ------------------------------------------------------------ MPS unavailable: said once, fallback

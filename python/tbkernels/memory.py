@@ -21,9 +21,10 @@ What is measured (DESIGN.md, "Real parts": NVML and torch's allocator statistics
   allocator noise. For measurement runs (it slows every op), not for training.
 * CPU: the process's peak resident set, ``VmHWM`` from ``/proc/self/status`` after resetting it to
   the current RSS through ``/proc/self/clear_refs`` (Linux >= 4.0). glibc keeps freed blocks
-  resident unless they were mmapped: run with ``MALLOC_MMAP_THRESHOLD_=131072`` (as the
-  benchmarks do) so that RSS tracks live tensors. Where the reset is impossible the peak is the
-  process's lifetime peak and ``rss_reset`` is False.
+  resident unless they were mmapped: run with a fixed threshold such as
+  ``MALLOC_MMAP_THRESHOLD_=131072`` (as ``bench_flow_grpo.py`` does; ``dpo_memory.py`` uses
+  32768) so that RSS tracks live tensors. Where the reset is impossible the peak is the
+  process's lifetime peak and ``rss_reset`` is False. Nested blocks keep their own peaks.
 """
 from __future__ import annotations
 

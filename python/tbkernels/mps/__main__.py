@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -31,6 +32,13 @@ def _pairs(items, what):
             raise SystemExit(f"error: {what} must look like NAME=VALUE, got {item!r}")
         out[name] = value
     return out
+
+
+def _json_arg(text, what):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {what}: not valid JSON ({e}): {text!r}") from None
 
 
 def cmd_status(args) -> int:
@@ -52,14 +60,19 @@ def cmd_profile(args) -> int:
 
     specs = []
     if args.rewards:
-        kw = json.loads(args.reward_kwargs) if args.reward_kwargs else {}
+        kw = _json_arg(args.reward_kwargs, "--reward-kwargs") if args.reward_kwargs else {}
         for kind in args.rewards.split(","):
             kind = kind.strip()
             if kind not in REWARD_KINDS:
                 raise SystemExit(f"error: --rewards: unknown kind {kind!r} (choose from {REWARD_KINDS})")
             specs.append(reward_worker(kind, **kw))
-    kwargs = {k: json.loads(v) for k, v in _pairs(args.kwargs, "--kwargs").items()}
-    for name, target in _pairs(args.worker, "--worker").items():
+    kwargs = {k: _json_arg(v, f"--kwargs {k}=") for k, v in _pairs(args.kwargs, "--kwargs").items()}
+    targets = _pairs(args.worker, "--worker")
+    unknown = sorted(set(kwargs) - set(targets))
+    if unknown:
+        raise SystemExit(f"error: --kwargs for {', '.join(map(repr, unknown))}, which no --worker "
+                         f"names (workers: {', '.join(map(repr, targets)) or 'none'})")
+    for name, target in targets.items():
         specs.append(WorkerSpec(name=name, target=target, kwargs=kwargs.get(name, {}),
                                 factory=args.factory))
     if args.simulate:
@@ -196,8 +209,18 @@ def main(argv=None) -> int:
     ps.add_argument("file")
 
     args = ap.parse_args(argv)
-    return {"status": cmd_status, "profile": cmd_profile, "plan": cmd_plan, "run": cmd_run,
-            "show": cmd_show}[args.cmd](args)
+    command = {"status": cmd_status, "profile": cmd_profile, "plan": cmd_plan, "run": cmd_run,
+               "show": cmd_show}[args.cmd]
+    from .daemon import MpsUnavailable
+    try:
+        return command(args)
+    except (OSError, ValueError, TypeError, MpsUnavailable) as e:
+        # a missing or malformed file, a bad profile, MPS refused: the user's to fix, said in
+        # one line (TBK_DEBUG=1 shows the traceback)
+        if os.environ.get("TBK_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e}  (TBK_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

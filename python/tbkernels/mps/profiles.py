@@ -188,7 +188,10 @@ class ProfileSet(Mapping):
 
     def to_dict(self) -> dict:
         def qkey(q):
-            return f"{q:g}"
+            # shortest text that reads back as the same float (f"{q:g}" kept 6 digits, which
+            # merged 33.33331 and 33.33332 and changed 100/3); whole numbers without ".0"
+            q = float(q)
+            return str(int(q)) if q.is_integer() else repr(q)
         workers = {}
         for w, table in self.runtimes.items():
             entry: dict[str, Any] = {"runtimes": {qkey(q): t for q, t in table.items()}}

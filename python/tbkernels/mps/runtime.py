@@ -24,6 +24,7 @@ worker's start to the last worker's end, as in Eq. 7, not process start-up.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pickle
 import shutil
@@ -113,9 +114,25 @@ class WorkerSpec:
         if "kwargs_repr" in d:
             raise ValueError(f"worker {name!r}: its kwargs were not JSON and were stored only as "
                              f"{d['kwargs_repr']}; build its WorkerSpec in Python instead")
-        return cls(name=name, target=d["target"], kwargs=dict(d.get("kwargs", {})),
+        return cls(name=name, target=_relocate_builtin(d["target"]), kwargs=dict(d.get("kwargs", {})),
                    factory=bool(d.get("factory", False)), warmup=int(d.get("warmup", 0)),
                    repeats=int(d.get("repeats", 1)), mem_limit=d.get("mem_limit"))
+
+
+def _relocate_builtin(target: str) -> str:
+    """A recorded target at one of this package's own worker files (the built-in reward and
+    simulated workers are recorded by path) whose file no longer exists there -- the profiles
+    were made by another installation, venv or node -- points at this installation's copy."""
+    path, sep, attr = target.rpartition(":")
+    here = os.path.dirname(os.path.abspath(__file__))
+    parts = os.path.normpath(path).split(os.sep)
+    if (sep and path.endswith(".py") and not os.path.exists(path) and len(parts) >= 3
+            and parts[-3:-1] == ["tbkernels", "mps"] and parts[-1] in _BUILTIN_WORKER_FILES):
+        return f"{os.path.join(here, parts[-1])}:{attr}"
+    return target
+
+
+_BUILTIN_WORKER_FILES = ("_sim.py", "rewards.py")
 
 
 @dataclass
@@ -386,6 +403,14 @@ def run_groups(groups: Sequence[Sequence[tuple[WorkerSpec, float]]], *, backend:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     if prestart not in ("group", "all"):
         raise ValueError(f"prestart must be 'group' or 'all', got {prestart!r}")
+    for arg, value in (("timeout", timeout), ("setup_timeout", setup_timeout)):
+        # 0 or a negative number would kill every worker at once, NaN would never time out
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value > 0):
+            raise ValueError(f"{arg} must be positive seconds (or None / inf: no limit), got "
+                             f"{value!r}")
+    timeout = None if timeout == math.inf else timeout
+    setup_timeout = None if setup_timeout == math.inf else setup_timeout
     groups = [list(g) for g in groups]
     if not groups or any(not g for g in groups):
         raise ValueError("groups must be a non-empty list of non-empty groups of (WorkerSpec, quota)")
