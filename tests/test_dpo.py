@@ -679,6 +679,32 @@ def test_modes_give_standard_gradients(mode, case, refs, regs):
         assert "nll/real" in metrics and "nll/chosen" in metrics
 
 
+@pytest.mark.parametrize("mode", ["standard", "decoupled", "recompute"])
+def test_real_fn_without_weight_only_logs(mode):
+    """real_fn with nll_real_weight = 0 only logs nll/real: it runs once, without grad (no
+    backward of zeros), and the loss and gradients are those of the call without it."""
+    torch.manual_seed(3)
+    model = TinyNet().to(DEVICE)
+    d = make_data(seed=3)
+    calls = []
+
+    def real():
+        calls.append(torch.is_grad_enabled())
+        return branch(model, d["xr"], d["tr"])()
+
+    value0, _ = tbkernels.dpo_backward(branch(model, d["xw"], d["tw"]),
+                                       branch(model, d["xl"], d["tl"]), beta=10.0, mode=mode)
+    g0 = grads(model)
+    model.zero_grad(set_to_none=True)
+    value, metrics = tbkernels.dpo_backward(branch(model, d["xw"], d["tw"]),
+                                            branch(model, d["xl"], d["tl"]), beta=10.0,
+                                            mode=mode, real_fn=real)
+    assert calls == [False]
+    assert torch.equal(value, value0) and max_rel(grads(model), g0) == 0
+    exp = branch(model, d["xr"], d["tr"])().detach().mean()
+    assert torch.allclose(metrics["nll/real"], exp.to(metrics["nll/real"].dtype))
+
+
 def test_gradient_accumulation_and_scale():
     torch.manual_seed(1)
     model = TinyNet().to(DEVICE)

@@ -874,7 +874,10 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
         elif model is not None:
             snapshot.add(list(model.parameters()))
     explicit_params = params is not None or model is not None
-    has_real = real_fn is not None
+    # real_fn without a weight only logs nll/real: one forward without grad at the end, no
+    # backward of zeros (and no part in the gradient synchronisation)
+    has_real = real_fn is not None and bool(nll_real_weight)
+    metric_real = real_fn is not None and not nll_real_weight
 
     def protect(*outs):
         if snapshot is not None and not explicit_params:
@@ -905,9 +908,16 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
 
     def with_real(value, metrics, real_values):
         # the loss value and metrics as the loss function reports them with the real term
+        if metric_real:
+            real_values = _call_branch(real_fn, "real_fn", grad=False).detach()
+            if check_finite and not bool(torch.isfinite(real_values).all()):
+                raise NonFiniteLossError("real_fn() returned non-finite errors: "
+                                         f"{real_values.tolist()[:8]}")
         if real_values is None:
             return value, metrics
         metrics = dict(metrics, **{"nll/real": real_values.to(value.dtype).mean()})
+        if not nll_real_weight:
+            return value, metrics
         return value + nll_real_weight * real_values.to(value.dtype).mean(), metrics
 
     try:
@@ -931,7 +941,7 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
                 _finite_or_raise(total, {"chosen": c, "rejected": r, "real": real})
             s = total * scale if scale != 1.0 else total
             (scaler.scale(s) if scaler is not None else s).backward()
-            return total.detach(), {k: v.detach() for k, v in metrics.items()}
+            return with_real(total.detach(), {k: v.detach() for k, v in metrics.items()}, None)
 
         if mode == "decoupled":
             with _grad_sync(ddp, False):
