@@ -685,7 +685,9 @@ def sde_step_with_logprob(model_output, sigma, sigma_next, sample, prev_sample=N
         Sampling, or the deterministic ODE step. CPS and ODE log-probs are Flow-GRPO's constant-free
         ``-(prev - mean)^2``.
     noise_level : float
-        a for flow_grpo/cps, eta for dance_grpo; unused by wan and ode.
+        a for flow_grpo/cps, eta for dance_grpo; unused by wan and ode. The default 0.7 is
+        Flow-GRPO's a; DanceGRPO's scripts use eta = 0.3 (Flux, Wan2.1) or 0.25 (HunyuanVideo),
+        so pass it with ``sde_type="dance_grpo"``.
     logprob_reduction : ``"mean"`` | ``"channel_sum"`` | ``"none"``
         Mean over all latent elements → ``[B]`` (all public systems); sum over channels →
         ``[B, (T,) H, W]`` (ViPO's dense form); elementwise.
