@@ -418,21 +418,26 @@ def _check_latents(model_output, sample, prev_sample, ref_model_output):
         raise TypeError(f"model_output must be floating, got {model_output.dtype}")
     for name, t in (("sample", sample), ("prev_sample", prev_sample),
                     ("ref_model_output", ref_model_output)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.shape != model_output.shape:
-            raise ValueError(f"{name} has shape {list(t.shape)} but model_output has "
-                             f"{list(model_output.shape)}; they must match")
-        if t.device != model_output.device:
-            raise ValueError(f"{name} is on {t.device} but model_output is on "
-                             f"{model_output.device}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be floating, got {t.dtype}")
+        if t is not None:
+            _check_companion(name, t, model_output, same_shape=True)
     if sample.requires_grad:
         raise ValueError("sample requires grad, but tbkernels differentiates the step only in "
                          "model_output (as Flow-GRPO trains); pass sample.detach()")
+
+
+def _check_companion(name, t, model_output, same_shape=False):
+    """A tensor argument read beside model_output: a floating tensor on its device (and of its
+    shape, for the latents)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if same_shape and t.shape != model_output.shape:
+        raise ValueError(f"{name} has shape {list(t.shape)} but model_output has "
+                         f"{list(model_output.shape)}; they must match")
+    if t.device != model_output.device:
+        raise ValueError(f"{name} is on {t.device} but model_output is on "
+                         f"{model_output.device}; move it there")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be floating, got {t.dtype}")
 
 
 def _check_finite(**tensors):
@@ -790,15 +795,8 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
         raise ValueError(f"clip_range and adv_clip_max must be > 0, got {clip_range}, {adv_clip_max}")
     for arg, t in (("old_log_prob", old_log_prob), ("advantages", advantages),
                    ("advantage_map", advantage_map)):
-        if t is None and arg == "advantage_map":
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{arg} must be a tensor, got {type(t).__name__}")
-        if t.device != model_output.device:
-            raise ValueError(f"{arg} is on {t.device} but model_output is on "
-                             f"{model_output.device}; move it there")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{arg} must be floating, got {t.dtype}")
+        if t is not None or arg != "advantage_map":
+            _check_companion(arg, t, model_output)
     batch = model_output.shape[0]
     reduction = 0
     if advantage_map is not None:
