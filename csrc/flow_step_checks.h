@@ -282,12 +282,29 @@ inline std::pair<int64_t, int64_t> check_map_surrogate_args(
 // old_log_prob [B, N] and advantage_map [B, N] or [1, N] with contiguous rows (any row stride),
 // advantages [B] (and kl_weight [B], exactly when ref is given) contiguous, all in the
 // accumulation dtype on the latents' device.
+// old_log_prob and advantage_map of the per-element loss: like check_rows_like_logp, except
+// that with float32 accumulation each may also be bfloat16 or float16 (read as it is, widened
+// per element: a converted float32 copy would be a full-size temporary) where the backend
+// reads those (`reduced_ok`).
+inline void check_elem_rows(const char* op, const char* name, const at::Tensor& t,
+                            const at::Tensor& coefs, at::IntArrayRef sizes, bool reduced_ok) {
+  const auto st = t.scalar_type();
+  const bool reduced = reduced_ok && coefs.scalar_type() == at::kFloat &&
+                       (st == at::kBFloat16 || st == at::kHalf);
+  if (!reduced) return check_rows_like_logp(op, name, t, coefs, sizes);
+  TORCH_CHECK(t.sizes() == sizes && batch_stride(t) >= 0 && t.device() == coefs.device(), op,
+              ": ", name, " must be a ", sizes, " tensor on ", coefs.device(),
+              " with each row contiguous, got ", t.sizes(), " strides ", t.strides(), " on ",
+              t.device());
+}
+
 inline Layout check_elem_loss_args(const at::Tensor& v, const at::Tensor& x, const at::Tensor& prev,
                                    const std::optional<at::Tensor>& ref, const at::Tensor& coefs,
                                    const std::optional<at::Tensor>& kl_weight,
                                    const at::Tensor& old_log_prob, const at::Tensor& advantages,
                                    const at::Tensor& advantage_map, double clip_range,
-                                   double adv_clip_max, c10::DeviceType device_type) {
+                                   double adv_clip_max, c10::DeviceType device_type,
+                                   bool reduced_rows_ok = false) {
   const char* op = "flow_grpo_elem_loss";
   const Layout L = check_latents(v, x, op, device_type);
   check_like(prev, x, "sample", "prev_sample", op);
@@ -298,9 +315,9 @@ inline Layout check_elem_loss_args(const at::Tensor& v, const at::Tensor& x, con
               "neither)");
   const int64_t N = L.C * L.S;
   const int64_t map_rows = advantage_map.dim() == 2 && advantage_map.size(0) == 1 ? 1 : L.B;
-  check_rows_like_logp(op, "old_log_prob", old_log_prob, coefs, {L.B, N});
+  check_elem_rows(op, "old_log_prob", old_log_prob, coefs, {L.B, N}, reduced_rows_ok);
   check_like_logp(op, "advantages", advantages, coefs, {L.B});
-  check_rows_like_logp(op, "advantage_map", advantage_map, coefs, {map_rows, N});
+  check_elem_rows(op, "advantage_map", advantage_map, coefs, {map_rows, N}, reduced_rows_ok);
   if (kl_weight.has_value()) check_like_logp(op, "kl_weight", *kl_weight, coefs, {L.B});
   check_clip(op, clip_range, adv_clip_max);
   return L;

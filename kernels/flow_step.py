@@ -504,9 +504,11 @@ def _elem_loss_kernel(v_ptr, x_ptr, prev_ptr, ref_ptr, coefs_ptr, klw_ptr, old_p
                    eviction_policy="evict_first").to(acc_ty)
     d = prev - (cx * x + cv * v)
     lp = alpha * (d * d) + gamma
-    old = tl.load(old_ptr + b * OLD_STRIDE + e, mask=m, other=0.0, eviction_policy="evict_first")
+    # old_log_prob and the map may be stored as bfloat16 / float16 (widened here)
+    old = tl.load(old_ptr + b * OLD_STRIDE + e, mask=m, other=0.0,
+                  eviction_policy="evict_first").to(acc_ty)
     # no evict-first hint: a [1, N] map is read again by every sample
-    am = tl.load(map_ptr + b * MAP_STRIDE + e, mask=m, other=0.0)
+    am = tl.load(map_ptr + b * MAP_STRIDE + e, mask=m, other=0.0).to(acc_ty)
     a = _clamp_adv(tl.load(adv_ptr + b), adv_max) * am
     term, g, delta, r = _policy_term(lp, old, a, lo, hi, SIMPLE)
     _store_policy_partials(part_ptr, pid, NPROG, m, term, delta, r, clip)
@@ -944,8 +946,9 @@ def flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_outp
     dtype, grad_v in the model dtype; prev_sample required, ref_model_output optional);
     old_log_prob ``[B, N]`` (N = C*S) and advantage_map ``[B, N]`` or ``[1, N]`` with each row
     contiguous (any row stride), advantages and kl_weight (given exactly with ref_model_output)
-    ``[B]`` contiguous, all float32 (float64 for float64 latents). Two launches: the tiles, then
-    one program that combines them.
+    ``[B]`` contiguous, all float32 (float64 for float64 latents); with float32, old_log_prob
+    and advantage_map may each also be bfloat16 or float16 (widened as read: no float32 copy).
+    Two launches: the tiles, then one program that combines them.
     """
     op = "flow_grpo_elem_loss"
     v, x, prev, ref = model_output, sample, prev_sample, ref_model_output
@@ -962,9 +965,11 @@ def flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_outp
     N = C * S
     map_rows = 1 if advantage_map.dim() == 2 and advantage_map.shape[0] == 1 else B
     acc, dev = coefs.dtype, v.device
-    _check_rows(op, (("old_log_prob", old_log_prob, (B, N)),), acc, dev)
+    for name, t, rows in (("old_log_prob", old_log_prob, B), ("advantage_map", advantage_map,
+                                                                map_rows)):
+        reduced = acc == torch.float32 and t.dtype in (torch.bfloat16, torch.float16)
+        _check_rows(op, ((name, t, (rows, N)),), t.dtype if reduced else acc, dev)
     _check_acc_args(op, (("advantages", advantages, (B,)),), acc, dev)
-    _check_rows(op, (("advantage_map", advantage_map, (map_rows, N)),), acc, dev)
     _check_acc_args(op, (("kl_weight", kl_weight, (B,)),), acc, dev)
     _check_clip(op, clip_range, adv_clip_max)
     simple, write_grad = bool(simple), bool(write_grad)

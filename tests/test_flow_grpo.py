@@ -1849,3 +1849,45 @@ def test_double_backward_is_refused_by_the_kernels(backend):
                 torch.autograd.grad(out, vv, create_graph=True)
             (g,) = torch.autograd.grad(fn(vv), vv)       # first order unaffected
             assert bool(torch.isfinite(g).all()), name
+
+
+@pytest.mark.parametrize("backend", SURROGATE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["per_sample", "shared", "trajectory"])
+def test_elem_loss_reads_reduced_precision_old_log_prob_and_map(backend, dtype, layout):
+    """A per-element old_log_prob and map stored in bfloat16 / float16 beside float32 latents:
+    the fused per-element loss reads them as stored (widened per element) instead of making
+    float32 copies, each a latent-sized temporary. The loss, metrics and gradient equal those of
+    the same values given in float32, bit for bit, and the step's only latent-sized tensor is
+    the gradient (also for a batch-shared map and for [:, j] trajectory slices)."""
+    _available(backend)
+    shape = (2, 16, 3, 6, 10)
+    v, x, noise, ref = latents(shape, torch.float32, seed=91)
+    prev = (x + 0.1 * noise).contiguous()
+    with torch.no_grad():
+        old = tbkernels.sde_step_with_logprob(v + 0.01 * ref, 0.8, 0.7, x, prev,
+                                              logprob_reduction="none", backend="reference")[1]
+    g = torch.Generator().manual_seed(92)
+    old = (old + 1e-3 * torch.randn(shape, generator=g).to(DEVICE)).to(dtype)
+    amap = torch.rand((1,) + shape[1:] if layout == "shared" else shape,
+                      generator=g).to(DEVICE, dtype)
+    if layout == "trajectory":                         # step 2 of 4 stored steps
+        old = torch.stack([old] * 4, dim=1)[:, 2]
+        amap = torch.stack([amap] * 4, dim=1)[:, 2]
+    adv = torch.tensor([1.3, -0.6], device=DEVICE)
+    kw = dict(ref_model_output=ref, beta=0.1, clip_range=1e-2, backend=backend)
+    results = []
+    for o, m in ((old, amap), (old.float(), amap.float())):
+        vv = v.clone().requires_grad_(True)
+        loss, metrics = tbkernels.flow_grpo_loss(vv, x, prev, 0.8, 0.7, o, adv,
+                                                 advantage_map=m, **kw)
+        loss.backward()
+        results.append((loss.detach(), torch.stack(list(metrics.values())), vv.grad))
+    for got, exp in zip(*results):
+        assert torch.equal(got, exp)
+    if backend in flow_grpo._REDUCED_ROW_BACKENDS:
+        vv = v.clone().requires_grad_(True)
+        with tbkernels.memory.peak_tensor_memory() as tm:
+            tbkernels.flow_grpo_loss(vv, x, prev, 0.8, 0.7, old, adv, advantage_map=amap,
+                                     **kw)[0].backward()
+        assert tm.peak_bytes <= v.numel() * 4 + 4096, tm

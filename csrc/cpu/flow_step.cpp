@@ -517,11 +517,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_map_surrogate_cpu(
 // the loop ran scalar (measured 5x slower).
 enum ElemRef : int { kNoRef = 0, kRefSum = 1, kRefSumGrad = 2 };
 
+// old_log_prob or the map, read in the accumulation type or stored as bfloat16 / float16 beside
+// float32 accumulation (a float32 copy would be a full-size temporary): such a row is widened
+// one block at a time into scratch that stays in L1.
+struct RowIn {
+  const void* p;
+  at::ScalarType type;
+};
+
+inline RowIn row_in(const at::Tensor& t, int64_t offset) {
+  return {static_cast<const char*>(t.data_ptr()) + offset * t.element_size(), t.scalar_type()};
+}
+
+template <typename Acc>
+inline const Acc* row_block(const RowIn& in, int64_t j0, int64_t m, Acc* scratch) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (in.type == at::kBFloat16) {
+      const c10::BFloat16* src = static_cast<const c10::BFloat16*>(in.p) + j0;
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) scratch[j] = static_cast<float>(src[j]);
+      return scratch;
+    }
+    if (in.type == at::kHalf) {
+      const c10::Half* src = static_cast<const c10::Half*>(in.p) + j0;
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) scratch[j] = static_cast<float>(src[j]);
+      return scratch;
+    }
+  }
+  return static_cast<const Acc*>(in.p) + j0;     // the accumulation type (checked by the caller)
+}
+
 template <typename vt, typename lt, typename Acc>
 struct ElemRow {  // one task's slice of one sample, and that sample's constants
   const vt *v, *ref;
   const lt *x, *prev;
-  const Acc *old, *amap;
+  RowIn old, amap;
   vt* grad_v;
   Acc cx, cv, alpha, gamma, a_b, lp_scale, gq2;
 };
@@ -535,15 +566,15 @@ void elem_loss_row(const surrogate::Constants<Acc>& k, const ElemRow<vt, lt, Acc
   const Acc cx = r.cx, cv = r.cv, alpha = r.alpha, gamma = r.gamma, a_b = r.a_b;
   const Acc lp_scale = r.lp_scale, gq2 = r.gq2, inv_n = k.inv_n;
   const surrogate::Constants<Acc> kc = k;
-  Acc d[kMapBlock], lp[kMapBlock], ratio[kMapBlock];
+  Acc d[kMapBlock], lp[kMapBlock], ratio[kMapBlock], old_buf[kMapBlock], map_buf[kMapBlock];
   for (int64_t j0 = 0; j0 < n; j0 += kMapBlock) {
     const int64_t m = std::min(kMapBlock, n - j0);
     const vt* __restrict__ v = r.v + j0;
     const lt* __restrict__ x = r.x + j0;
     const lt* __restrict__ prev = r.prev + j0;
     const vt* __restrict__ ref = kRef != kNoRef ? r.ref + j0 : nullptr;
-    const Acc* __restrict__ old = r.old + j0;
-    const Acc* __restrict__ amap = r.amap + j0;
+    const Acc* __restrict__ old = row_block(r.old, j0, m, old_buf);
+    const Acc* __restrict__ amap = row_block(r.amap, j0, m, map_buf);
     vt* __restrict__ grad_v = kGrad ? r.grad_v + j0 : nullptr;
     double rsq = 0;
 #pragma omp simd reduction(+ : rsq)
@@ -631,7 +662,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cpu(
     double adv_clip_max, double beta, bool simple, bool write_grad) {
   const Layout L = flow_step::check_elem_loss_args(v, x, prev, ref, coefs, kl_weight,
                                                    old_log_prob, advantages, advantage_map,
-                                                   clip_range, adv_clip_max, c10::DeviceType::CPU);
+                                                   clip_range, adv_clip_max, c10::DeviceType::CPU,
+                                                   /*reduced_rows_ok=*/true);
   at::Tensor loss, metrics, grad_v;
   std::tie(loss, metrics, grad_v) = flow_step::elem_loss_outputs(v, coefs, write_grad);
   const int64_t B = L.B, N = L.C * L.S;
@@ -661,8 +693,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cpu(
         r.x = x.data_ptr<lt>() + b * bs.x + e0;
         r.prev = prev.data_ptr<lt>() + b * bs.prev + e0;
         r.ref = ref.has_value() ? ref->data_ptr<vt>() + b * bs.ref + e0 : nullptr;
-        r.old = old_log_prob.data_ptr<Acc>() + b * old_stride + e0;
-        r.amap = advantage_map.data_ptr<Acc>() + b * map_stride + e0;
+        r.old = row_in(old_log_prob, b * old_stride + e0);
+        r.amap = row_in(advantage_map, b * map_stride + e0);
         r.grad_v = write_grad ? grad_v.data_ptr<vt>() + base : nullptr;
         r.cx = cf[b * 5], r.cv = cf[b * 5 + 1], r.alpha = cf[b * 5 + 2], r.gamma = cf[b * 5 + 3];
         r.a_b = surrogate::clamp_adv(k, adv[b]);

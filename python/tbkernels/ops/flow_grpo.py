@@ -837,7 +837,10 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
     acc = _acc(dtype)
     kl_w = (None if ref is None else
             _kl_weight(coefs, std_dev_t, kl_form, math.prod(model_output.shape[1:]), acc, memo))
-    old_lp = old_log_prob.detach().to(acc)
+    elem = name != "reference" and not torch.compiler.is_compiling() and reduction == 2
+    # (the per-element op may read old_log_prob as stored: no conversion for it here)
+    old_lp = old_log_prob.detach()
+    old_lp = old_lp if elem else old_lp.to(acc)
     adv = advantages.detach().to(acc)
     consts = (float(clip_range), float(adv_clip_max), float(beta), vipo_form == "simple")
     if name != "reference" and advantage_map is None:
@@ -851,10 +854,10 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
         else:
             loss, m = _FusedLoss.apply(v, x, prev, ref, coefs, kl_w, old_lp, adv, consts, name)
         return loss, dict(zip(_METRICS, m.unbind()))
-    if name != "reference" and not torch.compiler.is_compiling() and reduction == 2:
+    if elem:
         # per-element ViPO map, eager: step, surrogate and gradient in one op (see _ElemLoss)
-        amap = _map_rows(advantage_map, logp_shape, acc)
-        old_rows = _rows(old_lp, batch)
+        amap = _map_rows(advantage_map, logp_shape, _elem_rows_dtype(name, advantage_map, acc))
+        old_rows = _rows(old_lp.to(_elem_rows_dtype(name, old_lp, acc)), batch)
         if torch.is_grad_enabled() and v.requires_grad:
             loss, m = _ElemLoss.apply(v, x, prev, ref, coefs, kl_w, old_rows, adv.contiguous(),
                                       amap, consts, name)
@@ -908,6 +911,21 @@ class _FusedLoss(torch.autograd.Function):
             grad_v = _backward_op(ctx.backend)(v, x, prev, ref, coefs, 0, grads[0], None,
                                             grads[1] if ctx.kl_grad else None)
         return (grad_v,) + (None,) * 9
+
+
+# Backends whose per-element loss reads a bfloat16 / float16 old_log_prob or map as it is beside
+# float32 accumulation (csrc/flow_step_checks.h, check_elem_rows).
+_REDUCED_ROW_BACKENDS = frozenset({"cpu", "triton"})
+
+
+def _elem_rows_dtype(name, t, acc):
+    """The dtype the per-element loss is given old_log_prob / the map in: as stored when that
+    is bfloat16 / float16 beside float32 accumulation and backend `name` reads it (a float32
+    copy would be a latent-sized temporary), else the accumulation dtype."""
+    if (name in _REDUCED_ROW_BACKENDS and acc == torch.float32
+            and t.dtype in (torch.bfloat16, torch.float16)):
+        return t.dtype
+    return acc
 
 
 def _map_rows(advantage_map, logp_shape, acc):
