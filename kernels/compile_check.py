@@ -239,6 +239,15 @@ def _flow_grpo_elem_loss_cases(quick: bool):
                    s=simple, g=grad: fs.flow_grpo_elem_loss_triton(
                        v, x, x, v if r else None, c, b if r else None, rows, b,
                        rows[:1] if sh else rows, 1e-4, 5.0, be, s, g))
+        if acc == torch.float32:
+            # old_log_prob and the map stored in bf16 / fp16 (widened on load), training variant
+            for rdt in (torch.bfloat16, torch.float16):
+                if quick and (sname != "elem480p" or rdt == torch.float16):
+                    continue
+                low = rows.to(rdt)
+                yield (f"flow_grpo_elem_loss {sname} {dname} rows={str(rdt)[6:]}",
+                       lambda v=v, x=x, c=coefs, low=low, b=b: fs.flow_grpo_elem_loss_triton(
+                           v, x, x, v, c, b, low, b, low, 1e-4, 5.0, 0.04, False, True))
 
 
 def _group_advantages_cases(quick: bool):
