@@ -5,6 +5,26 @@ The contract (arguments, outputs, math) is the docstring of
 only the shared kernels/_rounding.py from tbkernels. ``rewards`` is [B, K] (K heads, each normalised independently) and all
 statistics are accumulated in float32 (float64 for float64 rewards).
 
+Numerics: corrected two-pass
+----------------------------
+Pass 1's mean, mean1 = fl(sum(r) / n), is rounded to the accumulation type (and, summed with
+atomics, may be off by several ulps). Subtracting it as it is would shift every advantage of a
+group by (mean1 - mean) / std, which is large when the rewards' offset is large relative to their
+spread: for float32 rewards 1000 + 1e-3 * randn the ulp of 1000 is 6e-5, so mean1 can be off by
+3% of the std, and the group's advantages no longer sum to 0. Every path therefore computes
+
+    d = r - mean1        exact when r is within a factor 2 of mean1 (Sterbenz's lemma)
+    c = sum(d) / n       the correction: the mean is mean1 + c (the reported mean)
+    dev = d - c          the advantage's numerator
+    ss = sum(dev^2)      (fused kernel), or sum(d^2) - sum(d)^2 / n (row kernels)
+
+so advantages are accurate to float32 rounding relative to the group's spread, not its offset.
+Where the advantage is computed by a later kernel than the statistics (the row kernels), the
+mean is handed over as an unevaluated sum hi + lo, hi = fl(mean1 + c) (the reported mean) and
+lo = (mean1 - hi) + c (Fast2Sum: hi's exact rounding error), and dev = (r - hi) - lo, so the
+rounding of the reported mean does not come back. The global std (std_mode 1) is corrected the
+same way (sum(d^2) - sum(d)^2 / B about the rounded global mean).
+
 Launch structure
 ----------------
 Tiles are sized for the machine that runs them: under the interpreter (TRITON_INTERPRET=1) every
@@ -13,25 +33,27 @@ dozen programs even for B = 1,000,000; on a GPU tiles hold a few thousand elemen
 enough programs exist to fill the SMs.
 
 1. std_mode 1 ("global") first runs ``_global_moments_kernel`` twice over row tiles: per-head
-   sum, then per-head sum of squared deviations from that mean (two-pass, as in the reference).
-   Each tile is reduced in registers and added with one atomic per head into a [2, K] buffer.
-   Later kernels turn those 2K numbers into the per-head global std themselves, so there is no
-   host round trip.
+   sum, then per-head sums of d = r - mean and of d^2 about that (rounded) mean (corrected
+   two-pass, see Numerics). Each tile is reduced in registers and added with one atomic per
+   head and sum into a [3, K] buffer. Later kernels turn those 3K numbers into the per-head
+   global std themselves, so there is no host round trip.
 
 2. Contiguous groups whose padded size next_pow2(S) * next_pow2(K) fits one tile:
    ``_contiguous_fused_kernel``, a single launch, grid cdiv(G, BLOCK_G). A program loads a
-   [BLOCK_G, BLOCK_K, BLOCK_S] tile of whole groups, derives sum -> mean -> squared deviations
-   -> std and min/max in registers and writes adv, mean, std and count: rewards are read once
-   and adv written once.
+   [BLOCK_G, BLOCK_K, BLOCK_S] tile of whole groups, derives sum -> mean1 -> d -> correction
+   -> dev -> std and min/max in registers and writes adv, mean, std and count: rewards are read
+   once and adv written once.
 
 3. Everything else (group_index given, or contiguous groups longer than a tile) works on row
    tiles [BLOCK_K, BLOCK_R] in four launches:
      a. ``_rows_stats_kernel``  per-(group, head) sum, min, max and per-group count (atomics)
      b. ``_rows_sqdev_kernel``  per-(group, head) sums of d = r - mean and d^2 (atomics)
      c. ``_finalize_kernel``    mean and std, in place over G x K, with the corrected two-pass
-                                formulas (mean + sum(d)/n, sum d^2 - sum(d)^2/n), which undo the
-                                rounding of pass 1's atomically accumulated sums
-     d. ``_rows_adv_kernel``    advantages; each row gathers its group's statistics
+                                formulas (mean1 + sum(d)/n, sum d^2 - sum(d)^2/n), which undo the
+                                rounding of pass 1's atomically accumulated sums; the mean's
+                                low part lo goes into the sum(d) buffer (see Numerics)
+     d. ``_rows_adv_kernel``    advantages, dev = (r - hi) - lo; each row gathers its group's
+                                statistics
    In (a) and (b) a tile whose rows all belong to at most two groups (always true for contiguous
    groups at least a tile long, and for sorted ids with large groups) is reduced in registers and
    issues one atomic per head and group, so a single huge group does not serialise B atomics on
@@ -39,6 +61,13 @@ enough programs exist to fill the SMs.
    Float atomics make the summation order, and hence the last bits of mean/std/adv,
    run-dependent on a GPU; min/max (which decide "all rewards equal" -> advantage exactly 0)
    and counts are exact.
+
+A group holding a NaN is never "all equal" (the reference's amin/amax propagate NaN, so its
+advantages are NaN, as are the CUDA kernel's): the fused kernel tests x != x, and because float
+atomic min/max need not propagate NaN, the row path's finalize marks a group whose pass-1 sum is
+NaN by storing NaN as its minimum. (Without a NaN reward, a NaN sum needs partial sums at +inf
+and at -inf, hence rewards of both signs: such a group is not flat anyway. An all-+inf group stays
+flat, as in the reference.)
 
 All atomics are "relaxed": nothing inside a launch depends on their ordering (kernel boundaries
 order the passes), and relaxed reductions are cheaper than the default acq_rel on NVIDIA GPUs.
@@ -118,10 +147,21 @@ def _std_from_ss(ss, n, DDOF: tl.constexpr):
 
 
 @triton.jit
+def _nonneg(x):
+    """max(x, 0) that keeps NaN (tl.maximum lowers to a NaN-dropping max on a GPU)."""
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
 def _global_std(gmom_ptr, ks, B, K: tl.constexpr, DDOF: tl.constexpr, acc_ty: tl.constexpr):
-    """Per-head std over all B rewards, from row 1 (squared deviations) of the [2, K] buffer."""
-    gss = tl.load(gmom_ptr + K + ks, mask=ks < K, other=0.0)
-    return _std_from_ss(gss, tl.cast(B, acc_ty), DDOF)
+    """Per-head std over all B rewards, from rows 1 and 2 (sums of d^2 and d, d = r - rounded
+    global mean) of the [3, K] buffer: sum (r - mean)^2 = sum d^2 - sum(d)^2 / B, which removes
+    the rounding of the global mean (second order in it, but visible at large offsets)."""
+    kmask = ks < K
+    n = tl.cast(B, acc_ty)
+    gss = tl.load(gmom_ptr + K + ks, mask=kmask, other=0.0)
+    gds = tl.load(gmom_ptr + 2 * K + ks, mask=kmask, other=0.0)
+    return _std_from_ss(_nonneg(gss - _div(gds * gds, n)), n, DDOF)
 
 
 @triton.jit
@@ -136,7 +176,9 @@ def _finish(dev, denom, flat, clip_bits, STD_MODE: tl.constexpr, CLIP: tl.conste
     adv = tl.where(flat, 0.0, adv)
     if CLIP:
         clip = _from_bits(clip_bits, dev.dtype)
-        adv = tl.minimum(tl.maximum(adv, -clip), clip)
+        # where() rather than tl.minimum/maximum, which drop NaN on a GPU: a group holding a NaN
+        # keeps NaN advantages, as torch.clamp does in the reference.
+        adv = tl.where(adv < -clip, -clip, tl.where(adv > clip, clip, adv))
     return adv
 
 
@@ -223,14 +265,16 @@ def _sqdev_segment(dev, d2, gid, g, ks, kmask, dsum_ptr, ss_ptr, K: tl.constexpr
 def _global_moments_kernel(x_ptr, gmom_ptr, B,
                            K: tl.constexpr, SQUARES: tl.constexpr, IDX64: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """gmom[0, k] += sum of the tile's rewards, or (SQUARES) gmom[1, k] += sum (r - mean_k)^2."""
+    """gmom[0, k] += sum of the tile's rewards, or (SQUARES) gmom[1, k] += sum d^2 and
+    gmom[2, k] += sum d, d = r - fl(gmom[0, k] / B) (corrected two-pass, see _global_std)."""
     acc_ty = gmom_ptr.dtype.element_ty
     rows, ks, rmask, kmask, mask, offs = _row_tile(B, K, IDX64, BLOCK_R, BLOCK_K)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
     if SQUARES:
         gmean = _div(tl.load(gmom_ptr + ks, mask=kmask, other=0.0), tl.cast(B, acc_ty))
-        dev = tl.where(mask, x - gmean[:, None], 0.0)
-        tl.atomic_add(gmom_ptr + K + ks, tl.sum(dev * dev, axis=1), mask=kmask, sem="relaxed")
+        d = tl.where(mask, x - gmean[:, None], 0.0)
+        tl.atomic_add(gmom_ptr + K + ks, tl.sum(d * d, axis=1), mask=kmask, sem="relaxed")
+        tl.atomic_add(gmom_ptr + 2 * K + ks, tl.sum(d, axis=1), mask=kmask, sem="relaxed")
     else:
         tl.atomic_add(gmom_ptr + ks, tl.sum(x, axis=1), mask=kmask, sem="relaxed")
 
@@ -265,13 +309,21 @@ def _contiguous_fused_kernel(x_ptr, adv_ptr, mean_ptr, std_ptr, cnt_ptr, gmom_pt
     if CHECK:
         _flag_first_nonfinite(x, mask, offs, bad_ptr)
 
+    # "all equal" from min == max, but never for a group holding a NaN (the reference's amin/amax
+    # propagate NaN; tl.min/tl.max need not); padding groups/heads count as flat so that they
+    # never divide 0 by 0
+    has_nan = tl.max((mask & (x != x)).to(tl.int32), axis=2) > 0
+    flat = (((tl.min(tl.where(mask, x, float("inf")), axis=2)
+              == tl.max(tl.where(mask, x, float("-inf")), axis=2)) & ~has_nan) | ~gk_mask)
+
+    # Corrected two-pass (module docstring): the rounded mean1 is not subtracted as it is.
     n = tl.cast(S, acc_ty)
-    mean = _div(tl.sum(x, axis=2), n)                                  # [BG, BK]
-    dev = tl.where(mask, x - mean[:, :, None], 0.0)                    # two-pass: r - mean
+    mean1 = _div(tl.sum(x, axis=2), n)                                 # [BG, BK]
+    d = tl.where(mask, x - mean1[:, :, None], 0.0)                     # exact (Sterbenz)
+    c = _div(tl.sum(d, axis=2), n)                                     # mean = mean1 + c
+    dev = tl.where(mask, d - c[:, :, None], 0.0)                       # r - mean
+    mean = mean1 + c
     std = _std_from_ss(tl.sum(dev * dev, axis=2), n, DDOF)
-    # padding groups/heads count as flat so that they never divide 0 by 0
-    flat = ((tl.min(tl.where(mask, x, float("inf")), axis=2)
-             == tl.max(tl.where(mask, x, float("-inf")), axis=2)) | ~gk_mask)
 
     eps = _from_bits(eps_bits, acc_ty)
     if STD_MODE == 0:
@@ -344,10 +396,11 @@ def _rows_sqdev_kernel(x_ptr, gid_ptr, sum_ptr, cnt_ptr, dsum_ptr, ss_ptr, B, S,
 
 
 @triton.jit
-def _finalize_kernel(mean_ptr, std_ptr, cnt_ptr, dsum_ptr, GK,
+def _finalize_kernel(mean_ptr, std_ptr, cnt_ptr, dsum_ptr, min_ptr, GK,
                      K: tl.constexpr, DDOF: tl.constexpr, IDX64: tl.constexpr,
                      BLOCK: tl.constexpr):
-    """In place over the G x K statistics: sums -> mean, squared deviations -> std."""
+    """In place over the G x K statistics: sums -> mean (hi; lo replaces sum(d) in dsum),
+    squared deviations -> std; the minimum of a group whose sum is NaN -> NaN (never flat)."""
     acc_ty = mean_ptr.dtype.element_ty
     pid = tl.program_id(0)
     if IDX64:
@@ -356,28 +409,44 @@ def _finalize_kernel(mean_ptr, std_ptr, cnt_ptr, dsum_ptr, GK,
     m = i < GK
     cnt = tl.load(cnt_ptr + i // K, mask=m, other=1).to(acc_ty)
     n = tl.maximum(cnt, 1.0)
+    total = tl.load(mean_ptr + i, mask=m, other=0.0)
     dsum = tl.load(dsum_ptr + i, mask=m, other=0.0)
     # corrected two-pass: mean = mean1 + sum(d) / n, sum (r - mean)^2 = sum d^2 - sum(d)^2 / n
-    mean = _div(tl.load(mean_ptr + i, mask=m, other=0.0), n) + _div(dsum, n)
-    ss = tl.maximum(tl.load(std_ptr + i, mask=m, other=0.0) - _div(dsum * dsum, n), 0.0)
-    tl.store(mean_ptr + i, mean, mask=m)
+    mean1 = _div(total, n)            # the same bits as _rows_sqdev_kernel's pass-1 mean
+    c = _div(dsum, n)
+    hi = mean1 + c                    # the reported mean
+    # Fast2Sum: hi + lo == mean1 + c exactly when |mean1| >= |c|, i.e. unless the mean is within
+    # a few ulps of 0, where lo's error is far below the other roundings. _rows_adv_kernel
+    # subtracts hi then lo, so hi's rounding (up to half an ulp of the rewards' offset, which may
+    # be a sizeable part of their spread) does not bias the advantages.
+    lo = (mean1 - hi) + c
+    ss = _nonneg(tl.load(std_ptr + i, mask=m, other=0.0) - _div(dsum * dsum, n))
+    tl.store(mean_ptr + i, hi, mask=m)
+    tl.store(dsum_ptr + i, lo, mask=m)            # dsum is not read again: reuse it for lo
     tl.store(std_ptr + i, _std_from_ss(ss, cnt, DDOF), mask=m)
+    # Float atomic min/max need not propagate NaN, so a group holding a NaN could look flat; its
+    # pass-1 sum is NaN (without a NaN reward, a NaN sum needs rewards of both signs summing to
+    # +inf and -inf: never a flat group).
+    tl.store(min_ptr + i, tl.full([BLOCK], float("nan"), acc_ty), mask=m & (total != total))
 
 
 @triton.jit(do_not_specialize=["eps_bits", "clip_bits"])
-def _rows_adv_kernel(x_ptr, gid_ptr, adv_ptr, mean_ptr, std_ptr, min_ptr, max_ptr, gmom_ptr,
-                     B, S, eps_bits, clip_bits,
+def _rows_adv_kernel(x_ptr, gid_ptr, adv_ptr, mean_ptr, lo_ptr, std_ptr, min_ptr, max_ptr,
+                     gmom_ptr, B, S, eps_bits, clip_bits,
                      K: tl.constexpr, DDOF: tl.constexpr, STD_MODE: tl.constexpr,
                      CLIP: tl.constexpr, HAS_IDS: tl.constexpr, IDX64: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Pass 3 over row tiles: advantages from the finalized per-group statistics."""
+    """Pass 3 over row tiles: advantages from the finalized per-group statistics (the mean as
+    hi + lo, see _finalize_kernel)."""
     acc_ty = mean_ptr.dtype.element_ty
     rows, ks, rmask, kmask, mask, offs = _row_tile(B, K, IDX64, BLOCK_R, BLOCK_K)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
     gid = _row_groups(gid_ptr, rows, rmask, S, HAS_IDS)
     gk = gid[None, :] * K + ks[:, None]
-    dev = x - tl.load(mean_ptr + gk, mask=mask, other=0.0)
-    flat = (tl.load(min_ptr + gk, mask=mask, other=0.0)
+    # (r - hi) - lo: r - hi is exact (Sterbenz) for rewards within 2x of the mean
+    dev = ((x - tl.load(mean_ptr + gk, mask=mask, other=0.0))
+           - tl.load(lo_ptr + gk, mask=mask, other=0.0))
+    flat = (tl.load(min_ptr + gk, mask=mask, other=0.0)      # NaN (never flat) for NaN groups
             == tl.load(max_ptr + gk, mask=mask, other=0.0))
     eps = _from_bits(eps_bits, acc_ty)
     if STD_MODE == 0:
@@ -460,7 +529,7 @@ def group_advantages_triton(rewards, group_index, group_size, num_groups, std_mo
 
     gmom = mean                                          # placeholder unless std_mode is global
     if std_mode == 1:
-        gmom = torch.zeros(2, K, dtype=acc, device=dev)  # [sum; sum of squared deviations]
+        gmom = torch.zeros(3, K, dtype=acc, device=dev)  # [sum; sum of d^2; sum of d]
         for squares in (False, True):
             _global_moments_kernel[rows_grid](
                 rewards, gmom, B, K=K, SQUARES=squares, IDX64=IDX64,
@@ -487,16 +556,17 @@ def group_advantages_triton(rewards, group_index, group_size, num_groups, std_mo
         vmax = torch.full((G, K), float("-inf"), dtype=acc, device=dev)
         common = dict(K=K, HAS_IDS=has_ids, IDX64=IDX64, BLOCK_R=rows_block, BLOCK_K=BLOCK_K,
                       num_warps=rows_warps)
-        # mean / std first accumulate sums / squared deviations and are finalized in place.
+        # mean / std first accumulate sums / squared deviations and are finalized in place;
+        # dsum (sum of d) then holds the low part of the mean (see _finalize_kernel).
         _rows_stats_kernel[rows_grid](rewards, gid, mean, vmin, vmax, count, bad, B, S,
                                       CHECK=bool(check_finite), **common)
         dsum = torch.zeros(G, K, dtype=acc, device=dev)
         _rows_sqdev_kernel[rows_grid](rewards, gid, mean, count, dsum, std, B, S, **common)
         fin_block = cfg["tile"]
         _finalize_kernel[(triton.cdiv(G * K, fin_block),)](
-            mean, std, count, dsum, G * K, K=K, DDOF=ddof, IDX64=IDX64, BLOCK=fin_block,
+            mean, std, count, dsum, vmin, G * K, K=K, DDOF=ddof, IDX64=IDX64, BLOCK=fin_block,
             num_warps=_num_warps(fin_block))
-        _rows_adv_kernel[rows_grid](rewards, gid, adv, mean, std, vmin, vmax, gmom, B, S,
+        _rows_adv_kernel[rows_grid](rewards, gid, adv, mean, dsum, std, vmin, vmax, gmom, B, S,
                                     eps_bits, clip_bits, DDOF=ddof, STD_MODE=std_mode, CLIP=CLIP,
                                     **common)
 

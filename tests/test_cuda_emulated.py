@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import tbkernels
+from tbkernels.ops._group_advantages_reference import group_advantages_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emu"
@@ -151,6 +152,131 @@ def test_group_advantages_cuda_kernel_reports_first_nonfinite(emu):
                                   ctypes.c_double(1e-4), ctypes.c_double(0.0), *map(ptr, outs),
                                   ptr(first_bad), ctypes.byref(ctypes.c_int(0)))
     assert rc == 0 and int(first_bad) == 77
+
+
+def run_emu_group_advantages(emu, rewards, ids, S, G, mode, ddof, eps, clip, first_bad=None):
+    """The CUDA group_advantages kernels under the emulator: (adv, mean, std, count, launches)."""
+    B, K = rewards.shape
+    sdt = acc_dtype(rewards.dtype)
+    adv = torch.full_like(rewards, 7.0)
+    mean = torch.full((G, K), 7.0, dtype=sdt)
+    std = torch.full((G, K), 7.0, dtype=sdt)
+    count = torch.full((G,), -7, dtype=torch.int64)
+    launches = ctypes.c_int(0)
+    rc = emu.emu_group_advantages(
+        ptr(rewards), DTYPE_CODE[rewards.dtype], I64(B), I64(K), ptr(ids), I64(S or 0), I64(G),
+        mode, ddof, ctypes.c_double(eps), ctypes.c_double(clip), ptr(adv), ptr(mean), ptr(std),
+        ptr(count), ptr(first_bad), ctypes.byref(launches))
+    assert rc == 0
+    return adv, mean, std, count, launches.value
+
+
+def offset_rewards(B, K, dtype, gen):
+    """Rewards near 1000 whose spread is a few ulps of the input dtype (float32: 1e-3, 16 ulps),
+    so that the accumulator's rounding of the group mean is a visible part of the spread."""
+    if dtype == torch.float32:
+        r = 1000 + 1e-3 * torch.randn(B, K, generator=gen, dtype=torch.float64)
+    else:
+        ulp = 1000 * torch.finfo(dtype).eps / 2          # fp16: 0.5, bf16: 4 (exponent of 1000: 9)
+        r = 1000 + ulp * torch.randint(-2, 3, (B, K), generator=gen).double()
+    return r.to(dtype)
+
+
+def ulp_of(x, dtype):
+    """Spacing of `dtype` values at |x| (float64 tensor)."""
+    _, e = torch.frexp(x.abs().clamp_min(torch.finfo(dtype).tiny))   # |x| in [2^(e-1), 2^e)
+    return torch.ldexp(torch.full_like(x, torch.finfo(dtype).eps), e - 1)
+
+
+GA_OFFSET_CASES = [  # (B, K, group size or None for ids, G, std_mode): one per launch path
+    (24 * 40, 1, 24, 40, 0),          # team of 8 lanes, rewards cached in registers
+    (24 * 40, 2, 24, 40, 1),          # ... with the global std computed in the block
+    (500 * 4, 1, 500, 4, 0),          # team of 32 lanes re-reading memory (S > 4 * 32)
+    (2048 * 2, 2, 2048, 2, 1),        # one block per group (+ global in the block)
+    (24 * 3000, 1, 24, 3000, 1),      # team + global std from row-range partials (3 launches)
+    (36000 * 2, 1, 36000, 2, 0),      # chunked: chunk partials -> combine -> advantages
+    (36000 * 2, 1, 36000, 2, 1),      # ... with the global std merged from the same chunks
+    (777, 2, None, 7, 0),             # group_index: atomics
+    (777, 1, None, 7, 1),             # group_index + global partials
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", GA_OFFSET_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_group_advantages_cuda_kernel_large_offset(emu, dtype, case):
+    """Rewards whose offset is large relative to their spread, against the float64 reference:
+    a rounded group mean subtracted as it is would shift the whole group. float32 rewards
+    accumulate in double (their advantages within 4 float32 ulps, groups summing to ~0);
+    16-bit rewards accumulate in float with the corrected two-pass, so their advantages are
+    the correctly rounded float64 values up to float32-level error (the plain two-pass in float
+    was up to a quarter of a half-precision ulp off, which made many of them 1 ulp wrong)."""
+    B, K, S, G, mode = case
+    gen = torch.Generator().manual_seed(B + K + mode)
+    rewards = offset_rewards(B, K, dtype, gen)
+    ids = None
+    if S is None:
+        ids = torch.randint(0, G, (B,), generator=gen)
+        ids[:G] = torch.arange(G)
+    for ddof in (0, 1):
+        adv, mean, std, count, _ = run_emu_group_advantages(emu, rewards, ids, S, G, mode, ddof,
+                                                            0.0, 0.0)
+        e_adv, e_mean, e_std, e_count = group_advantages_reference(
+            rewards.double(), ids, S or 0, G, mode, ddof, 0.0, 0.0, False)
+        assert torch.equal(count, e_count)
+        eps32 = torch.finfo(torch.float32).eps
+        err = (adv.double() - e_adv).abs()
+        bound = 4 * eps32 * (1 + e_adv.abs())
+        if dtype != torch.float32:
+            bound = bound + ulp_of(e_adv, dtype) / 2
+        assert (err <= bound).all(), (ddof, err.max().item(), (err / bound).max().item())
+        if dtype == torch.float32:
+            gi = ids if ids is not None else torch.arange(B) // S
+            sums = torch.zeros(G, K, dtype=torch.float64).index_add_(0, gi, adv.double())
+            n = torch.bincount(gi, minlength=G).double().unsqueeze(1)
+            assert (sums.abs() <= 1e-7 * n).all(), (sums.abs() / n).max().item()
+        assert ((mean.double() - e_mean).abs() <= 2 * eps32 * e_mean.abs()).all()
+        assert ((std.double() - e_std).abs() <= 1e-5 * e_std).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("path", ["team", "block", "chunked", "indexed"])
+def test_group_advantages_cuda_kernel_nan_group_is_never_flat(emu, dtype, path):
+    """first_bad = nullptr (check_finite=False): a group holding a NaN gets NaN advantages (the
+    reference's amin/amax propagate NaN) even when its other rewards are equal, and even
+    clamped; a NaN stays in its group; an all-inf group is flat (0)."""
+    S = {"team": 4, "block": 2048, "chunked": 9000, "indexed": 4}[path]
+    B, K, G = 4 * S, 2, 4
+    gen = torch.Generator().manual_seed(S)
+    rewards = torch.randn(B, K, generator=gen, dtype=torch.float64)
+    rewards[:S, 0] = 1.0
+    rewards[S - 1, 0] = float("nan")             # group 0: equal rewards and one NaN
+    rewards[2 * S:3 * S, 0] = float("nan")       # group 2: all NaN
+    rewards[3 * S:, :] = float("inf")            # group 3: flat at inf
+    rewards = rewards.to(dtype)
+    ids = torch.arange(B) // S if path == "indexed" else None
+    for clip in (0.0, 5.0):
+        adv, _, _, _, launches = run_emu_group_advantages(
+            emu, rewards, ids, None if path == "indexed" else S, G, 0, 0, 1e-4, clip)
+        exp = group_advantages_reference(rewards.double(), ids, S, G, 0, 0, 1e-4, clip, False)[0]
+        assert torch.isnan(adv[:S, 0]).all() and torch.isnan(adv[2 * S:3 * S, 0]).all()
+        assert torch.equal(adv[3 * S:], torch.zeros_like(adv[3 * S:]))
+        tol = 2 * torch.finfo(dtype).eps
+        torch.testing.assert_close(adv.double(), exp, rtol=tol, atol=tol, equal_nan=True)
+        assert launches == {"team": 1, "block": 1, "chunked": 3, "indexed": 4}[path]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_group_advantages_cuda_kernel_one_ulp_apart(emu, dtype):
+    """[1, 1 + ulp], eps = 0, population std: the mean is not representable in the dtype, the
+    std is half an ulp; exactly [-1, 1] (in the team, block and indexed paths)."""
+    one_up = 1 + torch.finfo(dtype).eps
+    for reps in (1, 2048):                       # 2 rows; 2 x 2048 rows (block path)
+        rewards = torch.tensor([[1.0], [one_up]], dtype=torch.float64).repeat_interleave(
+            reps, 0).to(dtype)
+        n = rewards.shape[0]
+        for ids, size in ((None, n), (torch.zeros(n, dtype=torch.int64), None)):
+            adv = run_emu_group_advantages(emu, rewards, ids, size, 1, 0, 0, 0.0, 0.0)[0]
+            assert adv[:, 0].tolist() == [-1.0] * reps + [1.0] * reps, (reps, ids is None)
 
 
 # -------------------------------------------------------------------------------------- flow step

@@ -309,6 +309,39 @@ def test_check_finite_can_be_disabled():
     assert out[2:].tolist() == pytest.approx([-1.0, 1.0], abs=1e-3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_nan_group_is_not_flat(backend):
+    """check_finite=False: a group holding a NaN gets NaN advantages on every backend, as the
+    reference's amin/amax give; it must not pass for an all-equal group (advantage 0), which
+    would hide a failed reward evaluation."""
+    rewards = torch.tensor([1.0, math.nan, 1.0, 2.0, 3.0, 3.0], device=DEVICE)
+    out = tbkernels.group_advantages(rewards, 2, check_finite=False, backend=backend)
+    assert torch.isnan(out[:2]).all(), out
+    assert out[2:4].tolist() == pytest.approx([-1.0, 1.0], abs=1e-3)
+    assert out[4:].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_ddof_and_numpy_group_ids(backend):
+    """ddof=1.0 is ddof=1 (it passed validation, then failed the compiled ops' int schema), and
+    NumPy arrays of group ids work: integers as an id tensor, strings as prompts."""
+    np = pytest.importorskip("numpy")
+    rewards = make_rewards(12, 1, seed=41)[:, 0]
+    exp = tbkernels.group_advantages(rewards, 4, ddof=1, backend="reference")
+    assert torch.equal(tbkernels.group_advantages(rewards, 4, ddof=1.0, backend=backend),
+                       tbkernels.group_advantages(rewards, 4, ddof=1, backend=backend))
+    torch.testing.assert_close(tbkernels.group_advantages(rewards, 4, ddof=1.0, backend=backend),
+                               exp)
+    prompts = ["a", "b", "c"] * 4
+    by_list = tbkernels.group_advantages(rewards, group_ids=prompts, backend=backend)
+    assert torch.equal(tbkernels.group_advantages(rewards, group_ids=np.array(prompts),
+                                                  backend=backend), by_list)
+    assert torch.equal(tbkernels.group_advantages(rewards, group_ids=np.array([0, 1, 2] * 4),
+                                                  backend=backend), by_list)
+    with pytest.raises(TypeError, match="NumPy array of float64"):
+        tbkernels.group_advantages(rewards, group_ids=np.zeros(12))
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(), ValueError, "exactly one of group_size"),
     (dict(group_size=8, group_ids=torch.zeros(24, dtype=torch.long)), ValueError, "exactly one"),
@@ -440,3 +473,44 @@ def test_torch_compile_fullgraph_with_group_ids():
         rewards = make_rewards(64, 1, seed=seed)[:, 0]
         ids = random_ids(64, groups, seed=seed)
         torch.testing.assert_close(compiled(rewards, ids), fn(rewards, ids))
+
+
+# ---------------------------------------------------------------------------------------------
+# Large offsets: float32 accumulation must not subtract a rounded group mean.
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("by_ids", [False, True])
+def test_large_offset_float32_groups_are_unbiased(backend, by_ids):
+    """float32 rewards 1000 + 1e-3 * randn: the float32 ulp of 1000 (6e-5) is a few percent of
+    the spread, so a backend that subtracts its float32-rounded group mean shifts all of a
+    group's advantages together (Triton did: errors up to 0.09, group sums up to 2). The kernels
+    use the corrected two-pass: advantages within 4 float32 ulps of the float64 ones (on
+    1 + |adv|), and every group's advantages sum to ~0."""
+    batch, groups = 24 * 16, 16
+    g = torch.Generator().manual_seed(0)
+    rewards = (1000 + 1e-3 * torch.randn(batch, generator=g, dtype=torch.float64)).float()
+    rewards = rewards.to(DEVICE)
+    group_size, group_ids = (None, random_ids(batch, groups)) if by_ids else (24, None)
+    out = tbkernels.group_advantages(rewards, group_size, group_ids, preset="flow_grpo",
+                                     backend=backend)
+    exact = tbkernels.group_advantages(rewards.double(), group_size, group_ids,
+                                       preset="flow_grpo", backend="reference")
+    err = (out.double() - exact).abs().cpu()
+    bound = 4 * torch.finfo(torch.float32).eps * (1 + exact.abs().cpu())
+    assert (err <= bound).all(), (backend, err.max().item())
+    gi, num_groups = dense_index(group_size, group_ids, batch)
+    sums = torch.zeros(num_groups, dtype=torch.float64, device=DEVICE).index_add_(
+        0, gi, out.double())
+    sizes = torch.bincount(gi, minlength=num_groups).double()
+    assert (sums.abs() <= 1e-7 * sizes).all(), (backend, sums.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_ulp_apart_with_eps_zero(backend):
+    """[1, 1 + 2**-23]: the mean 1 + 2**-24 is not a float32 and the std is 2**-24; subtracting a
+    rounded mean gave [0, 1.414] (Triton). Exactly [-1, 1] on every backend."""
+    rewards = torch.tensor([1.0, 1.0000001], device=DEVICE)
+    for kwargs in (dict(group_size=2), dict(group_ids=torch.tensor([3, 3], device=DEVICE))):
+        out = tbkernels.group_advantages(rewards, std="group", ddof=0, eps=0.0, backend=backend,
+                                         **kwargs)
+        assert out.tolist() == [-1.0, 1.0], (backend, kwargs, out)

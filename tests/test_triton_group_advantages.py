@@ -296,13 +296,15 @@ def test_large_offset_two_pass():
     B, S = 8192, 512
     ids = contiguous_ids(B, S)
     r = make_rewards(B, 2, ids, B // S, gen, offset=1e4)
-    # A float32 mean of values near 1e4 is good to a few 1e-3 (its ulp is 1e-3), which bounds
-    # the deviations' accuracy; std ~ 1 is held to that level too. A one-pass variance
+    # The reported float32 mean of values near 1e4 carries up to half an ulp (4.9e-4) of
+    # rounding, hence stat_tol. With the corrected two-pass neither the std (~1) nor the
+    # advantages inherit it: they are held to 1e-5 (the kernels that subtracted the rounded mean
+    # needed 1e-2 here: errors of 2e-3 in std, 1e-3 in adv). A one-pass variance
     # (E[r^2] - E[r]^2 ~ 1e8 with ulp 8) would be off by O(1).
-    check(r, ids, S, B // S, 0, 1, 1e-6, 0.0, pass_ids=False, adv_tol=1e-2, stat_tol=1e-2)
+    check(r, ids, S, B // S, 0, 1, 1e-6, 0.0, pass_ids=False, adv_tol=1e-5, stat_tol=6e-4)
     idv = variable_ids(B, 20, gen)
     r = make_rewards(B, 1, idv, 20, gen, offset=1e4)
-    check(r, idv, 1, 20, 0, 1, 1e-6, 0.0, pass_ids=True, adv_tol=1e-2, stat_tol=1e-2)
+    check(r, idv, 1, 20, 0, 1, 1e-6, 0.0, pass_ids=True, adv_tol=1e-5, stat_tol=6e-4)
 
 
 def test_float64_is_exact_to_rounding():
@@ -424,3 +426,121 @@ def test_noncontiguous_input():
     r = torch.randn(3, 40, generator=gen).t()                # [40, 3], not contiguous
     ids = contiguous_ids(40, 8)
     check(r, ids, 8, 5, 0, 1, 1e-6, 0.0, pass_ids=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Large offsets: the corrected two-pass (module docstring of kernels/group_advantages.py)
+# ------------------------------------------------------------------------------------------------
+
+def offset_rewards(B, K, gen, offset=1000.0, spread=1e-3):
+    """float32 rewards offset + spread * randn. The float32 ulp of 1000 is 6e-5, a few percent of
+    the spread: a group mean rounded to float32 and subtracted as it is shifts every advantage
+    of the group by up to ~3% (the old kernels' error)."""
+    return (offset + spread * torch.randn(B, K, generator=gen, dtype=torch.float64)).float()
+
+
+def assert_unbiased(out, exp, ids, G, scale):
+    """Advantages within 4 float32 ulps of the float64 ones, measured on scale + |adv| (scale: the
+    advantages' natural unit, 1 when divided by a std, the spread in std_mode "none"); every
+    group's advantages sum to ~0 (|mean| <= 1e-7 scale: output rounding, no common shift);
+    mean within 2 float32 ulps of the offset; std to 1e-5 relative."""
+    adv, mean, std = out[0].double(), out[1].double(), out[2].double()
+    e_adv, e_mean, e_std = exp[0], exp[1], exp[2]
+    eps32 = torch.finfo(torch.float32).eps
+    err = (adv - e_adv).abs()
+    bound = 4 * eps32 * (scale + e_adv.abs())
+    assert (err <= bound).all(), ("adv", err.max().item(), (err / bound).max().item())
+    K = adv.shape[1]
+    sums = torch.zeros(G, K, dtype=torch.float64).index_add_(0, ids, adv)
+    n = torch.bincount(ids, minlength=G).double().clamp_min(1).unsqueeze(1)
+    assert (sums.abs() / n <= 1e-7 * scale).all(), ("group sum", (sums.abs() / n).max().item())
+    assert ((mean - e_mean).abs() <= 2 * eps32 * e_mean.abs()).all(), (mean - e_mean).abs().max()
+    rel = ((std - e_std).abs() / e_std.clamp_min(1e-30)).max().item()
+    assert rel <= 1e-5, ("std", rel)
+
+
+LARGE_OFFSET_CASES = [  # (name, tiles, B, S or None for ids, G, K)
+    ("fused", "default", 24 * 40, 24, 40, 1),         # one program, whole groups in registers
+    ("fused", "default", 24 * 40, 24, 40, 3),
+    ("fused", "small", 8 * 50, 8, 50, 2),             # several programs, several groups each
+    ("rows", "small", 1000, 100, 10, 2),              # groups longer than a tile: row kernels
+    ("rows", "default", 2 * 17000, 17000, 2, 4),      # larger than an interpreter tile
+    ("rows", "gpu", 2 * 5000, 5000, 2, 1),            # the GPU tile plan
+    ("ids", "default", 600, None, 13, 2),             # unsorted ids: per-element atomics
+    ("ids", "small", 640, None, 5, 1),                # ids over many tiles
+]
+
+
+@pytest.mark.parametrize("std_mode", MODES)
+@pytest.mark.parametrize("case", LARGE_OFFSET_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_large_offset_groups_are_unbiased(case, std_mode, monkeypatch):
+    """float32 rewards 1000 + 1e-3 * randn: float32 statistics, float64-quality advantages. The
+    old kernels subtracted the float32-rounded mean (errors up to 0.08, group sums up to 2)."""
+    name, tiles, B, S, G, K = case
+    if tiles == "small":
+        small = dict(tile=128, fused_tile=64, fused_group_max=16, fused_min_tile=16,
+                     min_programs=4)
+        for key in list(ga._CONFIGS):
+            monkeypatch.setitem(ga._CONFIGS, key, small)
+    elif tiles == "gpu":
+        monkeypatch.setattr(ga, "_config", lambda t: ga._CONFIGS["gpu"])
+    gen = torch.Generator().manual_seed(B + K + std_mode)
+    if S is None:
+        ids = variable_ids(B, G, gen, empty=False)
+        S_arg = 1
+    else:
+        ids = contiguous_ids(B, S)
+        S_arg = S
+    r = offset_rewards(B, K, gen)
+    scale = 1e-3 if std_mode == 2 else 1.0
+    for ddof in (0, 1):
+        out, exp = run_both(r, ids, S_arg, G, std_mode, ddof, 0.0, 0.0, pass_ids=S is None)
+        assert_unbiased(out, exp, ids, G, scale)
+
+
+def test_large_offset_flow_grpo_example():
+    """The reported example: one group of 24, flow_grpo preset (ddof 0, eps 1e-4, clip 5)."""
+    r = 1000 + 1e-3 * torch.randn(24, 1, generator=torch.Generator().manual_seed(0))
+    adv = triton_impl(r.to(DEVICE), None, 24, 1, 0, 0, 1e-4, 5.0, True)[0].cpu()
+    exact = reference(r.double(), None, 24, 1, 0, 0, 1e-4, 5.0, True)[0]
+    assert abs(adv.double().sum().item()) < 1e-5            # was 0.217
+    torch.testing.assert_close(adv.double(), exact, rtol=0, atol=5e-7)   # was off by 9e-3
+
+
+def test_one_ulp_apart_with_eps_zero():
+    """[1, 1 + 2**-23]: mean 1 + 2**-24 is not a float32, std 2**-24. Rounding the mean gave
+    [0, 1.414]; the exact answer is [-1, 1], in every path."""
+    r = torch.tensor([[1.0], [1.0000001]])
+    for ids, S in ((None, 2), (torch.zeros(2, dtype=torch.int64), 1)):
+        adv = triton_impl(r.to(DEVICE), None if ids is None else ids.to(DEVICE), S, 1, 0, 0, 0.0,
+                          0.0, True)[0].cpu()
+        assert adv[:, 0].tolist() == [-1.0, 1.0], (ids, adv)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")     # numpy, on NaN in the interpreter
+@pytest.mark.parametrize("kind,tile", [("contiguous", None), ("rows", 4), ("rows", 128),
+                                       ("ids", 4), ("ids", 128)])
+@pytest.mark.parametrize("clip", [0.0, 5.0])
+def test_nan_group_is_never_flat(kind, tile, clip, monkeypatch):
+    """check_finite=False: a group holding a NaN gets NaN advantages (the reference's amin/amax
+    propagate NaN), even if its other rewards are all equal and even with a clamp; a NaN never
+    leaks into other groups, and an all-inf group is still flat (advantage 0). Row tiles of 4
+    elements hold one group each (register-reduced segments), of 128 all four groups
+    (per-element atomics)."""
+    if tile is not None:
+        small = dict(tile=tile, fused_tile=64, fused_group_max=1, fused_min_tile=1,
+                     min_programs=1)
+        for key in list(ga._CONFIGS):
+            monkeypatch.setitem(ga._CONFIGS, key, small)
+    r = torch.tensor([[1.0, 0.0], [float("nan"), 0.0],           # group 0: NaN + a 1 in head 0
+                      [1.0, 0.5], [2.0, 0.5],                     # group 1: ordinary / flat
+                      [float("nan"), 3.0], [float("nan"), 4.0],   # group 2: all NaN in head 0
+                      [float("inf"), 7.0], [float("inf"), 7.0]])  # group 3: flat (inf) / flat
+    ids = contiguous_ids(8, 2)
+    gi = ids.to(DEVICE) if kind == "ids" else None
+    adv = triton_impl(r.to(DEVICE), gi, 1 if kind == "ids" else 2, 4, 0, 0, 1e-4, clip,
+                      False)[0].cpu()
+    exp = reference(r.double(), ids if kind == "ids" else None, 2, 4, 0, 0, 1e-4, clip, False)[0]
+    assert torch.isnan(adv[0:2, 0]).all() and torch.isnan(adv[4:6, 0]).all(), adv
+    torch.testing.assert_close(adv.double(), exp, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert adv[6:8].tolist() == [[0.0, 0.0], [0.0, 0.0]]

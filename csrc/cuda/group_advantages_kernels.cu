@@ -28,12 +28,16 @@
 // in the input dtype plus one output ulp, and double makes float32 results correctly rounded
 // for the price of a few FP64 ops per element in a latency/bandwidth-bound kernel. Small float64
 // groups are summed in row order (team_sum_row_order) so they match the reference exactly.
+// With a float accumulator (16-bit rewards) the two-pass is the corrected one (AccOps::
+// kCompensate): the advantage subtracts mean1 = fl(sum / n) and then the correction
+// c = sum(r - mean1) / n, so the rounding of the mean does not bias a whole group.
 //
 // Workspace (bytes, every piece rounded up to 256; a = 8 for float32/float64, 4 for
 // float16/bfloat16): 0 for the one-launch paths; global partials path (contiguous, global, large)
 // and indexed+global add (K + 2*P*K)*a, P = number of row-range partials <= 1024; chunked path
 // adds K*a (global only) + (4*C + 2*G)*K*a + G*K, C = G * ceil(group_size / rows_per_chunk)
-// chunks; indexed path adds 4*G*K*a.
+// chunks; indexed path adds 4*G*K*a. With a float accumulator (kCompensate) the partials carry
+// their mean corrections: + P*K*a (global partials), + (C + G)*K*a (chunked), + G*K*a (indexed).
 #include "group_advantages_kernels.h"
 
 #include <cuda_bf16.h>
@@ -122,8 +126,20 @@ struct Elem<__nv_bfloat16> {
 
 template <typename Acc>
 struct AccOps;
+// kCompensate: the corrected two-pass. Pass 1's mean1 = fl(sum / n) is rounded to Acc (and,
+// from atomics or merged chunk means, may be off by more); subtracting it as it is shifts every
+// advantage of the group by (mean1 - mean) / std. For a float accumulator (16-bit rewards) that
+// is up to half a float ulp of the rewards' offset: a visible fraction of a half-precision
+// output ulp when the group's spread is a few ulps of its offset (fp16 rewards 1000 +- 0.5:
+// 20-30% of the advantages one ulp off the correctly rounded value). So d = r - mean1 (exact
+// within a factor 2 of mean1, Sterbenz), c = sum(d) / n; the advantage uses d - c, the squared
+// deviations are taken about mean1 + c, and mean1 + c is the reported mean. A double
+// accumulator's rounding (2^-53 of the offset) is far below anything float32 output can show
+// (float32 rewards that differ at all differ by 2^-24 of their offset), and float64 rewards keep
+// the reference's plain two-pass, bit for bit for small groups: double compiles it out (c = 0).
 template <>
 struct AccOps<float> {
+  static constexpr bool kCompensate = true;
   // Order-preserving unsigned image of a float, so group min/max can use integer atomics.
   using Key = unsigned int;
   __device__ static __forceinline__ float inf() { return __int_as_float(0x7f800000); }
@@ -142,6 +158,7 @@ struct AccOps<float> {
 };
 template <>
 struct AccOps<double> {
+  static constexpr bool kCompensate = false;
   using Key = unsigned long long;
   __device__ static __forceinline__ double inf() {
     return __longlong_as_double(0x7ff0000000000000LL);
@@ -192,14 +209,24 @@ __device__ __forceinline__ Acc std_from_m2(Acc m2, int64_t n, int ddof) {
   return dof > 0 ? AccOps<Acc>::sqrt_(m2 / static_cast<Acc>(dof)) : Acc(0);
 }
 
-// `den` is unused in std_mode "none" (no division at all, as in the reference).
+// `den` is unused in std_mode "none" (no division at all, as in the reference). The group mean is
+// mean1 + c (pass-1 mean, then its correction; c = 0 without kCompensate): subtracting the two
+// one after the other keeps mean1's rounding out of the advantage (v - mean1 is exact for v
+// within a factor 2 of mean1).
 template <typename Acc>
-__device__ __forceinline__ Acc advantage(Acc v, Acc mean, Acc den, bool flat, int mode, Acc clip) {
+__device__ __forceinline__ Acc advantage(Acc v, Acc mean1, Acc c, Acc den, bool flat, int mode,
+                                         Acc clip) {
   if (flat) return Acc(0);  // exact 0, and no 0/0 when eps == 0
-  Acc a = v - mean;
+  Acc a = (v - mean1) - c;
   if (mode != kStdNone) a = a / den;
   if (clip > Acc(0)) a = a < -clip ? -clip : (a > clip ? clip : a);  // keeps NaN, like clamp
   return a;
+}
+
+// max(m2, 0) keeping NaN: sum(d^2) - sum(d)^2 / n may round below 0 when every d is equal.
+template <typename Acc>
+__device__ __forceinline__ Acc nonneg(Acc m2) {
+  return m2 < Acc(0) ? Acc(0) : m2;
 }
 
 template <typename Acc>
@@ -232,15 +259,18 @@ struct Params {
   Acc* pm2;
   Acc* pmin;
   Acc* pmax;
+  Acc* plo;  // kCompensate: each chunk's mean correction (its mean is pmean + plo)
   int64_t pS, pC, pnc, pn;
   // Chunked path, [G * K]: merged group statistics kept in Acc precision for the advantage
   // kernel (the outputs may be float while Acc is double).
   Acc* cmean;
+  Acc* clo;  // kCompensate: the group mean is cmean + clo (the advantage subtracts both)
   Acc* csd;
   unsigned char* flat;
   // group_index path accumulators, [G * K].
   Acc* isum;
   Acc* im2;
+  Acc* idsum;  // kCompensate: sum of r - isum / count, the mean correction times count
   Key* imin;
   Key* imax;
 };
@@ -257,10 +287,16 @@ template <typename Acc>
 struct Scratch {
   Acc r0[kThreads], r1[kThreads], r2[kThreads];
   Acc mean[kThreads], m2[kThreads], mn[kThreads], mx[kThreads];
+  // kCompensate: mean correction (mean = mean + corr). Sized 1 otherwise, so that the double
+  // kernels' shared memory (and their occupancy) does not grow.
+  Acc corr[AccOps<Acc>::kCompensate ? kThreads : 1];
 };
 
-template <typename Acc, bool kMinMax>
+// Sums a over the rows of threads; with kMinMax also min of b and max of c, with kSum2 also the
+// sum of b (results in sm.r0 / r1 / r2 [0, KT)).
+template <typename Acc, bool kMinMax, bool kSum2 = false>
 __device__ void reduce_rows(Acc a, Acc b, Acc c, int KT, Scratch<Acc>& sm) {
+  static_assert(!(kMinMax && kSum2), "b is either a minimum or a sum");
   const int t = threadIdx.x;
   const int nt = blockDim.x;
   int rows;
@@ -272,23 +308,20 @@ __device__ void reduce_rows(Acc a, Acc b, Acc c, int KT, Scratch<Acc>& sm) {
         b = nan_min(b, __shfl_xor_sync(kFullMask, b, off));
         c = nan_max(c, __shfl_xor_sync(kFullMask, c, off));
       }
+      if (kSum2) b += __shfl_xor_sync(kFullMask, b, off);
     }
     const int lane = t & (kWarp - 1);
     if (lane < KT) {
       const int w = t / kWarp;
       sm.r0[w * KT + lane] = a;
-      if (kMinMax) {
-        sm.r1[w * KT + lane] = b;
-        sm.r2[w * KT + lane] = c;
-      }
+      if (kMinMax || kSum2) sm.r1[w * KT + lane] = b;
+      if (kMinMax) sm.r2[w * KT + lane] = c;
     }
     rows = nt / kWarp;
   } else {
     sm.r0[t] = a;
-    if (kMinMax) {
-      sm.r1[t] = b;
-      sm.r2[t] = c;
-    }
+    if (kMinMax || kSum2) sm.r1[t] = b;
+    if (kMinMax) sm.r2[t] = c;
     rows = nt / KT;
   }
   __syncthreads();
@@ -300,6 +333,7 @@ __device__ void reduce_rows(Acc a, Acc b, Acc c, int KT, Scratch<Acc>& sm) {
         sm.r1[t] = nan_min(sm.r1[t], sm.r1[t + h * KT]);
         sm.r2[t] = nan_max(sm.r2[t], sm.r2[t + h * KT]);
       }
+      if (kSum2) sm.r1[t] += sm.r1[t + h * KT];
     }
     __syncthreads();
     m = h;
@@ -307,7 +341,8 @@ __device__ void reduce_rows(Acc a, Acc b, Acc c, int KT, Scratch<Acc>& sm) {
 }
 
 // Two-pass statistics of heads [k0, k0 + KT) over rows [row0, row0 + n) (n >= 1), by the whole
-// block. On return (after a barrier) sm.mean/m2 (and mn/mx) [0, KT) hold the results.
+// block. On return (after a barrier) sm.mean/m2 (and mn/mx, and with kCompensate corr) [0, KT)
+// hold the results: the mean is sm.mean + sm.corr, m2 the squared deviations about it.
 template <typename T, bool kMinMax>
 __device__ void block_tile_stats(const T* x, int64_t row0, int64_t n, int64_t K, int64_t k0,
                                  int KT, int64_t* first_bad,
@@ -343,16 +378,40 @@ __device__ void block_tile_stats(const T* x, int64_t row0, int64_t n, int64_t K,
   }
   __syncthreads();
 
-  Acc q = 0;
+  constexpr bool kComp = AccOps<Acc>::kCompensate;
+  Acc q = 0, sd = 0;
   if (active) {
     const Acc m = sm.mean[kk];
     for (int64_t i = r; i < n; i += R) {
-      q += square_rn(Elem<T>::load(x, (row0 + i) * K + col) - m);
+      const Acc d = Elem<T>::load(x, (row0 + i) * K + col) - m;
+      q += square_rn(d);
+      if (kComp) sd += d;
     }
   }
-  reduce_rows<Acc, false>(q, Acc(0), Acc(0), KT, sm);
-  if (t < KT) sm.m2[t] = sm.r0[t];
+  reduce_rows<Acc, false, kComp>(q, sd, Acc(0), KT, sm);
+  if (t < KT) {
+    if (kComp) {
+      // Corrected two-pass in this one memory pass: c = sum(d) / n, and the squared deviations
+      // about mean1 + c are sum(d^2) - sum(d)^2 / n (c is tiny next to the spread, so nothing
+      // cancels).
+      const Acc dsum = sm.r1[t];
+      sm.corr[t] = dsum / static_cast<Acc>(n);
+      sm.m2[t] = nonneg(sm.r0[t] - dsum * dsum / static_cast<Acc>(n));
+    } else {
+      sm.m2[t] = sm.r0[t];
+    }
+  }
   __syncthreads();
+}
+
+// The mean correction of head t of the last block_tile_stats (0 without kCompensate).
+template <typename Acc>
+__device__ __forceinline__ Acc block_corr(const Scratch<Acc>& sm, int t) {
+  if constexpr (AccOps<Acc>::kCompensate) {
+    return sm.corr[t];
+  } else {
+    return Acc(0);
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -448,29 +507,51 @@ __device__ void team_groups(const Params<T>& p, const typename Elem<T>::Acc* gde
     s = row_order ? team_sum_row_order<W>(v, S, lane0) : team_sum<W>(s);
     mn = team_min<W>(mn);
     mx = team_max<W>(mx);
-    const Acc mean = s / static_cast<Acc>(S);
+    const Acc mean1 = s / static_cast<Acc>(S);
 
-    Acc q = 0;
+    // Corrected two-pass with kCompensate (see AccOps): the mean is mean1 + c; c stays 0 for a
+    // double accumulator, which leaves that path's arithmetic as it was.
+    constexpr bool kComp = AccOps<Acc>::kCompensate;
+    Acc c = 0, q = 0, dsum = 0;
     if (cached) {
+      if (kComp) {
+#pragma unroll
+        for (int j = 0; j < kCache; ++j) {
+          const int64_t i = tl + static_cast<int64_t>(j) * W;
+          if (valid && i < S) dsum += v[j] - mean1;
+        }
+        c = team_sum<W>(dsum) / static_cast<Acc>(S);
+      }
       Acc d2[kCache];
 #pragma unroll
       for (int j = 0; j < kCache; ++j) {
         const int64_t i = tl + static_cast<int64_t>(j) * W;
-        d2[j] = valid && i < S ? square_rn(v[j] - mean) : Acc(0);
+        d2[j] = valid && i < S ? square_rn((v[j] - mean1) - c) : Acc(0);
         q += d2[j];
       }
       if (row_order) q = team_sum_row_order<W>(d2, S, lane0);
     } else if (valid) {
-      for (int64_t i = tl; i < S; i += W) q += square_rn(Elem<T>::load(p.x, e0 + i * K) - mean);
+      for (int64_t i = tl; i < S; i += W) {
+        const Acc d = Elem<T>::load(p.x, e0 + i * K) - mean1;
+        q += square_rn(d);
+        if (kComp) dsum += d;
+      }
     }
     if (!row_order) q = team_sum<W>(q);
+    if (kComp && !cached) {
+      // One memory pass for both sums: about mean1 + c the squared deviations are
+      // sum(d^2) - sum(d)^2 / S (c is tiny next to the spread, so nothing cancels).
+      dsum = team_sum<W>(dsum);
+      c = dsum / static_cast<Acc>(S);
+      q = nonneg(q - dsum * c);
+    }
 
     if (valid) {
       const Acc sd = std_from_m2(q, S, p.ddof);
       const bool flat = mn == mx;
       const Acc den = denominator(p.mode, sd, p.eps, p.mode == kStdGlobal ? gden[k] : Acc(0));
       if (tl == 0) {
-        p.mean[task] = static_cast<typename Params<T>::Stat>(mean);
+        p.mean[task] = static_cast<typename Params<T>::Stat>(kComp ? mean1 + c : mean1);
         p.sd[task] = static_cast<typename Params<T>::Stat>(sd);
         if (k == 0) p.count[g] = S;
       }
@@ -480,13 +561,13 @@ __device__ void team_groups(const Params<T>& p, const typename Elem<T>::Acc* gde
           const int64_t i = tl + static_cast<int64_t>(j) * W;
           if (i < S)
             p.adv[e0 + i * K] =
-                Elem<T>::store(advantage(v[j], mean, den, flat, p.mode, p.clip));
+                Elem<T>::store(advantage(v[j], mean1, c, den, flat, p.mode, p.clip));
         }
       } else {
         for (int64_t i = tl; i < S; i += W) {
           const int64_t idx = e0 + i * K;
           p.adv[idx] = Elem<T>::store(
-              advantage(Elem<T>::load(p.x, idx), mean, den, flat, p.mode, p.clip));
+              advantage(Elem<T>::load(p.x, idx), mean1, c, den, flat, p.mode, p.clip));
         }
       }
     }
@@ -508,7 +589,8 @@ __device__ void block_groups(const Params<T>& p, const typename Elem<T>::Acc* gd
     block_tile_stats<T, true>(p.x, row0, p.S, p.K, 0, KT, p.first_bad, sm);
     if (t < KT) {
       const Acc sd = std_from_m2(sm.m2[t], p.S, p.ddof);
-      p.mean[g * p.K + t] = static_cast<typename Params<T>::Stat>(sm.mean[t]);
+      p.mean[g * p.K + t] = static_cast<typename Params<T>::Stat>(
+          AccOps<Acc>::kCompensate ? sm.mean[t] + block_corr(sm, t) : sm.mean[t]);
       p.sd[g * p.K + t] = static_cast<typename Params<T>::Stat>(sd);
       if (t == 0) p.count[g] = p.S;
       s_den[t] = denominator(p.mode, sd, p.eps, p.mode == kStdGlobal ? gden[t] : Acc(0));
@@ -519,8 +601,9 @@ __device__ void block_groups(const Params<T>& p, const typename Elem<T>::Acc* gd
     const int64_t e0 = row0 * p.K;
     for (int64_t e = t; e < n; e += blockDim.x) {
       const int k = static_cast<int>(e % p.K);
-      p.adv[e0 + e] = Elem<T>::store(advantage(Elem<T>::load(p.x, e0 + e), sm.mean[k], s_den[k],
-                                               s_flat[k], p.mode, p.clip));
+      p.adv[e0 + e] = Elem<T>::store(advantage(Elem<T>::load(p.x, e0 + e), sm.mean[k],
+                                               block_corr(sm, k), s_den[k], s_flat[k], p.mode,
+                                               p.clip));
     }
     __syncthreads();  // sm and s_den are rewritten by the next group
   }
@@ -575,6 +658,7 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_stats_kernel(Params<T> p) {
         const int64_t o = c * p.K + k0 + t;
         p.pmean[o] = sm.mean[t];
         p.pm2[o] = sm.m2[t];
+        if (AccOps<Acc>::kCompensate) p.plo[o] = block_corr(sm, t);  // chunk mean pmean + plo
         if (kMinMax) {
           p.pmin[o] = sm.mn[t];
           p.pmax[o] = sm.mx[t];
@@ -625,13 +709,30 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Params<T> p, int d
       }
     }
     s = warp_sum(s);
-    const Acc mean = s / static_cast<Acc>(n);
+    const Acc mean1 = s / static_cast<Acc>(n);
+    // Corrected two-pass over the chunk means (kCompensate, see AccOps): mean1 is rounded, and
+    // each chunk mean is itself pmean + plo, so the group mean is mean1 + corr with
+    // corr = sum_j n_j e_j / n, e_j = (pmean_j - mean1) + plo_j (the difference exact by Sterbenz).
+    constexpr bool kComp = AccOps<Acc>::kCompensate;
+    Acc corr = 0;
+    if (kComp) {
+      Acc se = 0;
+      for (int64_t j = lane; j < nc; j += kWarp) {
+        const int64_t c = c0 + j;
+        const int64_t jj = c % p.pnc;
+        const int64_t nj = p.pS - jj * p.pC < p.pC ? p.pS - jj * p.pC : p.pC;
+        se += static_cast<Acc>(nj) * ((p.pmean[c * K + k] - mean1) + p.plo[c * K + k]);
+      }
+      corr = warp_sum(se) / static_cast<Acc>(n);
+    }
     Acc q = 0;
     for (int64_t j = lane; j < nc; j += kWarp) {
       const int64_t c = c0 + j;
       const int64_t jj = c % p.pnc;
       const int64_t nj = p.pS - jj * p.pC < p.pC ? p.pS - jj * p.pC : p.pC;
-      q += p.pm2[c * K + k] + static_cast<Acc>(nj) * square_rn(p.pmean[c * K + k] - mean);
+      Acc e = p.pmean[c * K + k] - mean1;      // chunk mean - group mean
+      if (kComp) e = (e + p.plo[c * K + k]) - corr;
+      q += p.pm2[c * K + k] + static_cast<Acc>(nj) * square_rn(e);
     }
     q = warp_sum(q);
     if (is_group) {
@@ -644,9 +745,12 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Params<T> p, int d
     if (lane == 0) {
       if (is_group) {
         const Acc sd = std_from_m2(q, n, p.ddof);
-        p.mean[task] = static_cast<typename Params<T>::Stat>(mean);
+        p.mean[task] = static_cast<typename Params<T>::Stat>(kComp ? mean1 + corr : mean1);
         p.sd[task] = static_cast<typename Params<T>::Stat>(sd);
-        p.cmean[task] = mean;
+        // The advantage kernel subtracts mean1, then corr (advantage()), so the group mean
+        // reaches it unrounded as the pair (cmean, clo).
+        p.cmean[task] = mean1;
+        if (kComp) p.clo[task] = corr;
         p.csd[task] = sd;
         p.flat[task] = mn == mx;
         if (k == 0) p.count[g] = n;
@@ -670,8 +774,9 @@ __global__ void __launch_bounds__(kThreads, 1) contig_adv_kernel(Params<T> p) {
     const int64_t gk = (b / p.S) * p.K + k;
     const Acc den =
         denominator(p.mode, p.csd[gk], p.eps, p.mode == kStdGlobal ? p.gden[k] : Acc(0));
-    p.adv[e] = Elem<T>::store(
-        advantage(Elem<T>::load(p.x, e), p.cmean[gk], den, p.flat[gk] != 0, p.mode, p.clip));
+    const Acc lo = AccOps<Acc>::kCompensate ? p.clo[gk] : Acc(0);
+    p.adv[e] = Elem<T>::store(advantage(Elem<T>::load(p.x, e), p.cmean[gk], lo, den,
+                                        p.flat[gk] != 0, p.mode, p.clip));
   }
 }
 
@@ -727,6 +832,7 @@ __global__ void __launch_bounds__(kThreads, 1) idx_init_kernel(Params<T> p) {
        e += stride) {
     p.isum[e] = 0;
     p.im2[e] = 0;
+    if (AccOps<typename Elem<T>::Acc>::kCompensate) p.idsum[e] = 0;
     p.imin[e] = ~Key(0);  // encode() image of the largest value
     p.imax[e] = Key(0);
     if (e < p.G) p.count[e] = 0;
@@ -734,7 +840,8 @@ __global__ void __launch_bounds__(kThreads, 1) idx_init_kernel(Params<T> p) {
 }
 
 // kPass 1: count, sum, min, max (and the finiteness check); kPass 2: squared deviations about
-// the group mean, which needs pass 1 complete (hence a separate launch).
+// the group mean, which needs pass 1 complete (hence a separate launch), and with kCompensate
+// the deviations themselves (the mean correction, see AccOps).
 template <typename T, int kPass>
 __global__ void __launch_bounds__(kThreads, 1) idx_accumulate_kernel(Params<T> p) {
   using Acc = typename Elem<T>::Acc;
@@ -767,13 +874,19 @@ __global__ void __launch_bounds__(kThreads, 1) idx_accumulate_kernel(Params<T> p
                     static_cast<unsigned long long>(run.len));
       }
     } else {
-      Acc q = 0;
+      Acc q = 0, d = 0;
       if (valid) {
-        q = square_rn(v - p.isum[key] / static_cast<Acc>(p.count[g]));
+        // the same bits as idx_finish_kernel's mean1
+        d = v - p.isum[key] / static_cast<Acc>(p.count[g]);
+        q = square_rn(d);
       }
       Acc unused0 = 0, unused1 = 0;
       const SegInfo run = seg_scan<Acc, false>(key, q, unused0, unused1);
-      if (valid && run.tail) atomicAdd(p.im2 + key, q);
+      if (Ops::kCompensate) seg_scan<Acc, false>(key, d, unused0, unused1);
+      if (valid && run.tail) {
+        atomicAdd(p.im2 + key, q);
+        if (Ops::kCompensate) atomicAdd(p.idsum + key, d);
+      }
     }
   }
 }
@@ -792,8 +905,15 @@ __global__ void __launch_bounds__(kThreads, 1) idx_finish_kernel(Params<T> p) {
     if (e < nstat) {
       const int64_t cnt = p.count[e / p.K];
       using Stat = typename Params<T>::Stat;
-      p.mean[e] = static_cast<Stat>(cnt > 0 ? p.isum[e] / static_cast<Acc>(cnt) : Acc(0));
-      p.sd[e] = static_cast<Stat>(std_from_m2(p.im2[e], cnt, p.ddof));
+      const Acc mean1 = cnt > 0 ? p.isum[e] / static_cast<Acc>(cnt) : Acc(0);
+      Acc c = 0, m2 = p.im2[e];
+      if (Ops::kCompensate && cnt > 0) {
+        // corrected two-pass: mean1 + c, squared deviations sum(d^2) - sum(d)^2 / n about it
+        c = p.idsum[e] / static_cast<Acc>(cnt);
+        m2 = nonneg(m2 - p.idsum[e] * c);
+      }
+      p.mean[e] = static_cast<Stat>(Ops::kCompensate ? mean1 + c : mean1);
+      p.sd[e] = static_cast<Stat>(std_from_m2(m2, cnt, p.ddof));
     }
     if (e < nadv) {
       const int64_t b = e / p.K;
@@ -805,11 +925,17 @@ __global__ void __launch_bounds__(kThreads, 1) idx_finish_kernel(Params<T> p) {
       }
       const int64_t gk = g * p.K + k;
       const int64_t cnt = p.count[g];
-      const Acc mean = p.isum[gk] / static_cast<Acc>(cnt);
-      const Acc sd = std_from_m2(p.im2[gk], cnt, p.ddof);
+      const Acc mean1 = p.isum[gk] / static_cast<Acc>(cnt);
+      Acc c = 0, m2 = p.im2[gk];
+      if (Ops::kCompensate) {  // as above (cnt >= 1: row b is in group g)
+        c = p.idsum[gk] / static_cast<Acc>(cnt);
+        m2 = nonneg(m2 - p.idsum[gk] * c);
+      }
+      const Acc sd = std_from_m2(m2, cnt, p.ddof);
       const bool flat = Ops::decode(p.imin[gk]) == Ops::decode(p.imax[gk]);
       const Acc den = denominator(p.mode, sd, p.eps, p.mode == kStdGlobal ? p.gden[k] : Acc(0));
-      p.adv[e] = Elem<T>::store(advantage(Elem<T>::load(p.x, e), mean, den, flat, p.mode, p.clip));
+      p.adv[e] = Elem<T>::store(
+          advantage(Elem<T>::load(p.x, e), mean1, c, den, flat, p.mode, p.clip));
     }
   }
 }
@@ -829,10 +955,11 @@ struct Plan {
   int64_t fused_blocks = 0, fused_threads = 0;
   // Partial-statistics geometry (global row ranges, or chunks of groups).
   int64_t pS = 0, pC = 0, pnc = 0, pn = 0;
+  bool comp = false;  // float accumulator: AccOps<float>::kCompensate buffers below are used
   // Workspace layout (byte offsets) and size.
-  size_t off_gden = 0, off_pmean = 0, off_pm2 = 0, off_pmin = 0, off_pmax = 0;
-  size_t off_cmean = 0, off_csd = 0, off_flat = 0;
-  size_t off_isum = 0, off_im2 = 0, off_imin = 0, off_imax = 0, bytes = 0;
+  size_t off_gden = 0, off_pmean = 0, off_pm2 = 0, off_pmin = 0, off_pmax = 0, off_plo = 0;
+  size_t off_cmean = 0, off_clo = 0, off_csd = 0, off_flat = 0;
+  size_t off_isum = 0, off_im2 = 0, off_idsum = 0, off_imin = 0, off_imax = 0, bytes = 0;
   int launches = 0;
 };
 
@@ -866,6 +993,7 @@ Plan make_plan(const GroupAdvantagesArgs& a) {
   pl.ok = true;
   const size_t acc =
       a.dtype == DType::kFloat64 || a.dtype == DType::kFloat32 ? sizeof(double) : sizeof(float);
+  pl.comp = acc == sizeof(float) ? AccOps<float>::kCompensate : AccOps<double>::kCompensate;
   const bool global = a.std_mode == kStdGlobal;
   const int64_t N = B * K;
   size_t cur = 0;
@@ -882,6 +1010,7 @@ Plan make_plan(const GroupAdvantagesArgs& a) {
     pl.off_gden = take(cur, K * acc);
     pl.off_pmean = take(cur, pl.pn * K * acc);
     pl.off_pm2 = take(cur, pl.pn * K * acc);
+    if (pl.comp) pl.off_plo = take(cur, pl.pn * K * acc);
   };
 
   if (indexed) {
@@ -900,6 +1029,7 @@ Plan make_plan(const GroupAdvantagesArgs& a) {
     }
     pl.off_isum = take(cur, G * K * acc);
     pl.off_im2 = take(cur, G * K * acc);
+    if (pl.comp) pl.off_idsum = take(cur, G * K * acc);
     pl.off_imin = take(cur, G * K * acc);  // Key has the size of Acc
     pl.off_imax = take(cur, G * K * acc);
     pl.bytes = cur;
@@ -952,7 +1082,9 @@ Plan make_plan(const GroupAdvantagesArgs& a) {
     pl.off_pm2 = take(cur, pl.pn * K * acc);
     pl.off_pmin = take(cur, pl.pn * K * acc);
     pl.off_pmax = take(cur, pl.pn * K * acc);
+    if (pl.comp) pl.off_plo = take(cur, pl.pn * K * acc);
     pl.off_cmean = take(cur, G * K * acc);
+    if (pl.comp) pl.off_clo = take(cur, G * K * acc);
     pl.off_csd = take(cur, G * K * acc);
     pl.off_flat = take(cur, G * K);
     pl.launches = 3;
@@ -993,17 +1125,20 @@ Params<T> make_params(const GroupAdvantagesArgs& a, const Plan& pl) {
     if (pl.global_launches || pl.path == kPathChunked) {
       p.pmean = reinterpret_cast<Acc*>(at(pl.off_pmean));
       p.pm2 = reinterpret_cast<Acc*>(at(pl.off_pm2));
+      if (pl.comp) p.plo = reinterpret_cast<Acc*>(at(pl.off_plo));
     }
     if (pl.path == kPathChunked) {
       p.pmin = reinterpret_cast<Acc*>(at(pl.off_pmin));
       p.pmax = reinterpret_cast<Acc*>(at(pl.off_pmax));
       p.cmean = reinterpret_cast<Acc*>(at(pl.off_cmean));
+      if (pl.comp) p.clo = reinterpret_cast<Acc*>(at(pl.off_clo));
       p.csd = reinterpret_cast<Acc*>(at(pl.off_csd));
       p.flat = reinterpret_cast<unsigned char*>(at(pl.off_flat));
     }
     if (pl.path == kPathIndexed) {
       p.isum = reinterpret_cast<Acc*>(at(pl.off_isum));
       p.im2 = reinterpret_cast<Acc*>(at(pl.off_im2));
+      if (pl.comp) p.idsum = reinterpret_cast<Acc*>(at(pl.off_idsum));
       p.imin = reinterpret_cast<Key*>(at(pl.off_imin));
       p.imax = reinterpret_cast<Key*>(at(pl.off_imax));
     }
