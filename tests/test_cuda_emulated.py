@@ -578,14 +578,18 @@ def elem_logp(v, x, prev, coefs):
 
 def run_emu_elem_loss(emu, dtype, shape, v, x, prev, ref, coefs, kl_w, old, adv, amap, beta,
                       simple, write_grad, clip=ELEM_CLIP, adv_max=5.0, bstrides=None,
-                      row_strides=None, model=None):
+                      row_strides=None, model=None, row_dtypes=None):
     """The emulated kernels, dtype the latents' (model_output's and grad_v's: v's, see
     run_emu_forward), bstrides those of (v, x, prev, ref) and row_strides those of (old, amap)
-    (None: contiguous): (rc, loss, metrics, grad_v or None, launches, workspace bytes)."""
+    (None: contiguous), row_dtypes the dtype codes of (old, amap) (None: theirs, -1 for the
+    accumulation type): (rc, loss, metrics, grad_v or None, launches, workspace bytes)."""
     strides = None
     if bstrides is not None or row_strides is not None:
         strides = list(bstrides or [-1] * 4) + list(row_strides or [-1, -1])
     acc = acc_dtype(dtype)
+    if row_dtypes is None:
+        row_dtypes = [-1 if t is None or t.dtype == acc else DTYPE_CODE[t.dtype]
+                      for t in (old, amap)]
     loss = torch.full((), float("nan"), dtype=acc)
     metrics = torch.full((4,), float("nan"), dtype=acc)
     grad_v = torch.full(v.shape, float("nan")).to(v.dtype) if write_grad else None
@@ -593,7 +597,7 @@ def run_emu_elem_loss(emu, dtype, shape, v, x, prev, ref, coefs, kl_w, old, adv,
     rc = emu.emu_flow_grpo_elem_loss(
         DTYPE_CODE[dtype], model_code(dtype, v) if model is None else model, *map(I64, shape),
         ptr(v), ptr(x), ptr(prev), ptr(ref), ptr(coefs),
-        ptr(kl_w), ptr(old), ptr(adv), ptr(amap), int(amap.shape[0] == 1),
+        ptr(kl_w), ptr(old), ptr(adv), ptr(amap), int(amap.shape[0] == 1), *row_dtypes,
         ctypes.c_double(clip), ctypes.c_double(adv_max), ctypes.c_double(beta), int(simple),
         ptr(loss), ptr(metrics), ptr(grad_v), ctypes.byref(launches), ctypes.byref(ws),
         i64_array(strides))
@@ -718,7 +722,7 @@ def test_flow_grpo_elem_loss_cuda_kernel_rejects_bad_arguments(emu):
              old=per_e, amap=per_e, clip=0.1, adv_max=5.0, loss=out[0]):
         return emu.emu_flow_grpo_elem_loss(
             dtype, -1, *map(I64, dims), ptr(lat[0]), ptr(lat[1]), ptr(prev), ptr(ref), ptr(coefs),
-            ptr(kl_w), ptr(old), ptr(per_b), ptr(amap), 0, ctypes.c_double(clip),
+            ptr(kl_w), ptr(old), ptr(per_b), ptr(amap), 0, -1, -1, ctypes.c_double(clip),
             ctypes.c_double(adv_max), ctypes.c_double(0.05), 0, ptr(loss), ptr(out[1]),
             ptr(out[2]), ctypes.byref(launches), ctypes.byref(ws), None)
     assert call() == 0 and launches.value == 2
@@ -1337,6 +1341,163 @@ def test_flow_step_cuda_kernels_reject_unsupported_dtype_pairs(emu):
         assert bwd(latent, model) == 1, (latent, model)
         assert elem(latent, model) == (1, -1, 0), (latent, model)
 
+
+# ------------------------- the elem loss's old_log_prob / map stored as bf16 / fp16 (float accum.)
+# With float accumulation, old_log_prob and advantage_map may each be bfloat16 or float16: the
+# kernel widens them as it loads them (exactly), so its results must equal, bit for bit, those of
+# the same launch on float32 copies of the same values (same plan, fragments and sums), whatever
+# the latents (float32, bfloat16, a bf16 model output beside float32) and row layout.
+
+ROW_DTYPES = [torch.bfloat16, torch.float16]
+ROW_IDS = ["bf16", "fp16"]
+REDUCED_ROWS = {"old": (6,), "map": (8,), "both": (6, 8)}     # which inputs are reduced
+# (latent dtype, model dtype): their 2-byte row fragments are 8-byte words beside float32
+# latents, 16-byte ones beside bfloat16 latents
+ROW_LATENTS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
+               "bf16_model_fp32": (torch.float32, torch.bfloat16)}
+REDUCED_ELEM_VARIANTS = {k: ELEM_VARIANTS[k] for k in ("kl", "kl_simple_shared", "no_grad")}
+
+
+def reduced_rows(inputs, rows, row_dtype):
+    """inputs with the old_log_prob / map entries in `rows` rounded to row_dtype, and the same with
+    those reduced values as float32 (the comparison)."""
+    red, f32 = list(inputs), list(inputs)
+    for i in rows:
+        red[i] = inputs[i].to(row_dtype)
+        f32[i] = red[i].float()
+    return red, f32
+
+
+def row_latents(shape, latents, with_ref, shared_map, seed):
+    """elem_loss_inputs for a ROW_LATENTS entry (the model-typed inputs converted)."""
+    latent, model = ROW_LATENTS[latents]
+    inputs = list(elem_loss_inputs(shape, latent, with_ref, shared_map, seed=seed))
+    if model is not None:
+        (inputs[0], inputs[3]), _ = as_model(model, inputs[0], inputs[3])
+    return latent, inputs
+
+
+@needs_cpu_elem_loss
+@pytest.mark.parametrize("row_dtype", ROW_DTYPES, ids=ROW_IDS)
+@pytest.mark.parametrize("rows", list(REDUCED_ROWS))
+@pytest.mark.parametrize("latents", list(ROW_LATENTS))
+@pytest.mark.parametrize("shape", MIXED_SHAPES)
+@pytest.mark.parametrize("variant", list(REDUCED_ELEM_VARIANTS))
+def test_flow_grpo_elem_loss_cuda_kernels_reduced_rows(emu, row_dtype, rows, latents, shape,
+                                                       variant):
+    """A bf16 / fp16 old_log_prob and/or map (per sample, or shared by the batch): the results
+    of float32 copies bit for bit (N = 256: vector fragments, N = 111: strided ones), and the CPU
+    op's on the same reduced inputs up to summation order."""
+    with_ref, beta, simple, shared_map, write_grad = REDUCED_ELEM_VARIANTS[variant]
+    latent, inputs = row_latents(shape, latents, with_ref, shared_map, seed=17)
+    red, f32 = reduced_rows(inputs, REDUCED_ROWS[rows], row_dtype)
+    got = run_emu_elem_loss(emu, latent, shape, *red, beta, simple, write_grad)
+    exp = run_emu_elem_loss(emu, latent, shape, *f32, beta, simple, write_grad)
+    assert got[0] == 0 and exp[0] == 0 and got[4:] == exp[4:]     # launches, workspace
+    if not simple:
+        assert 0 < got[2][1].item() < 1                    # ratios on both sides of the bounds
+    assert_bitwise(got[1:4], exp[1:4])
+    e_loss, e_metrics, _ = torch.ops.tbkernels.flow_grpo_elem_loss(
+        *red, ELEM_CLIP, 5.0, beta, simple, write_grad)
+    n = shape[0] * shape[1] * shape[2]
+    assert_reduction(got[1], e_loss, n, torch.float32)
+    assert_reduction(got[2][[0, 1, 3]], e_metrics[[0, 1, 3]], n, torch.float32)
+
+
+@pytest.mark.parametrize("row_dtype", ROW_DTYPES, ids=ROW_IDS)
+@pytest.mark.parametrize("latents", ["fp32", "bf16"])
+@pytest.mark.parametrize("shape", STRIDED_SHAPES)
+@pytest.mark.parametrize("layout", list(ROW_LAYOUTS))
+@pytest.mark.parametrize("shared_map", [False, True])
+def test_flow_grpo_elem_loss_cuda_kernels_reduced_rows_strided(emu, row_dtype, latents, shape,
+                                                               layout, shared_map):
+    """Reduced old_log_prob and map read in place from trajectory slices (neighbours NaN or
+    noise) or expanded rows, beside contiguous / sliced / expanded latents: the results of
+    contiguous float32 copies bit for bit."""
+    latent, _ = ROW_LATENTS[latents]
+    spec = ROW_LAYOUTS[layout]
+    lat = None if spec["latents"] is None else STRIDED_LAYOUTS[spec["latents"]]
+    inputs = list(elem_loss_inputs(shape, latent, True, shared_map, seed=18, layout=lat))
+    red, _ = reduced_rows(inputs, (6, 8), row_dtype)
+    red[6] = lay_out_rows(red[6], spec["old"])
+    red[8] = lay_out_rows(red[8], spec["map"])
+    assert red[6].dtype == red[8].dtype == row_dtype
+    got = run_emu_elem_loss(emu, latent, shape, *red, 0.05, False, True,
+                            bstrides=batch_strides(*red[:4]),
+                            row_strides=binding_row_strides(red[6], red[8]))
+    f32 = contiguous(*red)
+    f32[6], f32[8] = f32[6].float(), f32[8].float()
+    exp = run_emu_elem_loss(emu, latent, shape, *f32, 0.05, False, True)
+    assert got[0] == 0 and exp[0] == 0 and got[4:] == exp[4:]
+    assert not torch.isnan(got[1]), "NaN read from a neighbour"
+    assert_bitwise(got[1:4], exp[1:4])
+
+
+@pytest.mark.parametrize("row_dtype", ROW_DTYPES, ids=ROW_IDS)
+@pytest.mark.parametrize("latents", ["fp32", "bf16"])
+@pytest.mark.parametrize("which", [6, 8])                  # old_log_prob, advantage_map
+@pytest.mark.parametrize("pad", [0, 1, 2, 4, 8])
+def test_flow_grpo_elem_loss_cuda_kernels_reduced_row_alignment(emu, row_dtype, latents, which,
+                                                                pad):
+    """A 2-byte row's fragment is one 8-byte word beside float32 latents (VEC 4), one 16-byte
+    word beside bfloat16 ones (VEC 8). N = 256 and every pointer 16-byte aligned, one reduced
+    input's rows N + pad elements apart (pad 0: its data starting one element off instead). Rows
+    that keep every word aligned (pad 4 beside float32, pad 8 either way) keep the vector
+    fragments: the results of the contiguous float32 run bit for bit. The others (a vector load
+    there ends the emulator: see the emu fixture) take the strided fragments: the results of
+    float32 copies forced onto them by a misaligned latent bit for bit, and grad_v that of the
+    vector run too."""
+    shape = (2, 4, 64)
+    latent, _ = ROW_LATENTS[latents]
+    inputs = list(elem_loss_inputs(shape, latent, True, False, seed=19))
+    red, f32 = reduced_rows(inputs, (6, 8), row_dtype)
+
+    def run(ins, row_strides=None):
+        rc, *out = run_emu_elem_loss(emu, latent, shape, *ins, 0.05, False, True,
+                                     row_strides=row_strides)[:4]
+        assert rc == 0
+        return out
+
+    if pad == 0:
+        red[which] = misaligned(red[which])
+        assert red[which].data_ptr() % 4 != 0
+    else:
+        red[which] = padded(red[which], pad)
+        assert red[which].data_ptr() % 16 == 0 and red[which].stride(0) == 256 + pad
+    got = run(red, binding_row_strides(red[6], red[8]))
+    vector = run(f32)
+    word = 2 * (128 // torch.finfo(latent).bits)           # VEC 2-byte values
+    if pad and (2 * pad) % word == 0:
+        assert_bitwise(got, vector)
+        return
+    scalar = list(f32)
+    scalar[1] = misaligned(f32[1])
+    assert_bitwise(got, run(scalar))
+    assert_bitwise(got[2:], vector[2:])
+
+
+def test_flow_grpo_elem_loss_cuda_kernel_row_dtypes(emu):
+    """old_log_prob's / the map's dtype: -1 or the accumulation type named (float32, float64 for
+    float64 latents), and bfloat16 / float16 with float accumulation (float32, bfloat16 or
+    float16 latents). Anything else is cudaErrorInvalidValue with no launch plan."""
+    shape = (2, 3, 4)
+    f32, f64, f16, bf16 = (DTYPE_CODE[t] for t in (torch.float32, torch.float64, torch.float16,
+                                                   torch.bfloat16))
+
+    def elem(latent, codes):
+        inputs = elem_loss_inputs(shape, latent, True, False)
+        rc, _, _, _, launches, ws = run_emu_elem_loss(emu, latent, shape, *inputs, 0.05, False,
+                                                      True, row_dtypes=codes)
+        return rc, launches, ws
+
+    for latent in (torch.float32, torch.bfloat16, torch.float16):
+        for codes in ([-1, -1], [f32, f32], [bf16, f16], [f16, -1], [f32, bf16]):
+            assert elem(latent, codes)[:2] == (0, 2), (latent, codes)
+        for codes in ([f64, -1], [-1, f64], [7, -1], [-1, -2]):
+            assert elem(latent, codes) == (1, -1, 0), (latent, codes)
+    assert elem(torch.float64, [f64, -1])[:2] == (0, 2)
+    for codes in ([f32, -1], [-1, f32], [bf16, -1], [-1, f16]):     # double keeps double only
+        assert elem(torch.float64, codes) == (1, -1, 0), codes
 
 
 # --------------------------------------------------------------------------------- per-sample MSE

@@ -221,9 +221,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cuda(
     const at::Tensor& advantages, const at::Tensor& advantage_map, double clip_range,
     double adv_clip_max, double beta, bool simple, bool write_grad) {
   const char* op = "flow_grpo_elem_loss";
+  // old_log_prob / the map may be bf16 / fp16 beside float32 accumulation: the kernel widens
+  // them as it reads (no latent-sized float32 copy)
   const Layout L = flow_step::check_elem_loss_args(v, x, prev, ref, coefs, kl_weight,
                                                    old_log_prob, advantages, advantage_map,
-                                                   clip_range, adv_clip_max, c10::DeviceType::CUDA);
+                                                   clip_range, adv_clip_max, c10::DeviceType::CUDA,
+                                                   /*reduced_rows_ok=*/true);
   const cuda::DType dtype = kernel_dtype(x.scalar_type(), op);
   const cuda::DType model_dtype = kernel_dtype(v.scalar_type(), op);
   const c10::cuda::CUDAGuard guard(v.device());
@@ -248,6 +251,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_grpo_elem_loss_cuda(
   args.kl_weight = opt_ptr(kl_weight);
   set_map_loss_fields(args, old_log_prob, advantages, advantage_map, clip_range, adv_clip_max,
                       beta, simple, loss, metrics);
+  args.old_dtype = kernel_dtype(old_log_prob.scalar_type(), op);
+  args.map_dtype = kernel_dtype(advantage_map.scalar_type(), op);
   args.grad_v = write_grad ? grad_v.data_ptr() : nullptr;  // without write_grad: [0], unwritten
   const at::Tensor workspace =  // alive until the kernels are queued
       cuda_scratch(cuda::flow_grpo_elem_loss_workspace_bytes(args), v, &args.workspace);

@@ -1002,12 +1002,39 @@ cudaError_t run_map_surrogate(const FlowGrpoMapSurrogateArgs& a, const MapPlan& 
 // log-prob, its policy term, and (write_grad) d loss / d v, which is elementwise once the
 // per-sample constants are known. elem_loss_kernel, grid B*nblk x 256 (plan_flat over the N =
 // C*S elements of a sample, as the backward): each thread walks its fragments of the block's
-// chunk (VEC latents, and VEC old_log_prob / map values read as 128-bit words too when aligned;
-// old_log_prob and the map read from their rows, row b at b * row stride, grad_v contiguous),
+// chunk (VEC latents, and VEC old_log_prob / map values read as 128-bit words too when aligned,
+// 64-bit ones for bf16 / fp16 rows beside float32 latents; old_log_prob and the map read from
+// their rows, row b at b * row stride, grad_v contiguous),
 // and the block's five sums (policy, delta^2, clipped, ratio, and sum (v - v_ref)^2) go to
 // partials [5, B*nblk] in double. elem_finalize_kernel, one block: the policy partials in a fixed
 // order, each sample's ref_sq from its own blocks in block order, the KL, loss and metrics. Per
 // element the inputs are read once and grad_v written once; no log-prob buffer exists.
+//
+// old_log_prob and the map may each be bfloat16 / float16 beside float accumulation. Their
+// types are runtime tags, tested per fragment (uniform over the grid, so the branches never
+// diverge and cost next to nothing in a bandwidth-bound loop): templating on them instead would
+// make each of the 10 float-accumulation instantiations 9, for compile time and binary size.
+
+// Row input `off` elements into p, of type t (bfloat16 / float16, or Acc).
+template <typename Acc>
+__device__ __forceinline__ const void* row_at(const void* p, DType t, int64_t off) {
+  const bool two_byte = std::is_same<Acc, float>::value &&
+                        (t == DType::kBFloat16 || t == DType::kFloat16);
+  return static_cast<const char*>(p) + off * static_cast<int64_t>(two_byte ? 2 : sizeof(Acc));
+}
+
+// load_frag of row values of type t at row + e, widened to Acc (exactly).
+template <bool kVec, typename Acc, int V>
+__device__ __forceinline__ void load_row_frag(const void* row, DType t, int64_t e,
+                                              int64_t stride, int nvalid, Acc (&out)[V]) {
+  if constexpr (std::is_same<Acc, float>::value) {
+    if (t == DType::kBFloat16)
+      return load_frag<kVec>(static_cast<const __nv_bfloat16*>(row) + e, stride, nvalid, out);
+    if (t == DType::kFloat16)
+      return load_frag<kVec>(static_cast<const __half*>(row) + e, stride, nvalid, out);
+  }
+  load_frag<kVec>(static_cast<const Acc*>(row) + e, stride, nvalid, out);
+}
 
 template <typename TV, typename TL>
 struct ElemParams {
@@ -1019,9 +1046,10 @@ struct ElemParams {
   const TV* ref;  // may be null (no reference)
   const Acc* coefs;
   const Acc* kl_weight;  // with ref
-  const Acc* old;
+  const void* old;       // of old_t
   const Acc* adv;
-  const Acc* amap;
+  const void* amap;      // of map_t
+  DType old_t, map_t;    // Acc's, or (float Acc) kBFloat16 / kFloat16
   TV* grad_v;    // may be null (no gradient)
   double* part;  // [5, nprog]
   int64_t bs_v, bs_x, bs_prev, bs_ref;  // batch strides of the latent inputs (-1 resolved)
@@ -1055,8 +1083,8 @@ __global__ void __launch_bounds__(kThreads)
   const TL* prev = p.prev + b * p.bs_prev;
   const TV* ref = sample_of(p.ref, b, p.bs_ref);
   const int64_t base = b * p.N;  // of grad_v
-  const Acc* old_row = p.old + b * p.old_stride;
-  const Acc* map_row = p.amap + b * p.map_stride;
+  const void* old_row = row_at<Acc>(p.old, p.old_t, b * p.old_stride);
+  const void* map_row = row_at<Acc>(p.amap, p.map_t, b * p.map_stride);
   const int64_t stride = kVec ? 1 : kThreads;
   const int tx = static_cast<int>(threadIdx.x);
 
@@ -1074,8 +1102,8 @@ __global__ void __launch_bounds__(kThreads)
     load_frag<kVec>(x + e, stride, nvalid, xx);
     load_frag<kVec>(prev + e, stride, nvalid, pp);
     if (has_ref) load_frag<kVec>(ref + e, stride, nvalid, rr);
-    load_frag<kVec>(old_row + e, stride, nvalid, oo);
-    load_frag<kVec>(map_row + e, stride, nvalid, mm);
+    load_row_frag<kVec>(old_row, p.old_t, e, stride, nvalid, oo);
+    load_row_frag<kVec>(map_row, p.map_t, e, stride, nvalid, mm);
     TV out[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -1143,10 +1171,22 @@ struct ElemPlan {
   size_t bytes = 0;             // workspace: the partials [5, B*nblk] double
 };
 
+// old_log_prob's / the map's element type (kAccDType: the accumulation type); kAccDType if it is
+// not one the kernel reads beside latents of type `latent`.
+DType resolve_row_dtype(DType latent, DType t) {
+  const DType acc = latent == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
+  if (t == kAccDType || t == acc) return acc;
+  if (acc == DType::kFloat32 && (t == DType::kBFloat16 || t == DType::kFloat16)) return t;
+  return kAccDType;
+}
+
 ElemPlan plan_elem(const FlowGrpoElemLossArgs& a) {
   ElemPlan pl;
   const int es = elem_size(a.dtype);  // of the latents: the plan of the all-latent-type run
   if (!valid_dtypes(a.dtype, a.model_dtype) || a.batch < 0 || a.channels < 0 || a.spatial < 0)
+    return pl;
+  if (resolve_row_dtype(a.dtype, a.old_dtype) == kAccDType ||
+      resolve_row_dtype(a.dtype, a.map_dtype) == kAccDType)
     return pl;
   if (a.channels > 0 && a.spatial > INT64_MAX / a.channels) return pl;
   pl.N = a.channels * a.spatial;
@@ -1167,6 +1207,18 @@ ElemPlan plan_elem(const FlowGrpoElemLossArgs& a) {
   return pl;
 }
 
+// vec_input for a row input of type t (Acc, or bfloat16 / float16 with float Acc): a 2-byte
+// row's fragment is half the bytes of an Acc one, so it needs only 8-byte words beside float32
+// latents (its rows then 4-element aligned).
+template <int V, typename Acc>
+bool vec_row(const void* p, DType t, int64_t stride) {
+  if constexpr (std::is_same<Acc, float>::value) {
+    if (t == DType::kBFloat16) return vec_input<V>(static_cast<const __nv_bfloat16*>(p), stride);
+    if (t == DType::kFloat16) return vec_input<V>(static_cast<const __half*>(p), stride);
+  }
+  return vec_input<V>(static_cast<const Acc*>(p), stride);
+}
+
 template <typename TV, typename TL>
 cudaError_t run_elem_loss(const FlowGrpoElemLossArgs& a, const ElemPlan& pl,
                           cudaStream_t stream) {
@@ -1182,9 +1234,11 @@ cudaError_t run_elem_loss(const FlowGrpoElemLossArgs& a, const ElemPlan& pl,
   p.ref = has_ref ? static_cast<const TV*>(a.ref_model_output) : nullptr;
   p.coefs = static_cast<const Acc*>(a.coefs);
   p.kl_weight = static_cast<const Acc*>(a.kl_weight);
-  p.old = static_cast<const Acc*>(a.old_log_prob);
+  p.old = a.old_log_prob;
   p.adv = static_cast<const Acc*>(a.advantages);
-  p.amap = static_cast<const Acc*>(a.advantage_map);
+  p.amap = a.advantage_map;
+  p.old_t = resolve_row_dtype(a.dtype, a.old_dtype);
+  p.map_t = resolve_row_dtype(a.dtype, a.map_dtype);
   p.grad_v = static_cast<TV*>(a.grad_v);
   p.part = static_cast<double*>(a.workspace);
   p.N = pl.N;
@@ -1200,12 +1254,13 @@ cudaError_t run_elem_loss(const FlowGrpoElemLossArgs& a, const ElemPlan& pl,
   p.kl_on = has_ref && a.beta != 0;
   if (p.nprog > 0) {
     // 128-bit fragments: every streamed pointer aligned to its words (each sample's latents and
-    // each row of old_log_prob / the map too: row strides multiples of 16 / sizeof(Acc)) and
-    // whole vectors per row, which keeps a fragment of old_log_prob / the map (VEC Acc values)
-    // whole 16-byte words too.
+    // each row of old_log_prob / the map too: row strides multiples of the word's elements) and
+    // whole vectors per row, which keeps a fragment of old_log_prob / the map (VEC values) whole
+    // words too (16 bytes; 8 for a 2-byte row beside float32 latents).
     const bool vec = pl.N % V == 0 && vec_input<V>(p.v, p.bs_v) && vec_input<V>(p.x, p.bs_x) &&
                      vec_input<V>(p.prev, p.bs_prev) && vec_input<V>(p.ref, p.bs_ref) &&
-                     vec_input<V>(p.old, p.old_stride) && vec_input<V>(p.amap, p.map_stride) &&
+                     vec_row<V, Acc>(p.old, p.old_t, p.old_stride) &&
+                     vec_row<V, Acc>(p.amap, p.map_t, p.map_stride) &&
                      vec_input<V>(p.grad_v, 0);
     const dim3 grid(static_cast<unsigned>(p.nprog));
     if (vec) elem_loss_kernel<TV, TL, true><<<grid, kThreads, 0, stream>>>(k, p);

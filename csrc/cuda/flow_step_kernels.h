@@ -149,11 +149,17 @@ struct FlowGrpoMapSurrogateArgs {
   void* workspace = nullptr;    // flow_grpo_map_surrogate_workspace_bytes(args) bytes
 };
 
+// FlowGrpoElemLossArgs::old_dtype / map_dtype's default: the accumulation type (float, double
+// for float64 latents).
+constexpr DType kAccDType = static_cast<DType>(-1);
+
 // flow_grpo_loss with a per-element ViPO map, the step and the surrogate fused
 // (flow_grpo_elem_loss; formula: csrc/ops.cpp, csrc/flow_grpo_surrogate.h). Latents as
 // FlowStepForwardArgs with a stored prev_sample (batch strides included); [B, N] (N = C*S) and
 // [B] tensors device memory of the accumulation type, contiguous but for old_log_prob and
-// advantage_map, which are row-strided as in FlowGrpoMapSurrogateArgs.
+// advantage_map, which are row-strided as in FlowGrpoMapSurrogateArgs and, with float
+// accumulation, may each also be bfloat16 or float16 (old_dtype / map_dtype; read as stored and
+// widened exactly, so results equal those of float32 copies bit for bit: no latent-sized copy).
 struct FlowGrpoElemLossArgs {
   DType dtype = DType::kFloat32;                 // of sample and prev_sample
   DType model_dtype = kSameDType;                // of model_output, ref, grad_v (see the top)
@@ -174,6 +180,10 @@ struct FlowGrpoElemLossArgs {
   // Row strides in elements of old_log_prob and advantage_map (see FlowGrpoMapSurrogateArgs; -1:
   // contiguous, N; map_bstride ignored with map_shared).
   int64_t old_bstride = -1, map_bstride = -1;
+  // Element types of old_log_prob and advantage_map: kAccDType or the accumulation type itself;
+  // with float accumulation also kBFloat16 or kFloat16. Anything else: cudaErrorInvalidValue
+  // (workspace 0, num_launches -1).
+  DType old_dtype = kAccDType, map_dtype = kAccDType;
   double clip_range = 1e-4, adv_clip_max = 5.0, beta = 0.0;
   bool simple = false;
   void* loss = nullptr;       // []
@@ -209,7 +219,7 @@ int flow_grpo_map_surrogate_num_launches(const FlowGrpoMapSurrogateArgs& args);
 cudaError_t flow_grpo_map_surrogate(const FlowGrpoMapSurrogateArgs& args, cudaStream_t stream);
 // Two launches (the main pass over the latents, skipped when B*C*S == 0, and a one-block
 // finalize); workspace 40 bytes per main-pass block. workspace_bytes is 0 and num_launches -1
-// for inconsistent sizes, strides or dtype.
+// for inconsistent sizes, strides or dtypes.
 size_t flow_grpo_elem_loss_workspace_bytes(const FlowGrpoElemLossArgs& args);
 int flow_grpo_elem_loss_num_launches(const FlowGrpoElemLossArgs& args);
 cudaError_t flow_grpo_elem_loss(const FlowGrpoElemLossArgs& args, cudaStream_t stream);

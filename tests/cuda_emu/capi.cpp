@@ -6,6 +6,8 @@
 // their latent pointer arguments; the map losses' also the row strides of old_log_prob and
 // advantage_map (the elem loss at the end of that array, the map surrogate in its own). Their
 // second argument is the model dtype (model_output's, ref's, grad_v's; -1: the latent dtype).
+// The elem loss also takes the dtypes of old_log_prob and advantage_map after map_shared (-1:
+// the accumulation type).
 #include <cstdint>
 #include <vector>
 
@@ -126,9 +128,9 @@ int emu_flow_grpo_elem_loss(int dtype, int model_dtype, int64_t B, int64_t C, in
                             const void* v, const void* x, const void* prev, const void* ref,
                             const void* coefs, const void* kl_weight, const void* old_log_prob,
                             const void* advantages, const void* advantage_map, int map_shared,
-                            double clip_range, double adv_clip_max, double beta, int simple,
-                            void* loss, void* metrics, void* grad_v, int* launches,
-                            int64_t* workspace_bytes, const int64_t* bstrides) {
+                            int old_dtype, int map_dtype, double clip_range, double adv_clip_max,
+                            double beta, int simple, void* loss, void* metrics, void* grad_v,
+                            int* launches, int64_t* workspace_bytes, const int64_t* bstrides) {
   tbk::cuda::FlowGrpoElemLossArgs a;
   a.dtype = static_cast<tbk::cuda::DType>(dtype); a.batch = B; a.channels = C; a.spatial = S;
   a.model_dtype = static_cast<tbk::cuda::DType>(model_dtype);
@@ -140,6 +142,8 @@ int emu_flow_grpo_elem_loss(int dtype, int model_dtype, int64_t B, int64_t C, in
   }
   a.coefs = coefs; a.kl_weight = kl_weight; a.old_log_prob = old_log_prob;
   a.advantages = advantages; a.advantage_map = advantage_map; a.map_shared = map_shared != 0;
+  a.old_dtype = static_cast<tbk::cuda::DType>(old_dtype);
+  a.map_dtype = static_cast<tbk::cuda::DType>(map_dtype);
   a.clip_range = clip_range; a.adv_clip_max = adv_clip_max; a.beta = beta;
   a.simple = simple != 0; a.loss = loss; a.metrics = metrics; a.grad_v = grad_v;
   Workspace ws;

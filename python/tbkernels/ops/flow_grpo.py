@@ -915,7 +915,7 @@ class _FusedLoss(torch.autograd.Function):
 
 # Backends whose per-element loss reads a bfloat16 / float16 old_log_prob or map as it is beside
 # float32 accumulation (csrc/flow_step_checks.h, check_elem_rows).
-_REDUCED_ROW_BACKENDS = frozenset({"cpu", "triton"})
+_REDUCED_ROW_BACKENDS = frozenset({"cpu", "cuda", "triton"})
 
 
 def _elem_rows_dtype(name, t, acc):
