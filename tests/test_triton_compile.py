@@ -117,13 +117,15 @@ def test_elem_loss_accesses_are_128_bit_vectors(report):
     """The fused per-element loss streams three or four latents and two float32 [B, N] rows and
     writes grad_v: at a Wan latent's N (divisible by 16) every per-element load and the gradient
     store are v4 accesses; the only narrow masked access is the tile's float64 partial-sum
-    stores (one thread)."""
+    stores (one thread). With the rows stored as bf16/fp16 ("rows=" cases) each row is one v4
+    load per thread instead of two, so the floor is 6 (bf16 latents) instead of 7."""
     checked = 0
     for r in report["results"]:
         if _short(r) != ("flow_step", "_elem_loss_kernel") or "elem480p" not in r["case"]:
             continue
         checked += 1
-        assert r["ld_global_v4"] >= 7, (r["label"], r["ld_global_v4"])
+        floor = 6 if "rows=" in r["case"] else 7
+        assert r["ld_global_v4"] >= floor, (r["label"], r["ld_global_v4"])
         if "grad=True" in r["case"]:
             assert r["st_global_v4"] > 0, r["label"]
         assert set(r["narrow_masked"]) <= {"st.global.b64"}, (r["label"], r["narrow_masked"])
