@@ -1099,10 +1099,42 @@ def test_flow_grpo_elem_loss_cuda_kernels_row_strided(emu, dtype, shape, layout,
     inputs[:4] = contiguous(*inputs[:4])
     inputs[6], inputs[8] = inputs[6].contiguous(), inputs[8].contiguous()
     exp = run_emu_elem_loss(emu, dtype, shape, *inputs, beta, simple, write_grad)
-    assert got[0] == 0 and exp[0] == 0 and got[4:] == exp[4:]     # launches, workspace
-    assert not torch.isnan(got[1]), "NaN read from a neighbour"
+    assert_same_launch(got, exp)
     if layout != "expanded" and shape[0] * shape[1] * shape[2] > 100 and not simple:
         assert 0 < got[2][1].item() < 1                    # ratios on both sides of the bounds
+
+
+def elem_loss_runner(emu, dtype, shape):
+    """run(inputs, row_strides=None) -> [loss, metrics, grad_v] of one training launch of the
+    elem loss (beta 0.05, reference, gradient), asserting it succeeded."""
+    def run(ins, row_strides=None):
+        rc, *out = run_emu_elem_loss(emu, dtype, shape, *ins, 0.05, False, True,
+                                     row_strides=row_strides)[:4]
+        assert rc == 0
+        return out
+    return run
+
+
+def assert_vector_or_strided(run, got, inputs, vector, keeps_vector):
+    """A launch with one row input laid out differently (`got`) against launches on `inputs`:
+    when its rows keep every word aligned it took the vector fragments, the results of the
+    vector run (`vector`) bit for bit; otherwise the strided ones, the results of `inputs` forced
+    onto them by a misaligned latent bit for bit, and grad_v that of the vector run too (the sums
+    add the same terms in another order)."""
+    if keeps_vector:
+        assert_bitwise(got, vector)
+        return
+    scalar = list(inputs)
+    scalar[1] = misaligned(inputs[1])
+    assert_bitwise(got, run(scalar))
+    assert_bitwise(got[2:], vector[2:])
+
+
+def assert_same_launch(got, exp):
+    """Two successful elem-loss launches with the same plan (launches, workspace) and bitwise
+    equal loss, metrics and grad_v; no NaN read from memory beside a strided input."""
+    assert got[0] == 0 and exp[0] == 0 and got[4:] == exp[4:]
+    assert not torch.isnan(got[1]), "NaN read from a neighbour"
     assert_bitwise(got[1:4], exp[1:4])
 
 
@@ -1118,25 +1150,12 @@ def test_flow_grpo_elem_loss_cuda_kernels_row_stride_alignment(emu, dtype, which
     (the sums of that run add the same terms in another order)."""
     shape = (2, 4, 64)
     inputs = list(elem_loss_inputs(shape, dtype, True, False, seed=9))
-
-    def run(ins, row_strides=None):
-        rc, *out = run_emu_elem_loss(emu, dtype, shape, *ins, 0.05, False, True,
-                                     row_strides=row_strides)[:4]
-        assert rc == 0
-        return out
-
+    run = elem_loss_runner(emu, dtype, shape)
     strided = list(inputs)
     strided[which] = padded(inputs[which], pad)
     assert strided[which].data_ptr() % 16 == 0 and strided[which].stride(0) == 256 + pad
     got = run(strided, binding_row_strides(strided[6], strided[8]))
-    vector = run(inputs)
-    if pad % 4 == 0:
-        assert_bitwise(got, vector)
-        return
-    scalar_inputs = list(inputs)
-    scalar_inputs[1] = misaligned(inputs[1])
-    assert_bitwise(got, run(scalar_inputs))
-    assert_bitwise(got[2:], vector[2:])
+    assert_vector_or_strided(run, got, inputs, run(inputs), keeps_vector=pad % 4 == 0)
 
 
 def test_map_losses_cuda_kernels_reject_bad_row_strides(emu):
@@ -1428,9 +1447,7 @@ def test_flow_grpo_elem_loss_cuda_kernels_reduced_rows_strided(emu, row_dtype, l
     f32 = contiguous(*red)
     f32[6], f32[8] = f32[6].float(), f32[8].float()
     exp = run_emu_elem_loss(emu, latent, shape, *f32, 0.05, False, True)
-    assert got[0] == 0 and exp[0] == 0 and got[4:] == exp[4:]
-    assert not torch.isnan(got[1]), "NaN read from a neighbour"
-    assert_bitwise(got[1:4], exp[1:4])
+    assert_same_launch(got, exp)
 
 
 @pytest.mark.parametrize("row_dtype", ROW_DTYPES, ids=ROW_IDS)
@@ -1451,13 +1468,7 @@ def test_flow_grpo_elem_loss_cuda_kernels_reduced_row_alignment(emu, row_dtype, 
     latent, _ = ROW_LATENTS[latents]
     inputs = list(elem_loss_inputs(shape, latent, True, False, seed=19))
     red, f32 = reduced_rows(inputs, (6, 8), row_dtype)
-
-    def run(ins, row_strides=None):
-        rc, *out = run_emu_elem_loss(emu, latent, shape, *ins, 0.05, False, True,
-                                     row_strides=row_strides)[:4]
-        assert rc == 0
-        return out
-
+    run = elem_loss_runner(emu, latent, shape)
     if pad == 0:
         red[which] = misaligned(red[which])
         assert red[which].data_ptr() % 4 != 0
@@ -1465,15 +1476,9 @@ def test_flow_grpo_elem_loss_cuda_kernels_reduced_row_alignment(emu, row_dtype, 
         red[which] = padded(red[which], pad)
         assert red[which].data_ptr() % 16 == 0 and red[which].stride(0) == 256 + pad
     got = run(red, binding_row_strides(red[6], red[8]))
-    vector = run(f32)
     word = 2 * (128 // torch.finfo(latent).bits)           # VEC 2-byte values
-    if pad and (2 * pad) % word == 0:
-        assert_bitwise(got, vector)
-        return
-    scalar = list(f32)
-    scalar[1] = misaligned(f32[1])
-    assert_bitwise(got, run(scalar))
-    assert_bitwise(got[2:], vector[2:])
+    assert_vector_or_strided(run, got, f32, run(f32),
+                             keeps_vector=bool(pad) and (2 * pad) % word == 0)
 
 
 def test_flow_grpo_elem_loss_cuda_kernel_row_dtypes(emu):
