@@ -25,6 +25,10 @@ What is measured (DESIGN.md, "Real parts": NVML and torch's allocator statistics
   ``MALLOC_MMAP_THRESHOLD_=131072`` (as ``bench_flow_grpo.py`` does; ``dpo_memory.py`` uses
   32768) so that RSS tracks live tensors. Where the reset is impossible the peak is the
   process's lifetime peak and ``rss_reset`` is False. Nested blocks keep their own peaks.
+  The RSS is the whole process's: memory freed inside the block by something else -- another
+  thread, or a garbage collection releasing older cycles that hold tensors -- lowers it and hides
+  part of the block's own peak. For a clean number call ``gc.collect()`` before the block and
+  keep other threads quiet (or count tensors exactly with :func:`peak_tensor_memory`).
 """
 from __future__ import annotations
 
