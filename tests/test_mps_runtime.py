@@ -201,6 +201,41 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
         assert "Traceback" not in proc.stderr and message in proc.stderr, (argv, proc.stderr)
 
 
+def test_a_worker_failing_everywhere_does_not_lose_the_others_profiles(no_mps, tmp_path):
+    """One broken worker used to discard every timing of a long profiling run with a bare
+    RuntimeError. Now ProfilingError names it and carries the measured workers' profiles; the
+    command line writes those to <output>.partial.json and exits 1."""
+    good = mps.simulated_worker("cnn", PROFILES["cnn"], scale=SCALE)
+    with pytest.warns(mps.MpsUnavailableWarning):
+        with pytest.raises(mps.ProfilingError, match=r"failed at every quota for \['crash'\]") as ei:
+            mps.profile_workers([good, mps.crashing_worker("crash")], quotas=(50, 100),
+                                repeats=1, warmup=0, progress=False)
+    err = ei.value
+    assert isinstance(err, RuntimeError) and err.missing == ["crash"]
+    assert {(f["worker"], f["quota"]) for f in err.failures} == {("crash", 50.0), ("crash", 100.0)}
+    assert list(err.partial) == ["cnn"] and set(err.partial["cnn"]) == {50.0, 100.0}
+    assert err.partial["cnn"][50] == pytest.approx(PROFILES["cnn"][50] * SCALE, rel=0.2, abs=0.01)
+    assert list(err.partial.workers) == ["cnn"] and len(err.partial.meta["failures"]) == 2
+    # nothing measured at all: no partial set
+    with pytest.raises(mps.ProfilingError) as ei:
+        mps.profile_workers([mps.crashing_worker("crash")], quotas=(100,), repeats=1,
+                            warmup=0, backend="process", progress=False)
+    assert ei.value.partial is None
+
+    mps.save_profiles({"cnn": PROFILES["cnn"]}, tmp_path / "sim.json")
+    proc = subprocess.run([sys.executable, "-m", "tbkernels.mps", "profile", "--simulate",
+                           str(tmp_path / "sim.json"), "--scale", "0.05", "--worker",
+                           "broken=os:no_such_function", "--quotas", "50,100", "--repeats", "1",
+                           "--warmup", "0", "--backend", "process", "-o", "out.json"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "['broken']" in proc.stderr, proc.stderr
+    assert "out.partial.json" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out.json").exists()
+    kept = mps.load_profiles(tmp_path / "out.partial.json")
+    assert list(kept) == ["cnn"] and set(kept["cnn"]) == {50.0, 100.0}
+
+
 # ------------------------------------------------------------ MPS unavailable: said once, fallback
 def test_mps_unavailable_is_reported_once_and_falls_back(no_mps):
     ok, reason = mps.mps_available()

@@ -23,8 +23,8 @@ The command line is ``python -m tbkernels.mps {profile,plan,run,show}``; see doc
 from .daemon import (MpsDaemon, MpsUnavailable, MpsUnavailableWarning, gpu_info,
                      mps_available)
 from .planner import Plan, compare, concurrent_makespan, plan, predict_makespan
-from .profiles import (ProfileSet, RuntimeCurve, environment_info, interpolate, load_profiles,
-                       profile_workers, save_profiles, validate_profiles)
+from .profiles import (ProfileSet, ProfilingError, RuntimeCurve, environment_info, interpolate,
+                       load_profiles, profile_workers, save_profiles, validate_profiles)
 from .runtime import (RunReport, WorkerResult, WorkerSpec, resolve_backend, run_groups,
                       run_plan)
 from .workers import (crashing_worker, failing_setup_worker, hanging_worker,
@@ -33,8 +33,8 @@ from .workers import (crashing_worker, failing_setup_worker, hanging_worker,
 __all__ = [
     "MpsDaemon", "MpsUnavailable", "MpsUnavailableWarning", "gpu_info", "mps_available",
     "Plan", "compare", "concurrent_makespan", "plan", "predict_makespan",
-    "ProfileSet", "RuntimeCurve", "environment_info", "interpolate", "load_profiles",
-    "profile_workers", "save_profiles", "validate_profiles",
+    "ProfileSet", "ProfilingError", "RuntimeCurve", "environment_info", "interpolate",
+    "load_profiles", "profile_workers", "save_profiles", "validate_profiles",
     "RunReport", "WorkerResult", "WorkerSpec", "resolve_backend", "run_groups", "run_plan",
     "crashing_worker", "failing_setup_worker", "hanging_worker", "hard_crashing_worker",
     "reward_worker", "reward_workers", "simulated_worker",

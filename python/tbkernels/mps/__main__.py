@@ -54,7 +54,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from .profiles import load_profiles, profile_workers
+    from .profiles import ProfilingError, load_profiles, profile_workers
     from .runtime import WorkerSpec
     from .workers import REWARD_KINDS, reward_worker, simulated_worker
 
@@ -80,9 +80,21 @@ def cmd_profile(args) -> int:
             specs.append(simulated_worker(name, table, scale=args.scale))
     if not specs:
         raise SystemExit("error: nothing to profile: give --rewards, --worker or --simulate")
-    ps = profile_workers(specs, args.quotas, repeats=args.repeats, warmup=args.warmup,
-                         backend=args.backend, timeout=args.timeout, device=args.device,
-                         progress=True)
+    try:
+        ps = profile_workers(specs, args.quotas, repeats=args.repeats, warmup=args.warmup,
+                             backend=args.backend, timeout=args.timeout, device=args.device,
+                             progress=True)
+    except ProfilingError as e:
+        # keep what was measured: the other workers' timings may have taken an hour
+        kept = ""
+        if e.partial is not None:
+            root, ext = os.path.splitext(args.output)
+            partial_path = f"{root}.partial{ext or '.json'}"
+            e.partial.save(partial_path)
+            kept = (f"; the {len(e.partial)} measured workers ({', '.join(e.partial)}) were "
+                    f"written to {partial_path}")
+        print(f"error: {e}{kept}", file=sys.stderr)
+        return 1
     ps.save(args.output)
     print(f"wrote {args.output}: {len(ps)} workers x {len(args.quotas)} quotas, backend "
           f"{ps.meta['backend']} (quota enforced: {ps.meta['quota_enforced']})")

@@ -304,6 +304,17 @@ def environment_info(device: int = 0) -> dict:
 
 
 # --------------------------------------------------------------------------------- measurement
+class ProfilingError(RuntimeError):
+    """Some worker failed at every quota. ``missing``: those workers; ``failures``: every failed
+    point (worker, quota, status, error); ``partial``: a :class:`ProfileSet` of the workers that
+    were measured (None when none was), with the same ``meta``, so their timings are not lost."""
+
+    def __init__(self, message: str, *, missing: list, failures: list,
+                 partial: ProfileSet | None):
+        super().__init__(message)
+        self.missing, self.failures, self.partial = list(missing), list(failures), partial
+
+
 def profile_workers(workers: Iterable, quotas: Iterable[float] = (25, 50, 75, 100), *,
                     repeats: int = 3, warmup: int = 1, backend: str = "auto", daemon=None,
                     timeout: float | None = 600.0, setup_timeout: float | None = 600.0,
@@ -320,8 +331,10 @@ def profile_workers(workers: Iterable, quotas: Iterable[float] = (25, 50, 75, 10
     :func:`~tbkernels.mps.runtime.run_groups`; without MPS the quota is *not enforced* — the result
     records ``quota_enforced: false`` and the reason, and a warning says so.
 
-    Points that fail are left out and listed in ``meta["failures"]``; a worker with no successful
-    point raises ``RuntimeError``.
+    Points that fail are left out and listed in ``meta["failures"]``. A worker with no successful
+    point raises :class:`ProfilingError` once every worker has been measured; its ``partial``
+    holds the profiles of the workers that did succeed (``partial.save(path)`` keeps them), so a
+    long profiling run is not lost to one broken worker.
     """
     from .runtime import WorkerSpec, run_groups, resolve_backend
     from .daemon import MpsDaemon
@@ -371,18 +384,21 @@ def profile_workers(workers: Iterable, quotas: Iterable[float] = (25, 50, 75, 10
                     failures.append({"worker": spec.name, "quota": q, "status": r.status,
                                      "error": r.error})
                     say(f"[{k}/{total}] {spec.name} @ {q:g}%: FAILED ({r.status}: {r.error})")
-        missing = [s.name for s in specs if s.name not in runtimes]
-        if missing:
-            details = "; ".join(f"{f['worker']}@{f['quota']:g}: {f['status']}: {f['error']}"
-                                for f in failures if f["worker"] in missing)
-            raise RuntimeError(f"profiling failed at every quota for {missing}: {details}")
         meta = environment_info(device)
         meta.update({"backend": chosen, "backend_reason": reason, "quota_enforced": chosen == "mps",
                      "repeats": repeats, "warmup": warmup, "failures": failures})
         if chosen == "green":
             meta["quota_enforced"] = "green-contexts (SM partition per thread, not MPS)"
-        specs_meta = {s.name: s.describe() for s in specs}
-        return ProfileSet(runtimes, meta=meta, samples=samples, workers=specs_meta)
+        missing = [s.name for s in specs if s.name not in runtimes]
+        measured = [s for s in specs if s.name in runtimes]
+        result = ProfileSet(runtimes, meta=meta, samples=samples,
+                            workers={s.name: s.describe() for s in measured}) if measured else None
+        if missing:
+            details = "; ".join(f"{f['worker']}@{f['quota']:g}: {f['status']}: {f['error']}"
+                                for f in failures if f["worker"] in missing)
+            raise ProfilingError(f"profiling failed at every quota for {missing}: {details}",
+                                 missing=missing, failures=failures, partial=result)
+        return result
     finally:
         if own_daemon is not None:
             own_daemon.stop()
