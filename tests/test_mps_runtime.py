@@ -433,6 +433,71 @@ def test_daemon_is_stopped_at_exit_and_on_signals(fake_control, tmp_path, mode, 
     assert not os.path.exists(pipe)
 
 
+_RUN_SIGNAL_SCRIPT = r'''
+import os, sys, tempfile
+import tbkernels.mps as mps
+tempfile.tempdir = sys.argv[1]           # the run directory is made here, where the test looks
+worker = mps.WorkerSpec(name="sleeper", target=sys.argv[2] + ":work")
+rep = mps.run_groups([[(worker, 100)]], backend="process", timeout=120)
+print("run_groups returned", rep.results["sleeper"].status, flush=True)
+'''
+
+_SLEEPER = r'''
+import os, sys, time
+def work():
+    with open(os.path.join(os.path.dirname(__file__), "worker.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+'''
+
+
+def test_sigterm_during_run_groups_kills_workers_and_removes_the_run_directory(tmp_path):
+    """Default SIGTERM (a scheduler's cancel, `timeout`) used to kill the interpreter without
+    unwinding: the worker processes lived on (on a GPU: holding their contexts) and the run
+    directory stayed in /tmp. Now it exits 143 through run_groups' cleanup."""
+    runs = tmp_path / "tmp"
+    runs.mkdir()
+    (tmp_path / "sleeper.py").write_text(_SLEEPER)
+    (tmp_path / "s.py").write_text(_RUN_SIGNAL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "s.py"), str(runs),
+                             str(tmp_path / "sleeper.py")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pidfile = tmp_path / "worker.pid"
+    try:
+        deadline = time.monotonic() + 120
+        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        worker_pid = int(pidfile.read_text())
+        assert len(list(runs.iterdir())) == 1            # the run directory, while it runs
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "run_groups returned" not in out
+    assert _dead(worker_pid), f"worker {worker_pid} outlived the SIGTERM'd run"
+    assert list(runs.iterdir()) == [], list(runs.iterdir())
+
+
+def test_sigterm_guard_leaves_a_program_handler_alone():
+    """The guard only replaces the default action: a handler the program installed stays."""
+    def mine(signum, frame):
+        pass
+    old = signal.signal(signal.SIGTERM, mine)
+    try:
+        with mps_daemon.sigterm_unwinds():
+            assert signal.getsignal(signal.SIGTERM) is mine
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with mps_daemon.sigterm_unwinds():
+            with mps_daemon.sigterm_unwinds():        # nested: restores what it found
+                assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, mine)
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, mine)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 # ------------------------------------------------------------------------------------- Ray actors
 def test_ray_executor_runs_groups_as_actors(no_mps):
     ray = pytest.importorskip("ray", reason="ray is not installed; the ray executor is optional")

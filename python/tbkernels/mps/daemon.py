@@ -163,6 +163,39 @@ def _find_binary(binary: str | None) -> str | None:
     return shutil.which(BINARY)
 
 
+class sigterm_unwinds:
+    """While active on the main thread, SIGTERM raises ``SystemExit(143)`` instead of killing
+    the interpreter on the spot, so ``finally`` blocks run: the MPS daemon is stopped, worker
+    processes are killed, temporary directories are removed. (Default SIGTERM skips all of it,
+    and a batch scheduler's ``scancel`` or a ``timeout`` sends exactly that.) A handler the
+    program installed itself is left alone, as is SIGINT, which already raises
+    KeyboardInterrupt. Re-entrant: nested uses restore what they found."""
+
+    def __init__(self):
+        self._old = None
+
+    @staticmethod
+    def _raise_exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            try:
+                if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                    self._old = signal.signal(signal.SIGTERM, self._raise_exit)
+            except (ValueError, OSError):   # not allowed here (embedded interpreter etc.)
+                self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            try:
+                signal.signal(signal.SIGTERM, self._old)
+            except (ValueError, OSError, TypeError):
+                pass
+            self._old = None
+
+
 def _short_tempdir(prefix: str) -> str:
     # The pipe directory holds Unix sockets, whose paths are limited to ~107 bytes; a long $TMPDIR
     # (common on clusters) would make the daemon fail with an unhelpful error, so use /tmp then.
@@ -233,7 +266,7 @@ class MpsDaemon:
         self.last_log = ""
         self._path: str | None = None
         self._atexit = None
-        self._old_handlers: dict[int, object] = {}
+        self._term_guard: sigterm_unwinds | None = None
         self._lock = threading.RLock()
 
     # -- environment
@@ -365,28 +398,18 @@ class MpsDaemon:
     # -- context manager with signal handling
     def __enter__(self) -> "MpsDaemon":
         self.start()
-        if threading.current_thread() is threading.main_thread():
-            # Default SIGTERM kills the interpreter without unwinding, which would leak the daemon.
-            # Turning it into SystemExit unwinds through __exit__ (and runs atexit). SIGINT already
-            # raises KeyboardInterrupt, which unwinds the same way; we leave its handler alone.
-            def on_term(signum, frame):
-                raise SystemExit(128 + signum)
-            try:
-                self._old_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_term)
-            except (ValueError, OSError):  # not allowed here (embedded interpreter etc.)
-                pass
+        # Default SIGTERM kills the interpreter without unwinding, which would leak the daemon;
+        # as SystemExit it unwinds through __exit__ (and runs atexit).
+        self._term_guard = sigterm_unwinds().__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         try:
             self.stop()
         finally:
-            for sig, old in self._old_handlers.items():
-                try:
-                    signal.signal(sig, old)
-                except (ValueError, OSError, TypeError):
-                    pass
-            self._old_handlers.clear()
+            guard, self._term_guard = self._term_guard, None
+            if guard is not None:
+                guard.__exit__(None, None, None)
 
     # -- internals
     def _mkdir(self, prefix: str) -> str:

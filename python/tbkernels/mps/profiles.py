@@ -337,7 +337,7 @@ def profile_workers(workers: Iterable, quotas: Iterable[float] = (25, 50, 75, 10
     long profiling run is not lost to one broken worker.
     """
     from .runtime import WorkerSpec, run_groups, resolve_backend
-    from .daemon import MpsDaemon
+    from .daemon import MpsDaemon, sigterm_unwinds
 
     specs = list(workers)
     if not specs:
@@ -359,9 +359,10 @@ def profile_workers(workers: Iterable, quotas: Iterable[float] = (25, 50, 75, 10
 
     chosen, reason = resolve_backend(backend, device=device, daemon=daemon)
     own_daemon = None
-    if chosen == "mps" and daemon is None:
-        own_daemon = daemon = MpsDaemon(device=device).start()
+    term_guard = sigterm_unwinds().__enter__()     # SIGTERM stops our daemon too (see runtime)
     try:
+        if chosen == "mps" and daemon is None:
+            own_daemon = daemon = MpsDaemon(device=device).start()
         runtimes: dict[str, dict[float, float]] = {}
         samples: dict[str, dict[float, list]] = {}
         failures: list[dict] = []
@@ -400,8 +401,11 @@ def profile_workers(workers: Iterable, quotas: Iterable[float] = (25, 50, 75, 10
                                  missing=missing, failures=failures, partial=result)
         return result
     finally:
-        if own_daemon is not None:
-            own_daemon.stop()
+        try:
+            if own_daemon is not None:
+                own_daemon.stop()
+        finally:
+            term_guard.__exit__(None, None, None)
 
 
 def _progress_printer(progress):

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from .daemon import (MpsDaemon, MpsUnavailable, format_mem_limit, format_quota, gpu_info,
-                     mps_available, warn_once)
+                     mps_available, sigterm_unwinds, warn_once)
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_child.py")
 BACKENDS = ("auto", "mps", "process", "threads", "green")
@@ -434,32 +434,35 @@ def run_groups(groups: Sequence[Sequence[tuple[WorkerSpec, float]]], *, backend:
     if executor == "ray" and chosen in ("threads", "green"):
         raise ValueError(f"executor='ray' runs each worker in its own actor process; backend {chosen!r} "
                          "needs threads in one process")
-    own_daemon = None
-    if chosen == "mps" and daemon is None:
-        try:
-            own_daemon = daemon = MpsDaemon(device=device).start()
-        except MpsUnavailable as e:
-            if backend == "mps":
-                raise
-            chosen, reason = _fallback(str(e), device, warn=True)
-    if chosen != "mps" and any(s.mem_limit is not None for g in groups for s, _ in g):
-        warn_once(f"pinned device memory limits are only enforced by MPS; backend {chosen!r} ignores them",
-                  RuntimeWarning)
-
-    rundir = tempfile.mkdtemp(prefix="tbk-mps-run-")
+    own_daemon = rundir = None
     slots: list[list[_Slot]] = []
-    k = 0
-    for gi, g in enumerate(groups):
-        row = []
-        for spec, q in g:
-            s = _Slot(spec, q, gi, rundir, k)
-            s.timeout = spec.timeout if spec.timeout is not None else timeout
-            row.append(s)
-            k += 1
-        slots.append(row)
     procs: list[_Proc] = []
     group_times: list[float] = []
+    # SIGTERM (a scheduler's cancel, `timeout`) must unwind through the finally below too:
+    # worker processes killed, the private daemon stopped, the run directory removed.
+    term_guard = sigterm_unwinds().__enter__()
     try:
+        if chosen == "mps" and daemon is None:
+            try:
+                own_daemon = daemon = MpsDaemon(device=device).start()
+            except MpsUnavailable as e:
+                if backend == "mps":
+                    raise
+                chosen, reason = _fallback(str(e), device, warn=True)
+        if chosen != "mps" and any(s.mem_limit is not None for g in groups for s, _ in g):
+            warn_once(f"pinned device memory limits are only enforced by MPS; backend {chosen!r} ignores them",
+                      RuntimeWarning)
+
+        rundir = tempfile.mkdtemp(prefix="tbk-mps-run-")
+        k = 0
+        for gi, g in enumerate(groups):
+            row = []
+            for spec, q in g:
+                s = _Slot(spec, q, gi, rundir, k)
+                s.timeout = spec.timeout if spec.timeout is not None else timeout
+                row.append(s)
+                k += 1
+            slots.append(row)
         if executor == "ray":
             group_times = _run_ray(slots, chosen, daemon, setup_timeout, say)
         else:
@@ -488,14 +491,17 @@ def run_groups(groups: Sequence[Sequence[tuple[WorkerSpec, float]]], *, backend:
                     except subprocess.TimeoutExpired:
                         p.kill()
     finally:
-        for p in procs:
-            p.cancel()
-            p.kill(grace=1.0)
-            p.close()
-        if own_daemon is not None:
-            own_daemon.stop()
-        if not keep_dir:
-            shutil.rmtree(rundir, ignore_errors=True)
+        try:
+            for p in procs:
+                p.cancel()
+                p.kill(grace=1.0)
+                p.close()
+            if own_daemon is not None:
+                own_daemon.stop()
+            if rundir is not None and not keep_dir:
+                shutil.rmtree(rundir, ignore_errors=True)
+        finally:
+            term_guard.__exit__(None, None, None)
     results = {s.spec.name: s.result for row in slots for s in row}
     return RunReport(backend=chosen, backend_reason=reason, executor=executor,
                      groups=[[(s.spec.name, s.quota) for s in row] for row in slots],
