@@ -674,17 +674,28 @@ def test_numpy_scalar_sigmas_equal_floats():
 @pytest.mark.parametrize("map_kind", [None, "position", "element"])
 def test_empty_batch(backend, map_kind):
     """B = 0 (every sample of a micro-batch filtered out): no error, a NaN loss (the mean of
-    nothing, as eager PyTorch gives) and an empty gradient."""
+    nothing, as eager PyTorch gives) and an empty gradient. The metrics say what the reference
+    backend says: means of nothing are NaN, but without a reference model kl is 0 (the kernels
+    made it 0/0 = NaN)."""
     _available(backend)
     z = torch.zeros(0, 4, 2, 5, 6, dtype=torch.float64, device=DEVICE)
     amap = {None: None, "position": torch.zeros(0, 2, 5, 6, dtype=torch.float64, device=DEVICE),
             "element": torch.zeros_like(z)}[map_kind]
     old = torch.zeros((0,) if amap is None else amap.shape, dtype=torch.float64, device=DEVICE)
-    vv = z.clone().requires_grad_(True)
-    loss, _ = tbkernels.flow_grpo_loss(vv, z, z, 0.8, 0.7, old, old.new_zeros(0),
-                                       advantage_map=amap, backend=backend)
-    loss.backward()
-    assert math.isnan(loss.item()) and vv.grad.shape == z.shape
+    for ref in (None, z):
+        kw = dict(advantage_map=amap, ref_model_output=ref, beta=0.0 if ref is None else 0.1)
+        vv = z.clone().requires_grad_(True)
+        loss, metrics = tbkernels.flow_grpo_loss(vv, z, z, 0.8, 0.7, old, old.new_zeros(0),
+                                                 backend=backend, **kw)
+        loss.backward()
+        assert math.isnan(loss.item()) and vv.grad.shape == z.shape
+        _, expected = tbkernels.flow_grpo_loss(z, z, z, 0.8, 0.7, old, old.new_zeros(0),
+                                               backend="reference", **kw)
+        for key, value in expected.items():
+            got = metrics[key].item()
+            assert got == value.item() or (math.isnan(got) and math.isnan(value.item())), \
+                (key, ref is None, got, value.item())
+        assert ref is not None or metrics["kl"].item() == 0.0
 
 
 def test_step_errors():

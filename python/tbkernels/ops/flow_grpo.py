@@ -853,7 +853,7 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
                                              old_lp, adv, *consts)
         else:
             loss, m = _FusedLoss.apply(v, x, prev, ref, coefs, kl_w, old_lp, adv, consts, name)
-        return loss, dict(zip(_METRICS, m.unbind()))
+        return loss, _metric_dict(m, ref, batch)
     if elem:
         # per-element ViPO map, eager: step, surrogate and gradient in one op (see _ElemLoss)
         amap = _map_rows(advantage_map, logp_shape, _elem_rows_dtype(name, advantage_map, acc))
@@ -864,19 +864,29 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
         else:
             loss, m, _ = _elem_loss_op(name)(v, x, prev, ref, coefs, kl_w, old_rows,
                                              adv.contiguous(), amap, *consts, False)
-        return loss, dict(zip(_METRICS, m.unbind()))
+        return loss, _metric_dict(m, ref, batch)
     if name != "reference" and not torch.compiler.is_compiling():
         # ViPO map per position, eager: the step and the surrogate as one node (see _MapLoss)
         amap = _map_rows(advantage_map, logp_shape, acc)
         loss, m = _MapLoss.apply(v, x, prev, ref, coefs, kl_w, old_lp, adv, amap, consts, name,
                                  reduction)
-        return loss, dict(zip(_METRICS, m.unbind()))
+        return loss, _metric_dict(m, ref, batch)
     logp, ref_sq, _, _ = _forward_op(name)(v, x, prev, ref, coefs, reduction, False, False)
     return _policy_loss(logp, ref_sq if ref is not None else None, kl_w, old_lp, adv,
                         advantage_map, clip_range, adv_clip_max, beta, vipo_form)
 
 
 _METRICS = ("approx_kl", "clipfrac", "kl", "ratio_mean")
+
+
+def _metric_dict(m: torch.Tensor, ref, batch: int) -> dict:
+    """The kernels' [4] metric vector as a dict. Without a reference the kl metric is 0, as the
+    reference backend says; the kernels' 0/B would make it NaN for an empty batch (B = 0, where
+    the other metrics are means of nothing and NaN on every backend)."""
+    metrics = dict(zip(_METRICS, m.unbind()))
+    if ref is None and batch == 0:
+        metrics["kl"] = torch.zeros_like(metrics["kl"])
+    return metrics
 
 
 class _FusedLoss(torch.autograd.Function):
