@@ -537,8 +537,16 @@ def test_numpy_beta_and_one_sided_kto():
     for beta in (np.float32(5.0), np.int64(5), np.float64(5.0)):
         got, _ = tbkernels.flow_dpo_loss(a, b, beta=beta)
         assert got.item() == tbkernels.flow_dpo_loss(a, b, beta=float(beta))[0].item()
-    loss, _ = tbkernels.diffusion_kto_loss(a, torch.rand(0, dtype=torch.float64), beta=2.0)
+    empty = torch.rand(0, dtype=torch.float64)
+    loss, m = tbkernels.diffusion_kto_loss(a, empty, beta=2.0)
     assert torch.isfinite(loss)
+    # the present side's metrics are numbers, the empty side's (and the pairwise ones) NaN
+    assert torch.isfinite(m["rewards/chosen"]) and torch.isfinite(m["logps/chosen"])
+    for key in ("rewards/rejected", "logps/rejected", "rewards/margins", "rewards/accuracies"):
+        assert torch.isnan(m[key]), key
+    loss, m = tbkernels.diffusion_kto_loss(empty, b, beta=2.0)
+    assert torch.isfinite(loss) and torch.isfinite(m["rewards/rejected"])
+    assert torch.isnan(m["rewards/chosen"])
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
