@@ -36,8 +36,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import Recorder, device_name, git_commit  # noqa: E402
+# results.py beside this file. Run as a script, this folder is already sys.path[0]; loaded by
+# path (the tests do) it is put there only for this import: left there, it would shadow
+# modules such as the tests' conftest in every process spawned afterwards.
+_HERE = str(Path(__file__).resolve().parent)
+_ADDED = _HERE not in sys.path
+if _ADDED:
+    sys.path.insert(0, _HERE)
+try:
+    from results import Recorder, device_name, git_commit  # noqa: E402
+finally:
+    if _ADDED:
+        sys.path.remove(_HERE)
 
 import tbkernels  # noqa: E402
 from tbkernels.ops import flow_grpo as fg  # noqa: E402

@@ -66,8 +66,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import CpuMeter, Recorder, csv_path, device_name, git_commit, read_rows  # noqa: E402
+# results.py beside this file. Run as a script, this folder is already sys.path[0]; loaded by
+# path (the tests do) it is put there only for this import: left there, it would shadow
+# modules such as the tests' conftest in every process spawned afterwards.
+_HERE = str(Path(__file__).resolve().parent)
+_ADDED = _HERE not in sys.path
+if _ADDED:
+    sys.path.insert(0, _HERE)
+try:
+    from results import (CpuMeter, Recorder, csv_path, device_name,  # noqa: E402
+                         git_commit, read_rows)
+finally:
+    if _ADDED:
+        sys.path.remove(_HERE)
 
 import tbkernels  # noqa: E402
 
