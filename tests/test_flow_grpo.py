@@ -698,6 +698,39 @@ def test_empty_batch(backend, map_kind):
         assert ref is not None or metrics["kl"].item() == 0.0
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if "reference" not in str(b)])
+@pytest.mark.parametrize("map_kind", [None, "position", "element"])
+def test_float16_gradient_survives_loss_scaling(backend, map_kind):
+    """float16 model output trained with a GradScaler's loss scale: the map paths computed the
+    gradient of a unit loss in float16 and scaled it afterwards, so per-element gradients below
+    float16's normal range (small advantages, large latents) were flushed to zero before the
+    scale reached them (67 % zeros at Wan 480p per element). Now they equal the reference
+    backend's, which applies the scale first."""
+    _available(backend)
+    shape = (2, 4, 3, 4, 6)
+    v, x, prev, _ = latents(shape, torch.float32, seed=41)
+    g = torch.Generator().manual_seed(42)
+    amap = {None: None, "position": torch.rand((2, 3, 4, 6), generator=g, dtype=torch.float64),
+            "element": torch.rand(shape, generator=g, dtype=torch.float64)}[map_kind]
+    amap = None if amap is None else amap.float().to(DEVICE)
+    reduction = {None: "mean", "position": "channel_sum", "element": "none"}[map_kind]
+    old = tbkernels.sde_step_with_logprob(v.double(), 0.8, 0.7, x.double(), prev.double(),
+                                          logprob_reduction=reduction)[1].float()
+    adv = torch.tensor([3e-4, -2e-4], device=DEVICE)       # small advantages: tiny gradients
+    scale = 65536.0
+    grads = {}
+    for be in ("reference", backend):
+        vv = v.half().requires_grad_(True)
+        loss, _ = tbkernels.flow_grpo_loss(vv, x, prev, 0.8, 0.7, old, adv, advantage_map=amap,
+                                           clip_range=0.2, backend=be)
+        (loss * scale).backward()
+        grads[be] = vv.grad.float()
+    exp, got = grads["reference"], grads[backend]
+    assert exp.abs().min() > 0                             # the scaled gradient has no zeros
+    assert (got == 0).sum().item() == 0, "scaled gradient entries flushed to zero"
+    assert ((got - exp).norm() / exp.norm()).item() < 2e-3
+
+
 def test_step_errors():
     v = torch.zeros(2, 4, 3, 5)
     with pytest.raises(ValueError, match="logprob_reduction"):

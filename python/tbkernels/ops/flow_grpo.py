@@ -984,13 +984,21 @@ class _MapLoss(torch.autograd.Function):
         if grad_loss is None:
             return (None,) * 12
         v, x, prev, ref, coefs, factor, grad_ref_sq = _autograd.saved(ctx)
+        if v.dtype == torch.float16:
+            # Scale first: the gradient of a unit loss over a video latent (~1e-8 per element)
+            # is below float16's normal range, so written in float16 and scaled afterwards
+            # it would be flushed to zero -- the very loss of precision a GradScaler's scale
+            # exists to prevent. bfloat16 has float32's range and keeps the cheaper order.
+            factor = factor * grad_loss
+            grad_ref_sq = None if grad_ref_sq is None else grad_ref_sq * grad_loss
+            grad_loss = None
         # The step's backward is linear in its incoming gradients: run it on the gradient of a
         # unit loss and scale the (fresh, owned) result, rather than allocating factor * g, a
         # second [B, positions] float32 buffer.
         with torch._C._AutoDispatchBelowAutograd():
             grad_v = _backward_op(ctx.backend)(v, x, prev, ref, coefs, ctx.reduction, factor,
                                                None, grad_ref_sq)
-        return (grad_v.mul_(grad_loss),) + (None,) * 11
+        return (grad_v if grad_loss is None else grad_v.mul_(grad_loss),) + (None,) * 11
 
 
 class _ElemLoss(torch.autograd.Function):
@@ -1002,13 +1010,23 @@ class _ElemLoss(torch.autograd.Function):
     float32 log-prob (two bf16 latents) from the forward to the backward as well.
 
     A second backward through a retained graph recomputes the gradient from the saved inputs
-    (the first one hands its buffer to autograd)."""
+    (the first one hands its buffer to autograd).
+
+    A float16 model output is computed from a float32 copy (exact; the kernels widen float16 on
+    load anyway) so that the unit-loss gradient is kept in float32: in float16 it would fall
+    below the normal range (~1e-8 per element over a video latent) and be flushed to zero before
+    a GradScaler's scale reached it. That costs two more float16 latents than bfloat16."""
+
+    @staticmethod
+    def _run(name, v, *args):
+        op_v = v.float() if v.dtype == torch.float16 else v
+        return _elem_loss_op(name)(op_v, *args, True)
 
     @staticmethod
     def forward(ctx, v, x, prev, ref, coefs, kl_w, old_rows, adv, amap, consts, name):
         with torch._C._AutoDispatchBelowAutograd():
-            loss, metrics, grad_v = _elem_loss_op(name)(v, x, prev, ref, coefs, kl_w, old_rows,
-                                                        adv, amap, *consts, True)
+            loss, metrics, grad_v = _ElemLoss._run(name, v, x, prev, ref, coefs, kl_w, old_rows,
+                                                   adv, amap, *consts)
         ctx.mark_non_differentiable(metrics)
         ctx.set_materialize_grads(False)
         ctx.grad_v = grad_v                # an intermediate, not an input or output: kept as is
@@ -1022,10 +1040,12 @@ class _ElemLoss(torch.autograd.Function):
         if grad_loss is None:
             return (None,) * 11
         grad_v, ctx.grad_v = ctx.grad_v, None
+        saved = _autograd.saved(ctx)
         if grad_v is None:                 # retain_graph: the first backward took the buffer
             with torch._C._AutoDispatchBelowAutograd():
-                _, _, grad_v = _elem_loss_op(ctx.backend)(*_autograd.saved(ctx), *ctx.consts, True)
-        return (grad_v.mul_(grad_loss),) + (None,) * 10
+                _, _, grad_v = _ElemLoss._run(ctx.backend, *saved, *ctx.consts)
+        # (float16: scaled in float32, then rounded once to the model's dtype)
+        return (grad_v.mul_(grad_loss).to(saved[0].dtype),) + (None,) * 10
 
 
 def _policy_loss(logp, ref_sq, kl_w, old_log_prob, advantages, advantage_map, clip_range,
