@@ -342,6 +342,25 @@ def test_float_ddof_and_numpy_group_ids(backend):
         tbkernels.group_advantages(rewards, group_ids=np.zeros(12))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_ids_given_as_a_list_of_tensors(backend):
+    """list(ids_tensor) -- a list of 0-d tensors, which hash by identity -- made every sample its
+    own group and every advantage exactly 0, silently. 0-d tensors now count as their values;
+    a list of larger tensors (prompt token ids) is refused with what to pass instead."""
+    rewards = make_rewards(12, 1, seed=43)[:, 0]
+    ids = torch.tensor([0, 1, 2] * 4)
+    exp = tbkernels.group_advantages(rewards, group_ids=ids, backend=backend)
+    assert exp.abs().sum() > 0
+    got = tbkernels.group_advantages(rewards, group_ids=list(ids), backend=backend)
+    assert torch.equal(got, exp)
+    tokens = [torch.tensor([5, 7, k % 3]) for k in range(12)]
+    with pytest.raises(TypeError, match=r"group_ids\[0\] is a Tensor of shape \[3\].*tolist"):
+        tbkernels.group_advantages(rewards, group_ids=tokens, backend=backend)
+    by_tuple = tbkernels.group_advantages(rewards, group_ids=[tuple(t.tolist()) for t in tokens],
+                                          backend=backend)
+    assert torch.equal(by_tuple, exp)
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(), ValueError, "exactly one of group_size"),
     (dict(group_size=8, group_ids=torch.zeros(24, dtype=torch.long)), ValueError, "exactly one"),

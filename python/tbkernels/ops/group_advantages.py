@@ -151,8 +151,22 @@ def _dense_group_index(group_ids, batch, device):
                          "rewards")
     # Prompts as ids, like Flow-GRPO's PerPromptStatTracker: groups in order of first appearance.
     order: dict = {}
-    index = [order.setdefault(g, len(order)) for g in group_ids]
+    index = [order.setdefault(_hashable_id(g, i), len(order)) for i, g in enumerate(group_ids)]
     return (torch.tensor(index, dtype=torch.int64, device=device), len(order), list(order))
+
+
+def _hashable_id(g, i):
+    """One id of a group_ids sequence as a dict key. A tensor hashes by identity, not value:
+    list(ids_tensor) or a list of prompt-token tensors would make every sample its own group and
+    every advantage 0, silently. A one-value tensor counts as its value; a larger one, or an
+    array, is refused with what to pass instead."""
+    if isinstance(g, torch.Tensor) or (type(g).__module__ == "numpy" and hasattr(g, "ndim")):
+        if g.ndim == 0:
+            return g.item()
+        raise TypeError(f"group_advantages: group_ids[{i}] is a {type(g).__name__} of shape "
+                        f"{list(g.shape)}; ids are compared by value, so pass ints or strings "
+                        "(e.g. the prompt, or tuple(token_ids.tolist()))")
+    return g
 
 
 def _trl_diagnostics(count, mean, std, batch):
@@ -182,7 +196,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int | None = None, group
         MixGRPO's ``advantage_aggr``). Advantages are constants of the loss: no gradient flows.
     group_size : int, optional
         Contiguous groups: samples ``[g*G, (g+1)*G)`` share a prompt. ``B`` must divide by it.
-    group_ids : ``[B]`` integer tensor or sequence of B hashables (e.g. prompt strings), optional
+    group_ids : ``[B]`` integer tensor or sequence of B hashables (e.g. prompt strings; compared
+        by value: 0-d tensors count as their values, larger tensors are refused), optional
         Arbitrary group membership: unsorted, variable group sizes. Give exactly one of
         ``group_size`` and ``group_ids``.
     std : ``"group"`` | ``"global"`` | ``"none"``
