@@ -641,10 +641,66 @@ def _call(**over):
      "old_log_prob is on meta but model_output is on cpu"),
     (dict(advantages=torch.ones(2, dtype=torch.long)), TypeError, "advantages must be floating"),
     (dict(advantage_map=[[1.0]]), TypeError, "advantage_map must be a tensor"),
+    (dict(sde_type="cps", sigma_next=0.0, ref_model_output=torch.zeros(2, 4, 2, 5, 6), beta=0.1),
+     ValueError, r"KL to the reference is undefined at sample 0.*cps"),
+    (dict(sde_type="cps", sigma_next=0.0, ref_model_output=torch.zeros(2, 4, 2, 5, 6),
+          kl_form="exact"), ValueError, "KL to the reference is undefined"),
+    (dict(noise_level=torch.tensor([0.7, 0.7])), TypeError, "noise_level must be a float"),
 ])
 def test_bad_input(over, error, match):
     with pytest.raises(error, match=match):
         _call(**over)
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(sigma=0.5, sigma_next=0.6), "sigma_next must be < sigma"),
+    (dict(sigma=1.5, sigma_next=0.6), r"sigma must lie in \(0, 1\]"),
+    (dict(sigma_next=math.nan), "sigma_next must be a finite number"),
+    (dict(sigma_next=-0.1), "sigma_next must be >= 0"),
+    (dict(sde_type="wan", sigma_max=0.1, sigma_min=-0.9), "degenerate transition"),
+    (dict(sigma=1.0, sigma_max=1.0), "degenerate transition"),
+])
+def test_bad_number_sigmas_are_refused_under_torch_compile(over, match):
+    """Compiled with fullgraph=True, the checks of tensor values cannot run; sigmas given as
+    numbers were not checked either, and the loss came out NaN (found by audit). Now Dynamo
+    reports the ValueError ("Observed exception", our message in its debug context), also
+    after valid calls with other numbers (which Dynamo may then trace symbolically), and those
+    valid calls still match eager."""
+    torch._dynamo.reset()
+    v, x, prev, _ = latents((2, 4, 2, 5, 6), torch.float32, seed=18)
+    old, adv = torch.zeros(2), torch.ones(2)
+
+    def step(sigma=0.8, sigma_next=0.7, **kw):
+        return tbkernels.flow_grpo_loss(v, x, prev, sigma, sigma_next, old, adv, **kw)[0]
+    with pytest.raises(Exception, match=match):
+        torch.compile(step, fullgraph=True)(**over)
+    compiled = torch.compile(step, fullgraph=True)
+    for s, sn in ((0.8, 0.7), (0.6, 0.4), (0.5, 0.3)):
+        assert compiled(sigma=s, sigma_next=sn).item() == step(sigma=s, sigma_next=sn).item()
+    with pytest.raises(Exception, match=match):
+        compiled(**over)
+
+
+def test_settings_given_as_tensors_are_read_by_value():
+    """noise_level / sigma_max / sigma_min as 0-d tensors were cache keys by identity: an in-place
+    update (an annealed noise level) kept returning the old coefficients (found by audit)."""
+    shape = (2, 4, 2, 5, 6)
+    v, x, prev, _ = latents(shape, torch.float32, seed=44)
+    eta = torch.tensor(0.7, dtype=torch.float64)        # float64: its value is the float's
+    smax, smin = torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.1, dtype=torch.float64)
+
+    def logp(**kw):
+        return tbkernels.sde_step_with_logprob(v, 0.8, 0.7, x, prev, **kw)[1]
+    first = logp(noise_level=eta)
+    assert torch.equal(first, logp(noise_level=0.7))
+    eta.fill_(0.3)
+    assert torch.equal(logp(noise_level=eta), logp(noise_level=0.3))
+    assert not torch.equal(logp(noise_level=eta), first)
+    wan = logp(sde_type="wan", sigma_max=smax, sigma_min=smin)
+    smax.fill_(0.6)
+    assert torch.equal(logp(sde_type="wan", sigma_max=smax, sigma_min=smin),
+                       logp(sde_type="wan", sigma_max=0.6, sigma_min=0.1))
+    assert not torch.equal(logp(sde_type="wan", sigma_max=smax, sigma_min=smin), wan)
 
 
 def test_nan_check_behind_flag():
@@ -700,7 +756,8 @@ def test_empty_batch(backend, map_kind):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if "reference" not in str(b)])
 @pytest.mark.parametrize("map_kind", [None, "position", "element"])
-def test_float16_gradient_survives_loss_scaling(backend, map_kind):
+@pytest.mark.parametrize("latent_dtype", [torch.float32, torch.float16])
+def test_float16_gradient_survives_loss_scaling(backend, map_kind, latent_dtype):
     """float16 model output trained with a GradScaler's loss scale: the map paths computed the
     gradient of a unit loss in float16 and scaled it afterwards, so per-element gradients below
     float16's normal range (small advantages, large latents) were flushed to zero before the
@@ -708,7 +765,9 @@ def test_float16_gradient_survives_loss_scaling(backend, map_kind):
     backend's, which applies the scale first."""
     _available(backend)
     shape = (2, 4, 3, 4, 6)
-    v, x, prev, _ = latents(shape, torch.float32, seed=41)
+    v, x, prev, ref = latents(shape, torch.float32, seed=41)
+    x, prev = x.to(latent_dtype), prev.to(latent_dtype)
+    ref = (v + 0.01 * ref).half()
     g = torch.Generator().manual_seed(42)
     amap = {None: None, "position": torch.rand((2, 3, 4, 6), generator=g, dtype=torch.float64),
             "element": torch.rand(shape, generator=g, dtype=torch.float64)}[map_kind]
@@ -722,7 +781,8 @@ def test_float16_gradient_survives_loss_scaling(backend, map_kind):
     for be in ("reference", backend):
         vv = v.half().requires_grad_(True)
         loss, _ = tbkernels.flow_grpo_loss(vv, x, prev, 0.8, 0.7, old, adv, advantage_map=amap,
-                                           clip_range=0.2, backend=be)
+                                           ref_model_output=ref, beta=1e-4, clip_range=0.2,
+                                           backend=be)
         (loss * scale).backward()
         grads[be] = vv.grad.float()
     exp, got = grads["reference"], grads[backend]

@@ -378,6 +378,17 @@ def _is_number(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _scalar_setting(value, name):
+    """noise_level / sigma_max / sigma_min as a Python float (None stays None)."""
+    if value is None or _is_number(value):
+        return None if value is None else float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        return float(value.detach().reshape(()).item())
+    raise TypeError(f"{name} must be a float (or a one-element tensor), got "
+                    f"{type(value).__name__}" + (f" of shape {list(value.shape)}"
+                                                 if isinstance(value, torch.Tensor) else ""))
+
+
 def _host_levels(value, name, batch):
     """A host sigma as a tuple of B Python floats (the cache key), without building tensors
     for plain numbers."""
@@ -388,6 +399,37 @@ def _host_levels(value, name, batch):
         levels = value.detach().reshape(-1).tolist()
         return tuple(levels * batch) if len(levels) == 1 and batch != 1 else tuple(levels)
     return tuple(_sigma_tensor(value, name, batch, torch.device("cpu")).tolist())
+
+
+def _check_number_sigmas(sigma, sigma_next, sde_type, noise_level, sigma_max, sigma_min):
+    """While torch.compile traces, the tensor checks below cannot run (their values are not
+    known, and reading them would break the graph). Sigmas given as Python numbers are known to
+    the trace, though: check those here in plain Python, so a compiled step refuses the same bad
+    input instead of returning NaN. Comparisons only, and messages without the values: after a
+    recompile Dynamo may trace such floats symbolically, where a comparison becomes a guard but
+    float(), math.isfinite or formatting the value do not trace. (With fullgraph=True Dynamo
+    reports the ValueError as "Observed exception", its message under "debug context".)"""
+    if not (_is_number(sigma) and _is_number(sigma_next)):
+        return
+    s, sn = sigma, sigma_next
+    later = " (checked while torch.compile traced; call eagerly to see the values)"
+    if not (sn == sn and -math.inf < sn < math.inf):
+        raise ValueError("sigma_next must be a finite number in [0, sigma)" + later)
+    if not 0 < s <= 1:
+        raise ValueError("sigma must lie in (0, 1] (rectified flow noise level)" + later)
+    if not sn < s:
+        raise ValueError("sigma_next must be < sigma (sampling goes from noise at 1 towards data "
+                         "at 0)" + later)
+    if not sn >= 0:
+        raise ValueError("sigma_next must be >= 0" + later)
+    if not all(v is None or _is_number(v) for v in (noise_level, sigma_max, sigma_min)):
+        return
+    if sde_type == "wan" and not sigma_min + (sigma_max - sigma_min) * s > 0:
+        raise ValueError("sde_type='wan' gives a degenerate transition: std_dev_t = sigma_min + "
+                         "(sigma_max - sigma_min) * sigma must be > 0" + later)
+    if sde_type == "flow_grpo" and s == 1 and sigma_max is not None and not sigma_max < 1:
+        raise ValueError("sde_type='flow_grpo' gives a degenerate transition: at sigma = 1 "
+                         "Flow-GRPO's std uses 1 - sigma_max, which must be > 0" + later)
 
 
 def _check_sigmas(sigma, sigma_next):
@@ -504,8 +546,17 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
     if sde_type == "wan" and (sigma_max is None or sigma_min is None):
         raise ValueError("sde_type='wan' needs sigma_max and sigma_min (the schedule's sigmas[1] "
                          "and sigmas[-1]): std_dev_t = sigma_min + (sigma_max - sigma_min)*sigma")
+    if not torch.compiler.is_compiling():
+        # the cache key holds these by value: a 0-d tensor (an annealed noise level, say) would
+        # key by identity, and an in-place update would keep returning the old table
+        noise_level, sigma_max, sigma_min = (
+            _scalar_setting(v, name) for v, name in ((noise_level, "noise_level"),
+                                                      (sigma_max, "sigma_max"),
+                                                      (sigma_min, "sigma_min")))
     if sde_type in ("flow_grpo", "dance_grpo", "cps") and not noise_level > 0:
         raise ValueError(f"noise_level must be > 0 for sde_type={sde_type!r}, got {noise_level}")
+    if torch.compiler.is_compiling():
+        _check_number_sigmas(sigma, sigma_next, sde_type, noise_level, sigma_max, sigma_min)
     batch, device = model_output.shape[0], model_output.device
     # With sigma and sigma_next given as numbers or CPU tensors (a scheduler's sigmas usually
     # live on the CPU), the checks and the ~30 tiny float64 ops of the coefficient table run on
@@ -574,14 +625,18 @@ def _check_table(coefs, sigma, sigma_next, sde_type, sigma_max, sigma_min):
     if bool(ok.all()):
         return
     i = int((~ok).nonzero()[0, 0])
+    raise ValueError(_degenerate_message(sde_type, coefs[i, 4].item(), i, sigma[i].item(),
+                                         sigma_next[i].item(), sigma_max, sigma_min))
+
+
+def _degenerate_message(sde_type, std, i, s, sn, sigma_max, sigma_min):
     hint = {"wan": f"std_dev_t = sigma_min + (sigma_max - sigma_min) * sigma must be > 0; got "
                    f"sigma_max={sigma_max!r}, sigma_min={sigma_min!r}",
             "flow_grpo": f"at sigma = 1 Flow-GRPO's std uses sigma_max (the schedule's sigmas[1]) "
                          f"in 1 - sigma_max, which must be > 0; got sigma_max={sigma_max!r}"}
-    raise ValueError(f"sde_type={sde_type!r} gives a degenerate transition (std "
-                     f"{coefs[i, 4].item():.6g}, coefficients not finite or std <= 0) at sample "
-                     f"{i}: sigma={sigma[i].item():.6g}, sigma_next={sigma_next[i].item():.6g}. "
-                     + hint.get(sde_type, "check noise_level and the sigmas"))
+    return (f"sde_type={sde_type!r} gives a degenerate transition (std {std:.6g}, coefficients "
+            f"not finite or std <= 0) at sample {i}: sigma={s:.6g}, sigma_next={sn:.6g}. "
+            + hint.get(sde_type, "check noise_level and the sigmas"))
 
 
 def _stream_state(device):
@@ -616,6 +671,13 @@ def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo):
         cv = coefs[:, 1].to(acc)
         kl_std = (std_dev_t if kl_form == "flow_grpo" else coefs[:, 4].double()).to(acc)
         w = (cv * cv) / (numel * 2 * kl_std * kl_std)
+        if not torch.compiler.is_compiling() and not w.is_meta and not bool(torch.isfinite(w).all()):
+            # CPS's last step (sigma_next = 0) is deterministic: std 0, an infinite KL weight
+            i = int((~torch.isfinite(w)).nonzero()[0, 0])
+            raise ValueError(f"the KL to the reference is undefined at sample {i}: the transition "
+                             f"std is {kl_std[i].item():.6g} (sde_type='cps' at sigma_next = 0, "
+                             "its last step, is deterministic); leave that step out of the KL "
+                             "(ref_model_output=None, beta=0 there)")
         memo[key] = _to_device(w, device) if host is not None else w
     return memo[key]
 
@@ -1018,9 +1080,13 @@ class _ElemLoss(torch.autograd.Function):
     a GradScaler's scale reached it. That costs two more float16 latents than bfloat16."""
 
     @staticmethod
-    def _run(name, v, *args):
-        op_v = v.float() if v.dtype == torch.float16 else v
-        return _elem_loss_op(name)(op_v, *args, True)
+    def _run(name, v, x, prev, ref, *args):
+        if v.dtype == torch.float16:
+            # the reference has model_output's dtype; float16 latents (rather than Flow-GRPO's
+            # float32 ones) are widened too, as the kernels take no float32 model output beside
+            # float16 latents (six float16 latents more for those few steps)
+            v, x, prev, ref = (None if t is None else t.float() for t in (v, x, prev, ref))
+        return _elem_loss_op(name)(v, x, prev, ref, *args, True)
 
     @staticmethod
     def forward(ctx, v, x, prev, ref, coefs, kl_w, old_rows, adv, amap, consts, name):
