@@ -140,6 +140,42 @@ def test_sampling_respects_generator(backend, sde_type):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_sampling_with_a_list_of_generators(backend):
+    """Flow-GRPO hands the pipeline a list of per-prompt generators, which diffusers'
+    randn_tensor accepts: sample i's noise comes from generator i (it raised a TypeError here).
+    Checked against the reference with noise drawn that way; a CPU generator beside latents on
+    another device draws on the CPU, as randn_tensor does."""
+    _available(backend)
+    shape = (3, 4, 2, 5, 6)
+    v, x, _, _ = latents(shape, torch.float32, seed=45)
+    s, sn = sigmas(3)
+
+    def gens(device=DEVICE):
+        return [torch.Generator(device=device).manual_seed(100 + i) for i in range(3)]
+    prev, _, mean, _ = tbkernels.sde_step_with_logprob(v, s, sn, x, generator=gens(),
+                                                       backend=backend)
+    noise = torch.cat([torch.randn((1,) + shape[1:], generator=g, device=DEVICE)
+                       for g in gens()])
+    exp = sde_step_reference(v.double(), s, sn, x.double(), None, noise=noise.double())
+    close(prev, exp[0], 1e-6)
+    close(mean, exp[2], 1e-6)
+    one = tbkernels.sde_step_with_logprob(v, s, sn, x, generator=gens()[:1], backend=backend)[0]
+    assert torch.equal(one, tbkernels.sde_step_with_logprob(
+        v, s, sn, x, generator=gens()[0], backend=backend)[0])
+    if DEVICE != "cpu":
+        on_cpu = tbkernels.sde_step_with_logprob(v, s, sn, x, generator=gens("cpu"),
+                                                 backend=backend)[0]
+        noise = torch.cat([torch.randn((1,) + shape[1:], generator=g) for g in gens("cpu")])
+        exp = sde_step_reference(v.double(), s, sn, x.double(), None,
+                                 noise=noise.to(DEVICE).double())
+        close(on_cpu, exp[0], 1e-6)
+    with pytest.raises(ValueError, match=r"one generator per sample \(B = 3\), got 2"):
+        tbkernels.sde_step_with_logprob(v, s, sn, x, generator=gens()[:2], backend=backend)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        tbkernels.sde_step_with_logprob(v, s, sn, x, generator=123, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sde_type", SDE_TYPES)
 @pytest.mark.parametrize("reduction", ["mean", "channel_sum", "none"])
 def test_step_gradients(backend, sde_type, reduction):

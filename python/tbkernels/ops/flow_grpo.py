@@ -401,6 +401,30 @@ def _host_levels(value, name, batch):
     return tuple(_sigma_tensor(value, name, batch, torch.device("cpu")).tolist())
 
 
+def _randn(shape, generator, device, dtype):
+    """Standard normal noise as diffusers' randn_tensor draws it, so a sampled step reproduces
+    Flow-GRPO's: one generator, or a list of B (sample i from generator i); a generator on the
+    CPU for latents elsewhere draws there and copies."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) == 1:
+            generator = generator[0]
+        elif len(generator) != shape[0]:
+            raise ValueError(f"generator: a list needs one generator per sample (B = "
+                             f"{shape[0]}), got {len(generator)}")
+        else:
+            return torch.cat([_randn((1,) + tuple(shape[1:]), g, device, dtype)
+                              for g in generator])
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got "
+                        f"{type(generator).__name__}")
+    if generator is not None and generator.device.type != device.type:
+        if generator.device.type != "cpu":
+            raise ValueError(f"generator is on {generator.device}, the latents on {device}: use "
+                             f"a generator on {device.type} or on the CPU")
+        return torch.randn(shape, generator=generator, device="cpu", dtype=dtype).to(device)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
 def _check_number_sigmas(sigma, sigma_next, sde_type, noise_level, sigma_max, sigma_min):
     """While torch.compile traces, the tensor checks below cannot run (their values are not
     known, and reading them would break the graph). Sigmas given as Python numbers are known to
@@ -746,6 +770,10 @@ def sde_step_with_logprob(model_output, sigma, sigma_next, sample, prev_sample=N
         The current latent x_t (no gradient).
     prev_sample : Tensor like model_output, optional
         The stored next latent (training). None: sample it (respecting ``generator``).
+    generator : torch.Generator or a list of B of them, optional
+        As diffusers' ``randn_tensor`` takes it (Flow-GRPO passes its per-prompt generators
+        through the pipeline): a list draws each sample's noise from its own generator, and a
+        CPU generator beside CUDA latents draws on the CPU and copies the noise over.
     sde_type : ``"flow_grpo"`` | ``"dance_grpo"`` | ``"wan"`` | ``"cps"`` | ``"ode"``
         Flow-GRPO's SDE (sigma_t = a sqrt(t/(1-t))), DanceGRPO's (sigma_t = eta = noise_level),
         Wan's (sigma_t linear in sigma between sigma_min and sigma_max), Coefficients-Preserving
@@ -794,7 +822,7 @@ def sde_step_with_logprob(model_output, sigma, sigma_next, sample, prev_sample=N
     sampling = prev_sample is None
     noise = None
     if sampling and sde_type != "ode":
-        noise = torch.randn(model_output.shape, generator=generator, device=v.device, dtype=dtype)
+        noise = _randn(model_output.shape, generator, v.device, dtype)
     logp, _, mean, new_prev = _forward_op(name)(v, x, noise if sampling else prev, None, coefs,
                                                 _REDUCTION_CODE[logprob_reduction], sampling, True)
     out_prev = new_prev if sampling else prev_sample
