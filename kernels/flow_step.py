@@ -569,6 +569,16 @@ def _num_warps(elements: int, element_size: int) -> int:
     return max(1, min(8, elements * element_size // (16 * 32)))
 
 
+def _elem_warps(tile: int, n: int, element_size: int) -> int:
+    # A row length N not divisible by 16 (an odd channel count) gives no 16-byte alignment to
+    # vectorize for, so the per-thread vector rule has nothing to fill: spread the tile over up
+    # to 8 warps, two elements per thread. With 8 bf16 elements per thread (2 warps at a
+    # 512-element tile) triton 3.6's ptxas spilled 8-16 B on sm_80 (triton 3.7's did not).
+    if n % 16 == 0:
+        return _num_warps(tile, element_size)
+    return max(1, min(8, tile // 64))
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -997,7 +1007,7 @@ def flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_outp
             CONST_FROM_PTR=f64, SIMPLE=simple, HAS_REF=has_ref,
             KL_GRAD=kl_in_loss and write_grad, WRITE_GRAD=write_grad,
             IDX64=_idx64(_latent_extent(B, N, strides + list(rows)), tile), BLOCK=tile,
-            num_warps=_num_warps(tile, v.element_size()))
+            num_warps=_elem_warps(tile, N, v.element_size()))
     # B = 0 or N = 0 still finalizes: the means over no terms are NaN, as the C++ op's
     block_t = min(_next_pow2(max(nt, 1)), _FINALIZE_BLOCK)
     _elem_finalize_kernel[(1,)](
