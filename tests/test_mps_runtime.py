@@ -201,6 +201,14 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
         assert "Traceback" not in proc.stderr and message in proc.stderr, (argv, proc.stderr)
 
 
+def test_cli_prints_warnings_as_one_plain_line():
+    """The command line printed "<frozen runpy>:88: MpsUnavailableWarning: ..." for its user."""
+    from tbkernels.mps import __main__ as cli
+    text = cli._format_warning(mps.MpsUnavailableWarning("MPS unavailable: x"),
+                               mps.MpsUnavailableWarning, "<frozen runpy>", 88)
+    assert text == "warning: MPS unavailable: x\n"
+
+
 def test_a_worker_failing_everywhere_does_not_lose_the_others_profiles(no_mps, tmp_path):
     """One broken worker used to discard every timing of a long profiling run with a bare
     RuntimeError. Now ProfilingError names it and carries the measured workers' profiles; the

@@ -177,7 +177,15 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _format_warning(message, category, filename, lineno, line=None):
+    # a command line's warnings are for its user: "warning: ...", without the "<frozen runpy>:88:
+    # MpsUnavailableWarning:" location that Python's default format adds
+    return f"warning: {message}\n"
+
+
 def main(argv=None) -> int:
+    import warnings
+    warnings.formatwarning = _format_warning
     ap = argparse.ArgumentParser(prog="python -m tbkernels.mps", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", type=int, default=0, help="GPU index (default 0)")
     sub = ap.add_subparsers(dest="cmd", required=True)
