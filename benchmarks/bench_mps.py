@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reward-stage makespan with four light reward workers: serial vs concurrent vs the MPS plan.
 
-    python benchmarks/bench_mps.py --quick --csv benchmarks/results/mps.csv     # < 1 min on a CPU
+    python benchmarks/bench_mps.py --quick --csv benchmarks/results/local.csv   # < 1 min on a CPU
     python benchmarks/bench_mps.py --csv OUT/mps.csv                          # a GPU machine
 
 The workers (tbkernels.mps.rewards) are a small CNN scorer and a small ViT scorer with random
@@ -20,43 +20,69 @@ the planned run is labelled ``fallback_plan``: it measures the fallback, not MPS
 acceptance (plan >= 1.5x serial and >= 10 % faster than concurrent) is checked and printed only
 when the planned run really used MPS.
 
-Rows are appended to ``--csv`` in the project's long format
-(op, backend, shape, dtype, metric, value, device, commit).
+Rows are appended to ``--csv`` (only when given) through benchmarks/results.py, in the project's
+long format with its header (op, backend, shape, dtype, metric, value, device, commit, timestamp,
+command), so the file can be the one the other benchmarks write (gpu_check.sh's results.csv). op
+``mps_reward_stage``; backend the configuration (``serial``, ``concurrent``, ``mps_plan`` /
+``fallback_plan``, ``mps_noquota``, and the planner's ``greedy``, ``exact``, ``concurrent_share``);
+shape the workload (``W=<workers>;B=;T=;HW=;iters=``); metrics ``predicted_makespan_s``,
+``makespan_s`` (per reward call) and ``speedup_vs_serial``; device the GPU's name, or the CPU
+model with ``(1 thread per worker)``; commit ``$TBK_COMMIT`` or git's.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import tbkernels.mps as mps
 
-CSV_COLUMNS = ["op", "backend", "shape", "dtype", "metric", "value", "device", "commit"]
+OP = "mps_reward_stage"
+PLAN_KEYS = ("serial", "concurrent", "concurrent_share", "greedy", "exact")
 
 
-def git_commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
+def _results():
+    """benchmarks/results.py, imported only when rows are written: importing it asks torch.cuda
+    whether there is a GPU, and this process leaves CUDA alone until its MPS runs are over.
+    Run as a script this folder is already sys.path[0]; loaded by path (the tests do) it is put
+    there only for this import: left there, it would shadow modules such as the tests' conftest
+    in every process spawned afterwards."""
+    here = str(Path(__file__).resolve().parent)
+    added = here not in sys.path
+    if added:
+        sys.path.insert(0, here)
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+        import results
+    finally:
+        if added:
+            sys.path.remove(here)
+    return results
 
 
-def append_csv(path: str, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+def write_rows(path, plans: dict, measured: dict, shape: str, gpu_name: str | None,
+               command: str, timestamp: str | None = None) -> int:
+    """Append the predicted and measured makespans (and each measured configuration's speedup
+    over ``serial``) to ``path`` through results.py's Recorder: the standard header and columns,
+    one timestamp for the run. ``plans``: name -> object with ``predicted_makespan``; ``measured``:
+    configuration -> seconds per call, ``serial`` included; ``timestamp``: the run's start (UTC,
+    results.utc_now()'s format; default now). Returns the number of rows."""
+    res = _results()
+    device = gpu_name or f"{res.cpu_model()} (1 thread per worker)"
+    rec = res.Recorder(enabled=True, device=device, commit=res.git_commit(), command=command,
+                       timestamp=timestamp or res.utc_now())
+    for key in PLAN_KEYS:
+        if key in plans:
+            rec.add(OP, key, shape, "float32", "predicted_makespan_s",
+                    plans[key].predicted_makespan)
+    serial = measured["serial"]
+    for key, v in measured.items():
+        rec.add(OP, key, shape, "float32", "makespan_s", v)
+        rec.add(OP, key, shape, "float32", "speedup_vs_serial", serial / v)
+    # No median_us / latency_us rows: finish() derives nothing from these, it only appends.
+    rec.finish(Path(path))
+    return len(rec.rows)
 
 
 def say(msg: str) -> None:
@@ -78,6 +104,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     t_all = time.monotonic()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     ok, reason = mps.mps_available(args.device)
     gpu = mps.gpu_info(args.device)
     on_gpu = gpu is not None
@@ -166,20 +193,11 @@ def main(argv=None) -> int:
             + plan_rep.backend_reason)
 
     if args.csv:
-        commit, dev = git_commit(), device_name.replace(",", " ")
-        rows = []
-        for key in ("serial", "concurrent", "concurrent_share", "greedy", "exact"):
-            if key in plans:
-                rows.append(dict(op="mps_reward_stage", backend=key, shape=shape, dtype="float32",
-                                 metric="predicted_makespan_s", value=f"{plans[key].predicted_makespan:.6g}",
-                                 device=dev, commit=commit))
-        for key, v in measured.items():
-            rows.append(dict(op="mps_reward_stage", backend=key, shape=shape, dtype="float32",
-                             metric="makespan_s", value=f"{v:.6g}", device=dev, commit=commit))
-            rows.append(dict(op="mps_reward_stage", backend=key, shape=shape, dtype="float32",
-                             metric="speedup_vs_serial", value=f"{s / v:.4g}", device=dev, commit=commit))
-        append_csv(args.csv, rows)
-        say(f"appended {len(rows)} rows to {args.csv}")
+        command = " ".join(["python benchmarks/bench_mps.py", *(argv if argv is not None
+                                                                 else sys.argv[1:])])
+        n = write_rows(args.csv, plans, measured, shape, device_name if on_gpu else None, command,
+                       timestamp=started)
+        say(f"appended {n} rows to {args.csv}")
     say(f"total {time.monotonic() - t_all:.1f} s")
     return 0
 

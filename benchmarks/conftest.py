@@ -2,7 +2,9 @@
 
 Rows are written only when pytest-benchmark actually times (not under ``--benchmark-disable``,
 ``--benchmark-skip`` or xdist, where it disables itself), so CI's smoke run leaves the results
-file untouched.
+file untouched. They go to ``--results-csv PATH``, else ``$TBK_RESULTS_CSV``, else the git-ignored
+``benchmarks/results/local.csv``: never to the committed ``results/results.csv`` unless it is named
+(``python benchmarks/results.py merge`` moves rows there afterwards).
 """
 import os
 
@@ -10,7 +12,8 @@ import pytest
 import torch
 
 import tbkernels
-from .results import BENCH_DEVICE, CpuMeter, Recorder, csv_path, device_name, git_commit
+from .results import (BENCH_DEVICE, CpuMeter, Recorder, device_name, git_commit,
+                      session_csv_path)
 
 _RECORDER = pytest.StashKey[Recorder]()
 _CPU_METER = pytest.StashKey[CpuMeter]()
@@ -19,6 +22,16 @@ _CPU_METER = pytest.StashKey[CpuMeter]()
 # records the count either way.
 if os.environ.get("TBK_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["TBK_BENCH_THREADS"]))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--results-csv", metavar="PATH", default=None,
+                     help="append timed benchmark rows to PATH (default: $TBK_RESULTS_CSV, else "
+                          "the git-ignored benchmarks/results/local.csv)")
+
+
+def _csv(config):
+    return session_csv_path(config.getoption("--results-csv", default=None))
 
 
 def _timing_enabled(config) -> bool:
@@ -47,7 +60,7 @@ def _recorder(config) -> Recorder:
 
 def pytest_report_header(config):
     rec = _recorder(config)
-    where = f"rows go to {csv_path()}" if rec.enabled else "timing disabled: no rows are written"
+    where = f"rows go to {_csv(config)}" if rec.enabled else "timing disabled: no rows are written"
     lines = [f"benchmarks on {BENCH_DEVICE} ({rec.device}), commit {rec.commit}; {where}"]
     for name, status in tbkernels.backends(BENCH_DEVICE).items():
         lines.append(f"  backend {name}: {status}")
@@ -64,7 +77,7 @@ def pytest_sessionfinish(session):
     others = config.stash[_CPU_METER].others_pct() if _CPU_METER in config.stash else None
     if others is not None and rec.rows:
         rec.add("session", "-", "-", "-", "other_processes_cpu_pct", others)
-    path = rec.finish()
+    path = rec.finish(_csv(config))
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is None:
         return

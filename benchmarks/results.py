@@ -8,13 +8,23 @@ tables pivot it.
 Speed claims are ratios taken inside one session (``speedup_vs_<baseline>``,
 ``ratio_vs_empty_launch``), never across files: two runs on a shared machine differ by more than
 most of the effects measured here.
+
+Where rows go: the scripts (``bench_flow_grpo.py``, ``dpo_memory*.py``) append to ``csv_path()``,
+the committed ``results/results.csv`` or ``$TBK_RESULTS_CSV``; a timed ``pytest benchmarks``
+session appends to ``session_csv_path()``, the git-ignored ``results/local.csv`` unless a file is
+named (``--results-csv PATH`` or ``$TBK_RESULTS_CSV``). Rows from elsewhere (a GPU machine's
+``results.csv``, ``local.csv``) join the committed file with
+
+    python benchmarks/results.py merge SRC.csv [DST.csv]      # DST: results/results.csv
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +34,8 @@ import torch
 COLUMNS = ("op", "backend", "shape", "dtype", "metric", "value", "device", "commit",
            "timestamp", "command")
 BENCH_DIR = Path(__file__).resolve().parent
-DEFAULT_CSV = BENCH_DIR / "results" / "results.csv"
+DEFAULT_CSV = BENCH_DIR / "results" / "results.csv"   # committed
+LOCAL_CSV = BENCH_DIR / "results" / "local.csv"       # git-ignored: pytest sessions by default
 TBKERNELS_PREFIX = "tbkernels"
 EMPTY_LAUNCH_OP = "empty_launch"
 # Benchmarks run where a trainer would: on the GPU when there is one.
@@ -32,10 +43,18 @@ BENCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def csv_path() -> Path:
+    """Where the benchmark scripts append: ``$TBK_RESULTS_CSV``, else the committed file."""
     return Path(os.environ.get("TBK_RESULTS_CSV") or DEFAULT_CSV)
 
 
-def _cpu_model() -> str:
+def session_csv_path(explicit: str | os.PathLike | None = None) -> Path:
+    """Where a timed ``pytest benchmarks`` session appends: the file named by ``--results-csv``
+    (``explicit``) or ``$TBK_RESULTS_CSV``, else the git-ignored ``results/local.csv``, so that a
+    plain run never adds rows to the committed file by accident."""
+    return Path(explicit or os.environ.get("TBK_RESULTS_CSV") or LOCAL_CSV)
+
+
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -55,7 +74,7 @@ def device_name(device: torch.device) -> str:
         return "meta (tensor-liveness model, no hardware)"
     # torch's thread count, not the core count: it is what the kernels actually ran on.
     threads = torch.get_num_threads()
-    return f"{_cpu_model()} ({threads} thread{'' if threads == 1 else 's'})"
+    return f"{cpu_model()} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def _git(*args: str) -> str:
@@ -67,9 +86,12 @@ def _git(*args: str) -> str:
 
 
 def git_commit() -> str:
-    """Short HEAD, with ``-dirty`` when tracked files differ from it; ``unknown`` without git.
-    Results (benchmarks/results/) do not count: rows appended by one run do not make the next
-    run's code dirty."""
+    """``$TBK_COMMIT`` verbatim when set (a copy of the checkout without .git, e.g. on a lent GPU
+    machine: set it to the short sha where the copy was made); else short HEAD, with ``-dirty``
+    when tracked files differ from it; ``unknown`` without git. Results (benchmarks/results/) do
+    not count: rows appended by one run do not make the next run's code dirty."""
+    if os.environ.get("TBK_COMMIT"):
+        return os.environ["TBK_COMMIT"]
     try:
         head = _git("rev-parse", "--short", "HEAD").strip()
         dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
@@ -234,3 +256,59 @@ def append_rows(path: Path, rows: list[dict]) -> None:
 def read_rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def merge(src: Path, dst: Path = DEFAULT_CSV) -> tuple[int, int]:
+    """Append ``src``'s rows to ``dst`` (created with the header if missing); both must have the
+    project's header. Rows already in ``dst`` (all ten columns equal: the same file merged twice)
+    are skipped. Returns (rows appended, rows skipped)."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"{src}: source and destination are the same file")
+    with open(src, newline="") as f:
+        header = next(csv.reader(f), None)
+    if tuple(header or ()) != COLUMNS:
+        raise ValueError(f"{src} has header {header}, expected {list(COLUMNS)}")
+    rows = read_rows(src)
+    if any(None in row or None in row.values() for row in rows):
+        raise ValueError(f"{src}: some rows do not have {len(COLUMNS)} columns")
+    have = set()
+    if dst.exists() and dst.stat().st_size > 0:
+        with open(dst, newline="") as f:
+            reader = csv.reader(f)
+            dst_header = next(reader, None)
+            if tuple(dst_header or ()) != COLUMNS:
+                raise ValueError(f"{dst} has header {dst_header}, expected {list(COLUMNS)}")
+            have = {tuple(r) for r in reader}
+    new = []
+    for row in rows:
+        key = tuple(row[c] for c in COLUMNS)
+        if key not in have:
+            have.add(key)
+            new.append(row)
+    if new:
+        append_rows(dst, new)
+    return len(new), len(rows) - len(new)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="The results CSV's tools.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="append SRC's rows to DST after checking both headers "
+                       "(rows already in DST are skipped)")
+    m.add_argument("src", type=Path, help="a results CSV: a GPU call's results.csv, local.csv")
+    m.add_argument("dst", type=Path, nargs="?", default=DEFAULT_CSV,
+                   help=f"default: {DEFAULT_CSV.relative_to(BENCH_DIR.parent)}")
+    args = ap.parse_args(argv)
+    try:
+        added, skipped = merge(args.src, args.dst)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"merge: {e}", file=sys.stderr)
+        return 1
+    print(f"appended {added} rows from {args.src} to {args.dst}"
+          + (f" ({skipped} already there, skipped)" if skipped else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
