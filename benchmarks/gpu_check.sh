@@ -61,7 +61,8 @@ if [ $# -lt 1 ]; then
   echo "usage: $0 OUTDIR [STEP ...]   (steps: ${ALL_STEPS[*]})" >&2
   exit 2
 fi
-is_seconds() { [[ $1 =~ ^[0-9]+$ ]] && [ "$1" -gt 0 ]; }
+# no leading zero: bash arithmetic would read 09 as (invalid) octal and 010 as 8
+is_seconds() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 for v in TBK_STEP_TIMEOUT TBK_CALL_BUDGET; do
   if [ -n "${!v:-}" ] && ! is_seconds "${!v}"; then
     echo "$v must be a whole number of seconds > 0, not '${!v}'" >&2
@@ -97,6 +98,11 @@ unset TRITON_INTERPRET TBK_BACKEND
 # call into the same OUTDIR (a local run; the device's $OUT is empty each call) is unpacked first,
 # so the new one holds both.
 ART="$OUT/artifacts"
+# What OUTDIR already held (a local run into an existing folder): never moved into the tarball.
+declare -A KEEP=()
+for f in "$OUT"/* "$OUT"/.[!.]*; do
+  { [ -e "$f" ] || [ -L "$f" ]; } && KEEP["${f##*/}"]=1
+done
 if [ -f "$OUT/artifacts.tar.gz" ]; then
   tar -xzf "$OUT/artifacts.tar.gz" -C "$OUT" && rm -f "$OUT/artifacts.tar.gz"
 fi
@@ -337,13 +343,14 @@ declare -A STEP_NAME=([environment]="environment" [tools]="test tools"
   [flow_grpo_inputs]="flow-GRPO loss benchmark on Flow-GRPO's inputs (mixed dtypes, trajectory slices)"
   [mps]="MPS reward-worker benchmark" [dpo_memory]="DPO peak-memory benchmark" [plot]="plot")
 
-PACKED=0
+PACKED=0 PACKING=0
 pack() {  # leave at most results.csv, gpu_check.log, tests.xml and artifacts.tar.gz in OUTDIR
   [ "$PACKED" -eq 1 ] && return 0
-  PACKED=1
+  PACKING=1
   local f
   for f in "$OUT"/* "$OUT"/.[!.]*; do
     [ -e "$f" ] || [ -L "$f" ] || continue
+    [ -n "${KEEP[${f##*/}]:-}" ] && continue      # the user's, there before this run
     case "${f##*/}" in
       results.csv | gpu_check.log | tests.xml | artifacts.tar.gz | artifacts) ;;
       *) mv -f "$f" "$ART/" ;;
@@ -362,6 +369,7 @@ pack() {  # leave at most results.csv, gpu_check.log, tests.xml and artifacts.ta
   if [ -f "$OUT/artifacts.tar.gz" ] && [ "$(stat -c %s "$OUT/artifacts.tar.gz")" -gt $((16 << 20)) ]; then
     echo "WARNING: artifacts.tar.gz is over 16 MiB: the device tool will not return it"
   fi
+  PACKED=1 PACKING=0
 }
 
 finish() {  # pack, then let tee flush the log before the caller reads it
@@ -390,6 +398,12 @@ finish() {  # pack, then let tee flush the log before the caller reads it
 }
 
 on_signal() {
+  if [ "$PACKING" -eq 1 ]; then
+    # arrived while the outputs are being packed (bash runs a trap between commands): let the
+    # packing finish where it stands; finish/exit follow it
+    FAILED+=("stopped by SIG$1")
+    return
+  fi
   trap '' TERM INT HUP
   printf '\n=== stopped by SIG%s (t=%ss)\n' "$1" "$SECONDS"
   # timeout passes the TERM on to the step's processes and kills them KILL_AFTER s later.

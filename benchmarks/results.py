@@ -260,8 +260,9 @@ def read_rows(path: Path) -> list[dict]:
 
 def merge(src: Path, dst: Path = DEFAULT_CSV) -> tuple[int, int]:
     """Append ``src``'s rows to ``dst`` (created with the header if missing); both must have the
-    project's header. Rows already in ``dst`` (all ten columns equal: the same file merged twice)
-    are skipped. Returns (rows appended, rows skipped)."""
+    project's header. Rows ``dst`` already held (all ten columns equal: the same file merged
+    twice) are skipped; repeats inside ``src`` are kept, as a session may write a row twice.
+    Returns (rows appended, rows skipped)."""
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ValueError(f"{src}: source and destination are the same file")
@@ -280,12 +281,7 @@ def merge(src: Path, dst: Path = DEFAULT_CSV) -> tuple[int, int]:
             if tuple(dst_header or ()) != COLUMNS:
                 raise ValueError(f"{dst} has header {dst_header}, expected {list(COLUMNS)}")
             have = {tuple(r) for r in reader}
-    new = []
-    for row in rows:
-        key = tuple(row[c] for c in COLUMNS)
-        if key not in have:
-            have.add(key)
-            new.append(row)
+    new = [row for row in rows if tuple(row[c] for c in COLUMNS) not in have]
     if new:
         append_rows(dst, new)
     return len(new), len(rows) - len(new)

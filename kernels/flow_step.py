@@ -572,8 +572,9 @@ def _num_warps(elements: int, element_size: int) -> int:
 def _elem_warps(tile: int, n: int, element_size: int) -> int:
     # A row length N not divisible by 16 (an odd channel count) gives no 16-byte alignment to
     # vectorize for, so the per-thread vector rule has nothing to fill: spread the tile over up
-    # to 8 warps, two elements per thread. With 8 bf16 elements per thread (2 warps at a
-    # 512-element tile) triton 3.6's ptxas spilled 8-16 B on sm_80 (triton 3.7's did not).
+    # to 8 warps (two elements per thread up to a 512-element tile, as many as the tile needs
+    # beyond). With 8 bf16 elements per thread (2 warps at a 512-element tile) triton 3.6's ptxas
+    # spilled 8-16 B on sm_80 (triton 3.7's did not); a 2048-element tile had 8 warps before.
     if n % 16 == 0:
         return _num_warps(tile, element_size)
     return max(1, min(8, tile // 64))

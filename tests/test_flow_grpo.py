@@ -173,6 +173,9 @@ def test_sampling_with_a_list_of_generators(backend):
         tbkernels.sde_step_with_logprob(v, s, sn, x, generator=gens()[:2], backend=backend)
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         tbkernels.sde_step_with_logprob(v, s, sn, x, generator=123, backend=backend)
+    empty = tbkernels.sde_step_with_logprob(v[:0], 0.8, 0.7, x[:0], generator=[],
+                                            backend=backend)[0]
+    assert empty.shape == (0,) + shape[1:]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -680,12 +683,21 @@ def _call(**over):
     (dict(sde_type="cps", sigma_next=0.0, ref_model_output=torch.zeros(2, 4, 2, 5, 6), beta=0.1),
      ValueError, r"KL to the reference is undefined at sample 0.*cps"),
     (dict(sde_type="cps", sigma_next=0.0, ref_model_output=torch.zeros(2, 4, 2, 5, 6),
-          kl_form="exact"), ValueError, "KL to the reference is undefined"),
+          kl_form="exact", beta=0.1), ValueError, "KL to the reference is undefined"),
     (dict(noise_level=torch.tensor([0.7, 0.7])), TypeError, "noise_level must be a float"),
 ])
 def test_bad_input(over, error, match):
     with pytest.raises(error, match=match):
         _call(**over)
+
+
+@pytest.mark.parametrize("kl_form", ["flow_grpo", "exact"])
+def test_cps_last_step_kl_only_logged_is_inf(kl_form):
+    """At CPS's last step (std 0) a KL in the loss raises (test_bad_input); a KL only logged
+    (beta = 0) keeps the loss finite and reads inf, as before."""
+    loss, metrics = _call(sde_type="cps", sigma_next=0.0, kl_form=kl_form,
+                          ref_model_output=torch.zeros(2, 4, 2, 5, 6))
+    assert math.isfinite(loss.item()) and metrics["kl"].item() == math.inf
 
 
 @pytest.mark.parametrize("over,match", [

@@ -108,6 +108,24 @@ def test_usage_and_unknown_steps_exit_2(tmp_path):
     env = dict(os.environ, TBK_STEP_TIMEOUT="soon")
     proc = run(tmp_path / "out", "plot", env=env)
     assert proc.returncode == 2 and "TBK_STEP_TIMEOUT must be" in proc.stderr
+    # a leading zero reads as octal in bash arithmetic: 09 skipped every step and said "all
+    # steps passed"
+    for var in ("TBK_TIMEOUT_PLOT", "TBK_CALL_BUDGET"):
+        proc = run(tmp_path / "out", "plot", env=dict(os.environ, **{var: "09"}))
+        assert proc.returncode == 2 and f"{var} must be" in proc.stderr, (var, proc.stderr)
+
+
+@needs_bash
+def test_files_already_in_outdir_are_never_packed_away(tmp_path):
+    """Run into an existing folder, the packing moved everything in it (a .git included) into
+    the tarball and deleted it. Only what this run created is packed now."""
+    out = tmp_path / "existing"
+    (out / "project" / ".git").mkdir(parents=True)
+    (out / "important.txt").write_text("precious")
+    run(out, "plot")
+    assert (out / "important.txt").read_text() == "precious"
+    assert (out / "project" / ".git").is_dir()
+    assert (out / "gpu_check.log").exists()
 
 
 @needs_bash
@@ -243,19 +261,21 @@ def test_results_merge_cli(results, tmp_path, capsys):
     cols = list(results.COLUMNS)
     row = ["op", "b", "s", "float32", "median_us", "1.5", "H100", "abc1234", "t", "cmd"]
     src, dst = tmp_path / "gpu.csv", tmp_path / "results.csv"
-    _write(src, cols, [row, row[:5] + ["2.5"] + row[6:]])
+    # a session may write the same row twice (bench_flow_grpo's speedups): both are kept
+    _write(src, cols, [row, row[:5] + ["2.5"] + row[6:], row])
     _write(dst, cols, [["old"] * 10])
     # the command line itself, once
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "results.py"), "merge",
                            str(src), str(dst)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "appended 2 rows" in proc.stdout
+    assert "appended 3 rows" in proc.stdout and "skipped" not in proc.stdout
     with open(dst, newline="") as f:
         got = list(csv.reader(f))
-    assert got[0] == cols and got[1] == ["old"] * 10 and got[2] == row and len(got) == 4
+    assert got[0] == cols and got[1] == ["old"] * 10 and got[2] == row and len(got) == 5
+    assert got[4] == row
     assert results.main(["merge", str(src), str(dst)]) == 0   # the same file twice: nothing added
     assert "appended 0 rows" in capsys.readouterr().out
-    assert len(dst.read_text().splitlines()) == 4
+    assert len(dst.read_text().splitlines()) == 5
     # a source in another format (bench_mps's old 8 columns) is refused, dst untouched
     bad = tmp_path / "bad.csv"
     _write(bad, cols[:8], [row[:8]])

@@ -3,6 +3,7 @@ a hanging worker, MPS unavailability reported once with a fallback, and the daem
 plumbing against a stand-in control binary. The tests that need the real nvidia-cuda-mps-control
 and a GPU run only where both exist (issue 5's GPU acceptance) and are skipped here with why."""
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -207,6 +208,9 @@ def test_cli_prints_warnings_as_one_plain_line():
     text = cli._format_warning(mps.MpsUnavailableWarning("MPS unavailable: x"),
                                mps.MpsUnavailableWarning, "<frozen runpy>", 88)
     assert text == "warning: MPS unavailable: x\n"
+    before = warnings.formatwarning
+    assert cli.main(["status"]) == 0
+    assert warnings.formatwarning is before        # main() from Python leaves the format alone
 
 
 def test_a_worker_failing_everywhere_does_not_lose_the_others_profiles(no_mps, tmp_path):
@@ -229,6 +233,10 @@ def test_a_worker_failing_everywhere_does_not_lose_the_others_profiles(no_mps, t
         mps.profile_workers([mps.crashing_worker("crash")], quotas=(100,), repeats=1,
                             warmup=0, backend="process", progress=False)
     assert ei.value.partial is None
+    # picklable (a process pool or a Ray task may return it)
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.missing, back.failures, str(back)) == (err.missing, err.failures, str(err))
+    assert dict(back.partial) == dict(err.partial)
 
     mps.save_profiles({"cnn": PROFILES["cnn"]}, tmp_path / "sim.json")
     proc = subprocess.run([sys.executable, "-m", "tbkernels.mps", "profile", "--simulate",

@@ -185,7 +185,15 @@ def _format_warning(message, category, filename, lineno, line=None):
 
 def main(argv=None) -> int:
     import warnings
+    saved = warnings.formatwarning
     warnings.formatwarning = _format_warning
+    try:
+        return _main(argv)
+    finally:                    # main() called from Python: leave its warnings as they were
+        warnings.formatwarning = saved
+
+
+def _main(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m tbkernels.mps", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", type=int, default=0, help="GPU index (default 0)")
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -314,6 +314,16 @@ class ProfilingError(RuntimeError):
         super().__init__(message)
         self.missing, self.failures, self.partial = list(missing), list(failures), partial
 
+    def __reduce__(self):
+        # keyword-only fields: the default reduce would call cls(message) and fail to unpickle
+        # (a process pool or a Ray task returning it)
+        return (_rebuild_profiling_error, (self.args[0], self.missing, self.failures,
+                                           self.partial))
+
+
+def _rebuild_profiling_error(message, missing, failures, partial):
+    return ProfilingError(message, missing=missing, failures=failures, partial=partial)
+
 
 def profile_workers(workers: Iterable, quotas: Iterable[float] = (25, 50, 75, 100), *,
                     repeats: int = 3, warmup: int = 1, backend: str = "auto", daemon=None,

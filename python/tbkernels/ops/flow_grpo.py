@@ -406,6 +406,8 @@ def _randn(shape, generator, device, dtype):
     Flow-GRPO's: one generator, or a list of B (sample i from generator i); a generator on the
     CPU for latents elsewhere draws there and copies."""
     if isinstance(generator, (list, tuple)):
+        if len(generator) == shape[0] == 0:
+            return torch.empty(shape, device=device, dtype=dtype)
         if len(generator) == 1:
             generator = generator[0]
         elif len(generator) != shape[0]:
@@ -675,7 +677,7 @@ def _stream_state(device):
             torch.cuda.is_current_stream_capturing())
 
 
-def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo):
+def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo, beta=0.0):
     """Per-sample w with kl = ref_sq * w: mean - mean_ref = cv * (v - v_ref), so the KL needs
     only sum((v - v_ref)^2) per sample, times cv^2 / (2 numel s^2) with s the training script's
     std_dev_t (kl_form "flow_grpo") or the transition std (the exact Gaussian KL). Memoized
@@ -686,7 +688,7 @@ def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo):
     # torch.compile, which cannot trace that query)
     if key not in memo and "host_table" in memo and torch.is_inference_mode_enabled():
         with torch.inference_mode(False):     # memoized with a cached table (_coefficients)
-            return _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo)
+            return _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo, beta)
     if key not in memo:
         host = memo.get("host_table")
         device = coefs.device
@@ -695,15 +697,21 @@ def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo):
         cv = coefs[:, 1].to(acc)
         kl_std = (std_dev_t if kl_form == "flow_grpo" else coefs[:, 4].double()).to(acc)
         w = (cv * cv) / (numel * 2 * kl_std * kl_std)
+        # CPS's last step (sigma_next = 0) is deterministic: std 0, an infinite weight. Found
+        # once per table (on the host for a cached one) and kept with it: a KL in the loss
+        # (beta != 0) is then refused, a KL only logged (beta = 0) reads inf.
+        infinite = None
         if not torch.compiler.is_compiling() and not w.is_meta and not bool(torch.isfinite(w).all()):
-            # CPS's last step (sigma_next = 0) is deterministic: std 0, an infinite KL weight
             i = int((~torch.isfinite(w)).nonzero()[0, 0])
-            raise ValueError(f"the KL to the reference is undefined at sample {i}: the transition "
-                             f"std is {kl_std[i].item():.6g} (sde_type='cps' at sigma_next = 0, "
-                             "its last step, is deterministic); leave that step out of the KL "
-                             "(ref_model_output=None, beta=0 there)")
-        memo[key] = _to_device(w, device) if host is not None else w
-    return memo[key]
+            infinite = (i, kl_std[i].item())
+        memo[key] = (_to_device(w, device) if host is not None else w), infinite
+    w, infinite = memo[key]
+    if infinite is not None and beta != 0:
+        raise ValueError(f"the KL to the reference is undefined at sample {infinite[0]}: the "
+                         f"transition std is {infinite[1]:.6g} (sde_type='cps' at sigma_next = 0, "
+                         f"its last step, is deterministic), so beta = {beta} would make the "
+                         "loss infinite; leave that step out of the KL (beta=0 there)")
+    return w
 
 
 class _LRU:
@@ -926,7 +934,8 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
     (ref,) = _latents(model_dtype, ref_model_output)
     acc = _acc(dtype)
     kl_w = (None if ref is None else
-            _kl_weight(coefs, std_dev_t, kl_form, math.prod(model_output.shape[1:]), acc, memo))
+            _kl_weight(coefs, std_dev_t, kl_form, math.prod(model_output.shape[1:]), acc, memo,
+                       beta))
     elem = name != "reference" and not torch.compiler.is_compiling() and reduction == 2
     # (the per-element op may read old_log_prob as stored: no conversion for it here)
     old_lp = old_log_prob.detach()
