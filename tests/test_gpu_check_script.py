@@ -116,6 +116,43 @@ def test_usage_and_unknown_steps_exit_2(tmp_path):
 
 
 @needs_bash
+def test_a_signal_during_the_final_packing_still_leaves_the_tarball(tmp_path, fake):
+    """TERM while tar was packing the outputs ran the handler, whose own pack returned at once
+    (already marked packed): the run ended with artifacts/ and artifacts.tar.gz.part, which the
+    device would not return. Now the packing finishes first."""
+    real_tar = shutil.which("tar")
+    if real_tar is None:
+        pytest.skip("no tar")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    marker = tmp_path / "packing"
+    (shim / "tar").write_text(f"""#!/usr/bin/env bash
+case " $* " in *" -czf "*) touch {marker}; sleep 3 ;; esac
+exec {real_tar} "$@"
+""")
+    (shim / "tar").chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.csv").write_text("op\n")          # the fake plot writes PNGs to pack
+    env = dict(fake.env, PATH=f"{shim}:{os.environ['PATH']}")
+    proc = subprocess.Popen(["bash", str(SCRIPT), str(out), "plot"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the packing never started"
+        proc.terminate()
+        rc = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert rc == 1
+    assert sorted(p.name for p in out.iterdir()) == ["artifacts.tar.gz", "gpu_check.log",
+                                                     "results.csv"]
+    assert "stopped by SIGTERM" in (out / "gpu_check.log").read_text()
+
+
+@needs_bash
 def test_files_already_in_outdir_are_never_packed_away(tmp_path):
     """Run into an existing folder, the packing moved everything in it (a .git included) into
     the tarball and deleted it. Only what this run created is packed now."""
