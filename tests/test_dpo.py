@@ -529,6 +529,108 @@ def test_loss_errors():
     assert torch.isnan(loss)
 
 
+def _tiny_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 8)).to(dtype)
+
+
+def _branches(model, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xw, xl, tw, tl = (torch.randn(4, 3, 8, generator=g).to(dtype) for _ in range(4))
+    return (lambda: ((model(xw) - tw) ** 2).mean((1, 2)),
+            lambda: ((model(xl) - tl) ** 2).mean((1, 2)))
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "recompute"])
+def test_parameter_gradient_hooks_are_warned_about(mode):
+    """The two-backward modes run a parameter's hooks once per branch, with partial gradients:
+    an optimizer stepped from register_post_accumulate_grad_hook took the first branch's share
+    as a step (found by audit). They say so; standard mode, and no hooks, stay quiet."""
+    model = _tiny_model()
+    cf, rf = _branches(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tbkernels.dpo_backward(cf, rf, beta=100.0, mode=mode, model=model)
+        tbkernels.dpo_backward(cf, rf, beta=100.0, mode=mode)        # leaves from the graph
+    calls = []
+    model[0].weight.register_post_accumulate_grad_hook(lambda p: calls.append(1))
+    for kw in (dict(model=model), {}):
+        with pytest.warns(RuntimeWarning, match="gradient hooks .* once per branch"):
+            tbkernels.dpo_backward(cf, rf, beta=100.0, mode=mode, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calls.clear()
+        tbkernels.dpo_backward(cf, rf, beta=100.0, mode="standard", model=model)
+    assert calls == [1]
+
+
+def test_float16_errors_with_a_grad_scaler_match_standard():
+    """float16 per-sample errors and GradScaler's default scale (65536 > float16's 65504): the
+    two-backward modes built their surrogate in float16 and seeded the backward with inf (NaN
+    gradients, skipped steps) where standard mode, computing its loss in float32, was finite."""
+    grads = {}
+    for mode in ("standard", "decoupled", "recompute"):
+        model = _tiny_model(dtype=torch.float16)
+        cf, rf = _branches(model, torch.float16)
+        scaler = torch.amp.GradScaler("cpu")
+        tbkernels.dpo_backward(cf, rf, beta=1.0, mode=mode, model=model, scaler=scaler)
+        grads[mode] = [p.grad.float() for p in model.parameters()]
+        assert all(torch.isfinite(g).all() for g in grads[mode]), mode
+    for mode in ("decoupled", "recompute"):
+        assert max_rel(grads[mode], grads["standard"]) < 2e-2, mode
+
+
+def test_atomic_restores_sparse_gradients():
+    """nn.Embedding(sparse=True): the restore copied into a sparse gradient's detach(), a new
+    tensor, so a failed call left the rejected branch's gradient in .grad."""
+    torch.manual_seed(0)
+    emb, lin = torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 4)
+    model = torch.nn.ModuleList([emb, lin])
+    idx_w, idx_l = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[2, 8, 3], [0, 5, 9]])
+    tw, tl = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    emb(idx_w).sum().backward()
+    before = emb.weight.grad.to_dense().clone()
+    lin_before = lin.weight.grad
+    calls = [0]
+
+    def chosen():
+        calls[0] += 1
+        if calls[0] == 2:                       # fails when recomputed, after rejected's backward
+            raise KeyError("boom")
+        return tbkernels.per_sample_mse(lin(emb(idx_w)), tw)
+    with pytest.raises(KeyError):
+        tbkernels.dpo_backward(chosen, lambda: tbkernels.per_sample_mse(lin(emb(idx_l)), tl),
+                               beta=100.0, mode="recompute", model=model)
+    assert torch.equal(emb.weight.grad.to_dense(), before)
+    assert lin.weight.grad is lin_before is None
+
+
+def test_scale_as_numpy_or_tensor_and_reserved_loss_options():
+    """scale took only Python numbers ("must be a finite number > 0, got 0.25" for
+    numpy.float32(0.25)); a loss option dpo_backward sets itself (real=, ref_desirable=) failed
+    inside the loss, after both forwards, with a bare TypeError."""
+    np = pytest.importorskip("numpy")
+    a, b = torch.rand(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    expected = None
+    for scale in (0.25, np.float32(0.25), torch.tensor(0.25)):
+        w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+        tbkernels.dpo_backward(lambda: a + w, lambda: b + w, beta=5.0, scale=scale)
+        expected = w.grad if expected is None else expected
+        assert torch.equal(w.grad, expected)
+    calls = []
+
+    def chosen():
+        calls.append(1)
+        return a.clone().requires_grad_(True)
+    for loss, option, hint in (("flow_dpo", "real", "real_fn="),
+                               ("kto", "ref_desirable", "ref_chosen="),
+                               ("diffusion_dpo", "rejected", "rejected_fn=")):
+        with pytest.raises(DPOInputError, match=f"{option}= is set by dpo_backward.*{hint}"):
+            tbkernels.dpo_backward(chosen, chosen, beta=5.0, loss=loss, **{option: a})
+    assert calls == []                         # refused before any forward
+
+
 def test_numpy_beta_and_one_sided_kto():
     """beta as a NumPy scalar equals the same Python float; KTO is unpaired, so a batch with
     only desirable samples is valid."""

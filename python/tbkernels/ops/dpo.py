@@ -20,6 +20,7 @@ Three layers, each usable alone:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import warnings
@@ -503,8 +504,23 @@ def diffusion_kto_loss(desirable, undesirable, ref_desirable=None, ref_undesirab
     return loss, metrics
 
 
+# What dpo_backward passes to the loss itself, and the argument that supplies each instead.
+_SET_BY_DPO_BACKWARD = {
+    "beta": "beta=", "real": "real_fn=", "check_finite": "check_finite=",
+    "chosen": "chosen_fn=", "rejected": "rejected_fn=", "desirable": "chosen_fn=",
+    "undesirable": "rejected_fn=", "ref_chosen": "ref_chosen=", "ref_rejected": "ref_rejected=",
+    "ref_desirable": "ref_chosen=", "ref_undesirable": "ref_rejected="}
+
+
 def _loss_fn(loss, beta, options, check_finite):
     """(chosen, rejected, ref_c, ref_r, real) -> (loss, metrics), with the options bound."""
+    reserved = {"beta", "real"} if callable(loss) else set(_SET_BY_DPO_BACKWARD)
+    taken = sorted(set(options) & reserved)
+    if taken:
+        # said before any forward runs (the loss would raise only after both branches)
+        name = taken[0]
+        raise DPOInputError(f"loss option {name}= is set by dpo_backward itself: pass "
+                            f"{_SET_BY_DPO_BACKWARD[name]} to dpo_backward instead")
     if callable(loss):
         return lambda c, r, rc, rr, real: loss(c, r, rc, rr, beta=beta, real=real, **options)
     if loss not in LOSSES:
@@ -562,6 +578,22 @@ def _allreduce_grads(ddp, params, bucket_bytes=25 * 2**20):
                 for dst, src in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
                     dst.copy_(src)
                 bucket, size = [], 0
+
+
+def _user_grad_hooks(params) -> bool:
+    """Whether any of these parameters has a gradient hook of the program's own (a tensor hook
+    or a post-accumulate-grad hook); torch's and tbkernels' own are not counted."""
+    for p in params:
+        for hooks in (getattr(p, "_backward_hooks", None),
+                      getattr(p, "_post_accumulate_grad_hooks", None)):
+            for fn in (hooks or {}).values():
+                while isinstance(fn, functools.partial):     # FSDP1 registers partials
+                    fn = fn.func
+                fn = getattr(fn, "__func__", fn)             # a bound method
+                module = getattr(fn, "__module__", None) or ""
+                if not module.startswith(("torch", "tbkernels")):
+                    return True
+    return False
 
 
 def _graph_leaves(*outputs, hidden=None):
@@ -684,9 +716,11 @@ class _GradSnapshot:
                 p.grad = None
             elif copy is None:
                 continue                            # never accumulated into by this call
-            elif p.grad is g:
+            elif p.grad is g and g.layout == torch.strided:
                 g.detach().copy_(copy)              # keeps DDP's gradient bucket views intact
             else:
+                # (a sparse gradient's detach() is a new tensor: copying into it restores
+                # nothing, so the saved copy takes its place)
                 p.grad = copy
 
     def close(self):
@@ -728,7 +762,10 @@ def _call_branch(fn, name, grad=True):
 def _surrogate_backward(weights, values, scale, scaler):
     """Back-propagate sum_b weights[b] * values[b] (weights detached): the branch's share of the
     loss gradient."""
-    s = (weights.to(values.dtype) * values).sum()
+    # in float32 at least, as standard mode's loss is: float16 errors times a GradScaler's
+    # 65536 would overflow float16 (65504) in the product and seed the backward with inf
+    acc = torch.promote_types(values.dtype, torch.float32)
+    s = (weights.to(acc) * values.to(acc)).sum()
     if scale != 1.0:
         s = s * scale
     if scaler is not None:
@@ -859,8 +896,12 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
         raise DPOInputError("nll_real_weight needs real_fn (the per-sample errors on real data)")
     if not callable(loss):
         _check_beta(beta)
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise DPOInputError(f"scale must be a finite number > 0, got {scale}")
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.requires_grad:
+        scale = scale.item()                  # (as beta: a 0-d tensor or a NumPy scalar)
+    if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+            and math.isfinite(scale) and scale > 0):
+        raise DPOInputError(f"scale must be a finite number > 0, got {scale!r}")
+    scale = float(scale)
     loss_fn = _loss_fn(loss, beta, loss_options, check_finite)
     if mode == "decoupled":
         _refuse_decoupled_under_fsdp1(_fsdp1_in(model))
@@ -868,12 +909,25 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
     ddp = model if _is_ddp(model) else None
     lazy = ddp is None and not _compiling() and not _has_fsdp(model)
     snapshot = _GradSnapshot(lazy=lazy) if atomic else None
-    if snapshot is not None:
-        if params is not None:
-            snapshot.add(list(params))
-        elif model is not None:
-            snapshot.add(list(model.parameters()))
-    explicit_params = params is not None or model is not None
+    if params is not None:
+        params = list(params)                       # (a generator is read once)
+    elif model is not None:
+        params = list(model.parameters())
+    if snapshot is not None and params is not None:
+        snapshot.add(params)
+    explicit_params = params is not None
+
+    def warn_hooks(*outs):
+        # before the first of this mode's two backwards, and before protect() adds ours
+        if _user_grad_hooks(params if explicit_params else _graph_leaves(*outs)):
+            warnings.warn(
+                f"dpo_backward(mode={mode!r}): parameters have gradient hooks (register_hook / "
+                "register_post_accumulate_grad_hook). This mode runs one backward per branch, so "
+                "each hook runs once per branch: a tensor hook sees each branch's share of the "
+                "gradient, a post-accumulate hook first a .grad holding one branch's share. A "
+                "hook that steps an optimizer or clips the gradient then acts on partial "
+                "gradients: use mode='standard' (one backward) with such hooks.",
+                RuntimeWarning, stacklevel=3)
     # real_fn without a weight only logs nll/real: one forward without grad at the end, no
     # backward of zeros (and no part in the gradient synchronisation)
     has_real = real_fn is not None and bool(nll_real_weight)
@@ -948,6 +1002,7 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
                 c = _call_branch(chosen_fn, "chosen_fn")
                 r = _call_branch(rejected_fn, "rejected_fn")
             check_pair(c, r)
+            warn_hooks(c, r)
             protect(c, r)
             if model is None:                         # FSDP1 found only through the graph
                 _refuse_decoupled_under_fsdp1(_fsdp1_in(None, _graph_leaves(c, r)))
@@ -969,6 +1024,7 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
         with _grad_sync(ddp, False):
             r = _call_branch(rejected_fn, "rejected_fn")
         check_pair(c0, r)
+        warn_hooks(r)
         protect(r)
         value, metrics, gc, gr = _weights(loss_fn, c0, r, ref_chosen, ref_rejected)
         if check_finite:
