@@ -918,7 +918,10 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
     explicit_params = params is not None
 
     def warn_hooks(*outs):
-        # before the first of this mode's two backwards, and before protect() adds ours
+        # before the first of this mode's two backwards, and before protect() adds ours (not
+        # while torch.compile traces: hook dictionaries are not graph material)
+        if _compiling():
+            return
         if _user_grad_hooks(params if explicit_params else _graph_leaves(*outs)):
             warnings.warn(
                 f"dpo_backward(mode={mode!r}): parameters have gradient hooks (register_hook / "
