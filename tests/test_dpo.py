@@ -565,6 +565,21 @@ def test_parameter_gradient_hooks_are_warned_about(mode):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("mode", ["decoupled", "recompute"])
+def test_dpo_backward_under_torch_compile_matches_standard(mode):
+    """The whole call compiled (backend="eager": Dynamo's tracing without Inductor's codegen)
+    gives standard's gradients; the hook check stays out of the trace."""
+    torch._dynamo.reset()
+    model = _tiny_model(3)
+    cf, rf = _branches(model, seed=4)
+    torch.compile(lambda: tbkernels.dpo_backward(cf, rf, beta=100.0, mode=mode, model=model),
+                  backend="eager")()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    tbkernels.dpo_backward(cf, rf, beta=100.0, mode="standard", model=model)
+    assert max_rel(got, [p.grad for p in model.parameters()]) <= 1e-5
+
+
 def test_float16_errors_with_a_grad_scaler_match_standard():
     """float16 per-sample errors and GradScaler's default scale (65536 > float16's 65504): the
     two-backward modes built their surrogate in float16 and seeded the backward with inf (NaN
