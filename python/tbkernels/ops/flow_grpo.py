@@ -572,7 +572,9 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
     if sde_type == "wan" and (sigma_max is None or sigma_min is None):
         raise ValueError("sde_type='wan' needs sigma_max and sigma_min (the schedule's sigmas[1] "
                          "and sigmas[-1]): std_dev_t = sigma_min + (sigma_max - sigma_min)*sigma")
-    if not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        _check_number_sigmas(sigma, sigma_next, sde_type, noise_level, sigma_max, sigma_min)
+    else:
         # the cache key holds these by value: a 0-d tensor (an annealed noise level, say) would
         # key by identity, and an in-place update would keep returning the old table
         noise_level, sigma_max, sigma_min = (
@@ -581,8 +583,6 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
                                                       (sigma_min, "sigma_min")))
     if sde_type in ("flow_grpo", "dance_grpo", "cps") and not noise_level > 0:
         raise ValueError(f"noise_level must be > 0 for sde_type={sde_type!r}, got {noise_level}")
-    if torch.compiler.is_compiling():
-        _check_number_sigmas(sigma, sigma_next, sde_type, noise_level, sigma_max, sigma_min)
     batch, device = model_output.shape[0], model_output.device
     # With sigma and sigma_next given as numbers or CPU tensors (a scheduler's sigmas usually
     # live on the CPU), the checks and the ~30 tiny float64 ops of the coefficient table run on
