@@ -1111,28 +1111,25 @@ class _ElemLoss(torch.autograd.Function):
     A second backward through a retained graph recomputes the gradient from the saved inputs
     (the first one hands its buffer to autograd).
 
-    A float16 model output is computed from a float32 copy (exact; the kernels widen float16 on
-    load anyway) so that the unit-loss gradient is kept in float32: in float16 it would fall
-    below the normal range (~1e-8 per element over a video latent) and be flushed to zero before
-    a GradScaler's scale reached it. That costs two more float16 latents than bfloat16."""
-
-    @staticmethod
-    def _run(name, v, x, prev, ref, *args):
-        if v.dtype == torch.float16:
-            # the reference has model_output's dtype; float16 latents (rather than Flow-GRPO's
-            # float32 ones) are widened too, as the kernels take no float32 model output beside
-            # float16 latents (six float16 latents more for those few steps)
-            v, x, prev, ref = (None if t is None else t.float() for t in (v, x, prev, ref))
-        return _elem_loss_op(name)(v, x, prev, ref, *args, True)
+    A float16 model output cannot keep a unit-loss gradient: over a video latent it is ~1e-8 per
+    element, below float16's normal range, and would be flushed to zero before a GradScaler's
+    scale reached it. So for float16 the forward writes no gradient, and the backward recomputes
+    it with the incoming gradient g folded into the op's inputs: the loss is positively
+    homogeneous in the clamped advantages and linear in the KL weight, so d(|g| loss)/dv is the
+    op's gradient for advantages |g| clamp(A) (adv_clip_max then infinite) and KL weight
+    |g| kl_weight, rounded to float16 once; the sign of g is applied after (exact). The cost is
+    a second read of the inputs in the backward, the memory that of bfloat16 (the gradient
+    only)."""
 
     @staticmethod
     def forward(ctx, v, x, prev, ref, coefs, kl_w, old_rows, adv, amap, consts, name):
+        write_grad = v.dtype != torch.float16
         with torch._C._AutoDispatchBelowAutograd():
-            loss, metrics, grad_v = _ElemLoss._run(name, v, x, prev, ref, coefs, kl_w, old_rows,
-                                                   adv, amap, *consts)
+            loss, metrics, grad_v = _elem_loss_op(name)(v, x, prev, ref, coefs, kl_w, old_rows,
+                                                        adv, amap, *consts, write_grad)
         ctx.mark_non_differentiable(metrics)
         ctx.set_materialize_grads(False)
-        ctx.grad_v = grad_v                # an intermediate, not an input or output: kept as is
+        ctx.grad_v = grad_v if write_grad else None   # an intermediate: kept as is, not saved
         _autograd.save(ctx, v, x, prev, ref, coefs, kl_w, old_rows, adv, amap)
         ctx.consts, ctx.backend = consts, name
         return loss, metrics
@@ -1143,12 +1140,31 @@ class _ElemLoss(torch.autograd.Function):
         if grad_loss is None:
             return (None,) * 11
         grad_v, ctx.grad_v = ctx.grad_v, None
-        saved = _autograd.saved(ctx)
+        v, x, prev, ref, coefs, kl_w, old_rows, adv, amap = _autograd.saved(ctx)
+        if v.dtype == torch.float16:
+            return (_ElemLoss._float16_grad(ctx, grad_loss, v, x, prev, ref, coefs, kl_w,
+                                            old_rows, adv, amap),) + (None,) * 10
         if grad_v is None:                 # retain_graph: the first backward took the buffer
             with torch._C._AutoDispatchBelowAutograd():
-                _, _, grad_v = _ElemLoss._run(ctx.backend, *saved, *ctx.consts)
-        # (float16: scaled in float32, then rounded once to the model's dtype)
-        return (grad_v.mul_(grad_loss).to(saved[0].dtype),) + (None,) * 10
+                _, _, grad_v = _elem_loss_op(ctx.backend)(v, x, prev, ref, coefs, kl_w, old_rows,
+                                                          adv, amap, *ctx.consts, True)
+        return (grad_v.mul_(grad_loss),) + (None,) * 10
+
+    @staticmethod
+    def _float16_grad(ctx, grad_loss, v, x, prev, ref, coefs, kl_w, old_rows, adv, amap):
+        """g * d loss / d v for a float16 v, computed at scale |g| in the op (class docstring)."""
+        clip_range, adv_clip_max, beta, simple = ctx.consts
+        scale = grad_loss.abs()
+        adv = adv.clamp(-adv_clip_max, adv_clip_max) * scale       # [B], as the op clamps it
+        kl_w = None if kl_w is None else kl_w * scale
+        with torch._C._AutoDispatchBelowAutograd():
+            _, _, grad_v = _elem_loss_op(ctx.backend)(v, x, prev, ref, coefs, kl_w, old_rows, adv,
+                                                      amap, clip_range, math.inf, beta, simple,
+                                                      True)
+        # The sign: a pass over the gradient, skipped where reading g costs no device sync.
+        if grad_loss.device.type != "cpu" or not float(grad_loss) > 0:
+            grad_v.mul_(grad_loss.sign())
+        return grad_v
 
 
 def _policy_loss(logp, ref_sq, kl_w, old_log_prob, advantages, advantage_map, clip_range,
