@@ -9,6 +9,7 @@ import contextlib
 import functools
 import gc
 import importlib.util
+import mmap
 import pathlib
 import queue as queue_module
 import sys
@@ -691,6 +692,48 @@ def test_compile_fullgraph(backend):
         results.append((loss.detach(), acc, pred.grad))
     for a, b in zip(results[1], results[0]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("loss,kw", [
+    ("diffusion_dpo", {}), ("flow_dpo", {}),
+    ("flow_dpo", {"beta_schedule": "paper", "timesteps": True}), ("kto", {})])
+def test_compile_fullgraph_when_beta_changes(loss, kw):
+    """beta changing between calls (a schedule): Dynamo recompiles with beta as a symbolic float,
+    and _check_beta's math.isfinite(beta) failed the fullgraph trace ("torch.* op returned
+    non-Tensor"; found 2026-11-22). Comparisons trace; each value matches eager, and a bad beta
+    is still refused."""
+    torch._dynamo.reset()
+    fn = {"diffusion_dpo": tbkernels.diffusion_dpo_loss, "flow_dpo": tbkernels.flow_dpo_loss,
+          "kto": tbkernels.diffusion_kto_loss}[loss]
+    c, r, rc, rr = (rand((4,), torch.float32, seed) for seed in (90, 91, 92, 93))
+    if kw.get("timesteps"):
+        kw = dict(kw, timesteps=rand((4,), torch.float32, 94).clamp(0, 1))
+
+    def step(chosen, beta):
+        return fn(chosen, r, rc, rr, beta=beta, **kw)[0]
+    compiled = torch.compile(step, fullgraph=True)
+    for beta in (100.0, 50.0, 20.0):
+        out = []
+        for f in (step, compiled):
+            cc = c.clone().requires_grad_(True)
+            value = f(cc, beta)
+            value.backward()
+            out.append((value.detach(), cc.grad))
+        torch.testing.assert_close(out[1], out[0])
+    with pytest.raises(Exception, match="beta"):
+        compiled(c, -1.0)
+
+
+def test_checks_are_not_compiled_as_frames_of_their_own():
+    """When Dynamo runs a frame eagerly (after giving up on it without fullgraph=True) it compiles
+    each function that frame calls as a frame of its own, where is_compiling() is true: a value
+    check skipped itself there. Marked helpers (ops/_compile.py) run eagerly in that case: a
+    tensor beta <= 0 given straight to the compiled check is refused."""
+    torch._dynamo.reset()
+    with pytest.raises(DPOInputError, match="finite number > 0"):
+        torch.compile(dpo_mod._check_beta)(torch.tensor(-1.0))
+    with pytest.raises(DPOInputError, match="timesteps must be flow-matching noise levels"):
+        torch.compile(dpo_mod._beta_weight)("paper", torch.tensor([2.0, 0.5]), 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1384,10 +1427,20 @@ def _no_garbage_collection():
         gc.enable()
 
 
+def _touched_fresh_pages(nbytes):
+    """nbytes of new anonymous memory with every page written, so RSS grows by nbytes whatever
+    the allocator keeps: torch.ones can be served from a free chunk that glibc's heap kept
+    resident after earlier tests, and RSS then does not move (test_peak_memory_cpu failed so
+    when run after test_flow_grpo.py, at 12fcdff as after). Close it to give the pages back."""
+    pages = mmap.mmap(-1, nbytes)
+    for offset in range(0, nbytes, mmap.PAGESIZE):
+        pages[offset] = 1
+    return pages
+
+
 def test_peak_memory_cpu():
     with _no_garbage_collection(), tbkernels.memory.peak_memory("cpu") as mem:
-        x = torch.ones(16 * 2**20)                      # 64 MiB, touched
-        del x
+        _touched_fresh_pages(64 * 2**20).close()
     assert mem.rss_reset in (True, False)
     assert mem.peak_extra >= 60 * 2**20, str(mem)
     assert "peak RSS" in str(mem) and mem.as_dict()["peak_extra"] == mem.peak_extra
@@ -1401,11 +1454,9 @@ def test_nested_peak_memory_cpu_keeps_the_outer_peak():
     must not erase the peak its enclosing block saw before it (it did: 48 MiB reported for a
     block that had touched 300 MiB). Also: peak_tensor_memory's live_at_exit is final at exit."""
     with _no_garbage_collection(), tbkernels.memory.peak_memory("cpu") as outer:
-        x = torch.ones(32 * 2**20)                      # 128 MiB, touched, then freed
-        del x
+        _touched_fresh_pages(128 * 2**20).close()       # touched, then freed
         with tbkernels.memory.peak_memory("cpu") as inner:
-            y = torch.ones(4 * 2**20)                   # 16 MiB
-            del y
+            _touched_fresh_pages(16 * 2**20).close()
     assert outer.peak_extra >= 120 * 2**20, (str(outer), str(inner))
     assert inner.peak_extra < 100 * 2**20, str(inner)
     with tbkernels.memory.peak_tensor_memory() as tm:

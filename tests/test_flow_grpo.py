@@ -729,6 +729,75 @@ def test_bad_number_sigmas_are_refused_under_torch_compile(over, match):
         compiled(**over)
 
 
+@pytest.mark.parametrize("over,match", [
+    (dict(sigma=0.5, sigma_next=0.6), "got sigma_next=0.6 >= sigma=0.5"),
+    (dict(sigma=1.5, sigma_next=0.6), r"sigma must lie in \(0, 1\] .*got 1.5"),
+    (dict(sde_type="cps", sigma_next=0.0, beta=0.1), "KL to the reference is undefined"),
+])
+def test_bad_input_is_refused_under_torch_compile_without_fullgraph(over, match):
+    """Without fullgraph=True, the trace-time refusal makes Dynamo run the frames eagerly and
+    compile each function they call as a frame of its own, where is_compiling() is true: the
+    value checks skipped themselves there and the loss came out NaN / inf (found 2026-11-22).
+    The checking helpers are never frames of their own now (ops/_compile.py): the eager error,
+    values included, reaches the caller."""
+    torch._dynamo.reset()
+    v, x, prev, ref = latents((2, 4, 2, 5, 6), torch.float32, seed=46)
+    old, adv = torch.zeros(2), torch.ones(2)
+
+    def step(sigma=0.8, sigma_next=0.7, **kw):
+        return tbkernels.flow_grpo_loss(v, x, prev, sigma, sigma_next, old, adv,
+                                        ref_model_output=ref, **kw)[0]
+    compiled = torch.compile(step)
+    assert compiled().item() == step().item()
+    with pytest.raises(ValueError, match=match):
+        compiled(**over)
+
+
+@pytest.mark.parametrize("kl_form", ["flow_grpo", "exact"])
+def test_cps_last_step_kl_is_refused_under_torch_compile(kl_form):
+    """CPS's last step with beta != 0 raises eagerly (its KL is infinite); compiled with
+    fullgraph=True it returned inf. Now refused at trace time when sigma_next is a number,
+    while beta = 0 there (KL only logged) still compiles and matches eager."""
+    torch._dynamo.reset()
+    v, x, prev, ref = latents((2, 4, 2, 5, 6), torch.float32, seed=47)
+    old, adv = torch.zeros(2), torch.ones(2)
+
+    def step(sigma_next, beta):
+        return tbkernels.flow_grpo_loss(v, x, prev, 0.3, sigma_next, old, adv, sde_type="cps",
+                                        ref_model_output=ref, beta=beta, kl_form=kl_form)[0]
+    compiled = torch.compile(step, fullgraph=True)
+    for sn, beta in ((0.2, 0.1), (0.0, 0.0)):
+        assert compiled(sn, beta).item() == step(sn, beta).item()
+    with pytest.raises(Exception, match="KL to the reference is undefined"):
+        compiled(0.0, 0.1)
+
+
+def test_torch_compile_fullgraph_when_beta_changes():
+    """A KL coefficient that changes between calls (a schedule, or beta = 0 on some steps): on
+    the second value Dynamo recompiles with beta as a symbolic float, and the argument check's
+    math.isfinite(beta) failed the fullgraph trace ("torch.* op returned non-Tensor"; found
+    2026-11-22). Comparisons trace; each value matches eager."""
+    torch._dynamo.reset()
+    v, x, prev, ref = latents((2, 4, 2, 5, 6), torch.float32, seed=48)
+    old, adv = torch.zeros(2), torch.tensor([1.0, -1.0])
+
+    def step(vv, beta):
+        return tbkernels.flow_grpo_loss(vv, x, prev, 0.8, 0.7, old, adv, ref_model_output=ref,
+                                        beta=beta)[0]
+    compiled = torch.compile(step, fullgraph=True)
+    for beta in (0.1, 0.05, 0.0, 0.2):
+        grads = []
+        for fn in (step, compiled):
+            vv = v.clone().requires_grad_(True)
+            loss = fn(vv, beta)
+            loss.backward()
+            grads.append((loss.detach(), vv.grad))
+        torch.testing.assert_close(grads[1], grads[0])
+    for bad in (-0.1, math.inf, math.nan):
+        with pytest.raises(Exception, match="beta"):
+            compiled(v, bad)
+
+
 def test_settings_given_as_tensors_are_read_by_value():
     """noise_level / sigma_max / sigma_min as 0-d tensors were cache keys by identity: an in-place
     update (an annealed noise level) kept returning the old coefficients (found by audit)."""
@@ -897,6 +966,44 @@ def test_float16_elem_loss_memory_is_the_gradient():
             (loss * 65536.0).backward()
     latent = v.numel() * 2
     assert latent <= tm.peak_bytes <= latent + 4096, (tm.peak_bytes, latent)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_step_backward_takes_expanded_logp_gradients_without_a_copy(backend, dtype):
+    """sde_step_with_logprob(logprob_reduction="none") differentiated through logp.sum(), or
+    with a per-sample or per-position weight broadcast against it: the incoming gradient is an
+    expanded view, which the backward used to copy into a full-size float32 tensor (found by
+    audit). It is now passed as a per-sample / per-position gradient: the same gradient as the
+    dense one, and (kernel backends) no latent-sized allocation beyond the outputs and the
+    gradient."""
+    _available(backend)
+    shape = (2, 16, 3, 6, 10)
+    v, x, prev, _ = latents(shape, dtype, seed=49)
+    w = torch.tensor([0.75, -1.5], device=DEVICE)
+    pos = torch.rand((2, 1, 3, 6, 10), generator=torch.Generator().manual_seed(50)).to(DEVICE)
+    weights = {"sum": None, "sample": w.view(2, 1, 1, 1, 1), "position": pos}
+    for kind, weight in weights.items():
+        grads, peaks = [], []
+        for expanded in (False, True):
+            vv = v.clone().requires_grad_(True)
+            with tbkernels.memory.peak_tensor_memory() as tm:
+                logp = tbkernels.sde_step_with_logprob(vv, 0.8, 0.7, x, prev,
+                                                       logprob_reduction="none",
+                                                       backend=backend)[1]
+                if weight is None:
+                    (logp.sum() if expanded else (logp * torch.ones_like(logp)).sum()).backward()
+                else:
+                    g = weight.to(logp.dtype).expand_as(logp)
+                    logp.backward(g if expanded else g.contiguous())
+            grads.append(vv.grad.double())
+            peaks.append(tm.peak_bytes)
+        dense, got = grads
+        assert ((got - dense).abs().max() / dense.abs().max()).item() <= 4 * torch.finfo(dtype).eps, kind
+        if "reference" not in str(backend) and DEVICE.type == "cpu":
+            latent = v.numel() * v.element_size()
+            logp_bytes = v.numel() * 4                           # float32 (float64 for fp64)
+            assert peaks[1] <= logp_bytes + latent + latent // 8, (kind, peaks, latent)
 
 
 def test_step_errors():

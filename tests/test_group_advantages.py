@@ -457,6 +457,21 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(compiled(rewards2), loss_weights(rewards2))
 
 
+@pytest.mark.parametrize("option,values", [("eps", (1e-4, 1e-3, 1e-2)), ("clip", (5.0, 2.0, 1.0))])
+def test_torch_compile_fullgraph_when_options_change(option, values):
+    """eps or clip changing between calls: Dynamo recompiles with the float symbolic, and the
+    option check's math.isfinite / math.isinf failed the fullgraph trace ("torch.* op returned
+    non-Tensor"; found 2026-11-22). Comparisons trace; each value matches eager."""
+    torch._dynamo.reset()
+
+    def fn(rewards, value):
+        return tbkernels.group_advantages(rewards, 8, preset="flow_grpo", **{option: value})
+    compiled = torch.compile(fn, fullgraph=True)
+    rewards = make_rewards(64, 1, seed=16)[:, 0]
+    for value in values:
+        torch.testing.assert_close(compiled(rewards, value), fn(rewards, value))
+
+
 def test_torch_compile_fullgraph_with_stats_and_heads():
     torch._dynamo.reset()
 

@@ -17,7 +17,10 @@ import functools
 
 import torch
 
+from ._compile import inline_only
 
+
+@inline_only
 def save(ctx, *tensors) -> None:
     """``ctx.save_for_backward(*tensors)``, with inference tensors kept as plain references."""
     kept = {}
@@ -36,6 +39,7 @@ def saved(ctx) -> list:
     return out
 
 
+@inline_only
 def refuse_double_backward(op: str) -> None:
     """Raise when a backward runs with ``create_graph=True`` (grad mode on): the kernels'
     gradients carry no graph, so a second derivative (a gradient penalty, a Hessian-vector

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .._backend import resolve_backend
 from ._dpo_reference import per_sample_mse_reference
-from . import _autograd
+from . import _autograd, _compile
 
 IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 LOSSES = ("diffusion_dpo", "flow_dpo", "teleboost", "kto")
@@ -184,10 +184,12 @@ def per_sample_mse(pred, target, *, backend=None):
 # --------------------------------------------------------------------------------------------
 # Losses on per-sample errors.
 
+@_compile.inline_only
 def _compiling():
     return torch.compiler.is_compiling()
 
 
+@_compile.inline_only
 def _check_beta(beta, name="beta"):
     # numbers.Real: Python and NumPy scalars (numpy.float32 is not a float)
     if isinstance(beta, bool) or not isinstance(beta, (numbers.Real, torch.Tensor)):
@@ -198,7 +200,7 @@ def _check_beta(beta, name="beta"):
                                 f"{list(beta.shape)}")
         if not _compiling() and not bool((beta > 0) & torch.isfinite(beta)):
             raise DPOInputError(f"{name} must be a finite number > 0, got {beta.item():g}")
-    elif not (beta > 0 and math.isfinite(beta)):
+    elif not 0 < beta < math.inf:   # (comparisons: math.isfinite does not trace a SymFloat)
         raise DPOInputError(f"{name} must be a finite number > 0, got {beta}")
 
 
@@ -223,6 +225,7 @@ def _acc_of(*tensors):
     return _acc(*(t.dtype for t in tensors if t is not None))
 
 
+@_compile.inline_only
 def _finite_or_raise(loss, parts):
     """NaN/inf in the loss or in any per-sample error (an infinite error can hide behind a finite
     loss, e.g. a saturated sigmoid) raises, naming the first bad sample. One host sync."""
@@ -242,6 +245,7 @@ def _finite_or_raise(loss, parts):
     raise NonFiniteLossError(f"the DPO loss is {loss.item()}: {where}")
 
 
+@_compile.inline_only
 def _beta_weight(beta_schedule, timesteps, batch):
     """Per-sample factor of beta (None: constant)."""
     if callable(beta_schedule):
@@ -899,7 +903,7 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
     if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.requires_grad:
         scale = scale.item()                  # (as beta: a 0-d tensor or a NumPy scalar)
     if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool)
-            and math.isfinite(scale) and scale > 0):
+            and 0 < scale < math.inf):
         raise DPOInputError(f"scale must be a finite number > 0, got {scale!r}")
     scale = float(scale)
     loss_fn = _loss_fn(loss, beta, loss_options, check_finite)
@@ -917,6 +921,7 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
         snapshot.add(params)
     explicit_params = params is not None
 
+    @_compile.inline_only
     def warn_hooks(*outs):
         # before the first of this mode's two backwards, and before protect() adds ours (not
         # while torch.compile traces: hook dictionaries are not graph material)

@@ -43,7 +43,7 @@ import torch
 
 from .._backend import resolve_backend
 from ..kernels._layout import batch_stride
-from . import _autograd
+from . import _autograd, _compile
 from ._flow_grpo_coefs import step_coefficients
 from ._flow_grpo_reference import REDUCTIONS, SDE_TYPES
 
@@ -117,6 +117,23 @@ def _setup_forward(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _compact_logp_grad(grad_logp, reduction, elements):
+    """(gradient, reduction) to run the step's backward with. The gradient of a per-element
+    log-prob (reduction "none") that arrives as an expanded view -- from logp.sum() or .mean(),
+    or a per-sample / per-position weight broadcast against it -- would become a full-size
+    float32 tensor through .contiguous() (one float32 latent; found by audit, 2026-11-22). It is
+    the same gradient as a per-sample one (reduction "mean", times the `elements` the mean
+    divides by: one float rounding of that product) or a per-position one (reduction
+    "channel_sum", whose rows the kernel reads once per channel)."""
+    if reduction == 2 and grad_logp.dim() >= 2:
+        strides = grad_logp.stride()
+        if all(st == 0 for st in strides[1:]):
+            return grad_logp[(slice(None),) + (0,) * (grad_logp.dim() - 1)] * elements, 0
+        if strides[1] == 0:
+            return grad_logp[:, 0].contiguous(), 1
+    return grad_logp.contiguous(), reduction
+
+
 def _make_backward(backward_op):
     def backward(ctx, grad_logp, grad_ref_sq, grad_mean, grad_prev):
         _autograd.refuse_double_backward("sde_step_with_logprob")
@@ -128,9 +145,11 @@ def _make_backward(backward_op):
             grad_mean = None
         if ref is None:
             grad_ref_sq = None
+        reduction = ctx.reduction
+        if grad_logp is not None:
+            grad_logp, reduction = _compact_logp_grad(grad_logp, reduction, v[0].numel())
         grad_v = backward_op(
-            v, x, prev, ref, coefs, ctx.reduction,
-            None if grad_logp is None else grad_logp.contiguous(),
+            v, x, prev, ref, coefs, reduction, grad_logp,
             None if grad_mean is None else _kernel_layout(grad_mean.to(x.dtype)),
             None if grad_ref_sq is None else grad_ref_sq.contiguous())
         return grad_v, None, None, None, None, None, None, None
@@ -458,6 +477,18 @@ def _check_number_sigmas(sigma, sigma_next, sde_type, noise_level, sigma_max, si
                          "Flow-GRPO's std uses 1 - sigma_max, which must be > 0" + later)
 
 
+
+def _check_number_kl_step(sde_type, sigma_next, beta):
+    """The compiled counterpart of _kl_weight's refusal: CPS's last step (sigma_next = 0) is
+    deterministic, so a KL in the loss (beta != 0) would be infinite. Checked at trace time when
+    sigma_next is a Python number, as _check_number_sigmas (comparisons only, no values)."""
+    if sde_type == "cps" and _is_number(sigma_next) and sigma_next == 0 and beta != 0:
+        raise ValueError("the KL to the reference is undefined at sde_type='cps''s last step "
+                         "(sigma_next = 0 is deterministic: std 0), so beta != 0 would make the "
+                         "loss infinite; leave that step out of the KL (beta=0 there) (checked "
+                         "while torch.compile traced)")
+
+@_compile.inline_only
 def _check_sigmas(sigma, sigma_next):
     if torch.compiler.is_compiling() or sigma.is_meta:   # no values to check (tracing, meta)
         return
@@ -565,6 +596,7 @@ def _latents(dtype, *tensors):
     return [None if t is None else _kernel_layout(t.detach().to(dtype)) for t in tensors]
 
 
+@_compile.inline_only
 def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_max, sigma_min,
                   dtype=None):
     if sde_type not in SDE_TYPES:
@@ -637,6 +669,7 @@ def _coefficients(model_output, sigma, sigma_next, sde_type, noise_level, sigma_
     return coefs, std_dev_t, memo
 
 
+@_compile.inline_only
 def _check_table(coefs, sigma, sigma_next, sde_type, sigma_max, sigma_min):
     """Valid sigmas can still make a convention's transition degenerate: a zero or negative
     Wan std (sigma_min + (sigma_max - sigma_min) * sigma <= 0), or Flow-GRPO's first step with
@@ -677,6 +710,7 @@ def _stream_state(device):
             torch.cuda.is_current_stream_capturing())
 
 
+@_compile.inline_only
 def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo, beta=0.0):
     """Per-sample w with kl = ref_sq * w: mean - mean_ref = cv * (v - v_ref), so the KL needs
     only sum((v - v_ref)^2) per sample, times cv^2 / (2 numel s^2) with s the training script's
@@ -882,7 +916,7 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
         raise ValueError(f"kl_form must be one of {KL_FORMS}, got {kl_form!r}")
     if vipo_form not in VIPO_FORMS:
         raise ValueError(f"vipo_form must be one of {VIPO_FORMS}, got {vipo_form!r}")
-    if not (beta >= 0 and math.isfinite(beta)):
+    if not 0 <= beta < math.inf:   # (comparisons: math.isfinite does not trace a SymFloat)
         raise ValueError(f"beta (the KL coefficient) must be a finite number >= 0, got {beta}")
     if beta != 0 and ref_model_output is None:
         raise ValueError(f"beta = {beta} needs ref_model_output (the reference policy's velocity)")
@@ -936,6 +970,8 @@ def flow_grpo_loss(model_output, sample, prev_sample, sigma, sigma_next, old_log
     kl_w = (None if ref is None else
             _kl_weight(coefs, std_dev_t, kl_form, math.prod(model_output.shape[1:]), acc, memo,
                        beta))
+    if ref is not None and torch.compiler.is_compiling():
+        _check_number_kl_step(sde_type, sigma_next, beta)
     elem = name != "reference" and not torch.compiler.is_compiling() and reduction == 2
     # (the per-element op may read old_log_prob as stored: no conversion for it here)
     old_lp = old_log_prob.detach()

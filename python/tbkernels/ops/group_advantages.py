@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from .._backend import resolve_backend
+from . import _compile
 from ._group_advantages_reference import STD_MODES, group_advantages_reference, stats_dtype
 
 IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
@@ -71,6 +72,7 @@ def _(rewards, group_index, group_size, num_groups, std_mode, ddof, eps, clip, c
     return _fake_outputs(rewards, num_groups)
 
 
+@_compile.inline_only
 def _run_backend(name, *args):
     if name == "reference":
         rewards, *rest = args
@@ -110,14 +112,16 @@ def _resolve_options(preset, std, ddof, eps, clip):
                          f"(unbiased std, DanceGRPO), got {ddof!r}")
     ddof = int(ddof)                       # 1.0 passes the check; the kernels take an int
     eps = float(eps)
-    if not (eps >= 0 and math.isfinite(eps)):
+    # comparisons only: after a recompile Dynamo may trace these floats symbolically, and
+    # math.isfinite / math.isinf do not trace a SymFloat
+    if not 0 <= eps < math.inf:
         raise ValueError(f"group_advantages: eps must be a finite number >= 0, got {eps!r}")
     if clip is not None:
         clip = float(clip)
         if not clip > 0:
             raise ValueError(f"group_advantages: clip must be > 0 (or None / inf for no clamp), "
                              f"got {clip!r}")
-    clip = -1.0 if clip is None or math.isinf(clip) else clip
+    clip = -1.0 if clip is None or clip == math.inf else clip
     return STD_MODES[std], ddof, eps, clip
 
 
