@@ -1006,6 +1006,19 @@ def test_step_backward_takes_expanded_logp_gradients_without_a_copy(backend, dty
             assert peaks[1] <= logp_bytes + latent + latent // 8, (kind, peaks, latent)
 
 
+@pytest.mark.parametrize("shape", [(2, 0, 3, 4), (0, 4, 3, 4)], ids=["C0", "B0"])
+def test_step_backward_of_empty_latents_through_sum(shape):
+    """logp.sum().backward() on empty latents (an expanded gradient with nothing to read): the
+    compact-gradient path of the backward must not index into the empty dims."""
+    v = torch.randn(shape, device=DEVICE, requires_grad=True)
+    x = torch.randn(shape, device=DEVICE)
+    for reduction in ("none", "channel_sum", "mean"):
+        v.grad = None
+        logp = tbkernels.sde_step_with_logprob(v, 0.8, 0.7, x, x, logprob_reduction=reduction)[1]
+        logp.sum().backward()
+        assert v.grad.shape == v.shape, reduction
+
+
 def test_step_errors():
     v = torch.zeros(2, 4, 3, 5)
     with pytest.raises(ValueError, match="logprob_reduction"):

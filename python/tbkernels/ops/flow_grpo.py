@@ -125,7 +125,7 @@ def _compact_logp_grad(grad_logp, reduction, elements):
     the same gradient as a per-sample one (reduction "mean", times the `elements` the mean
     divides by: one float rounding of that product) or a per-position one (reduction
     "channel_sum", whose rows the kernel reads once per channel)."""
-    if reduction == 2 and grad_logp.dim() >= 2:
+    if reduction == 2 and grad_logp.dim() >= 2 and grad_logp.numel():
         strides = grad_logp.stride()
         if all(st == 0 for st in strides[1:]):
             return grad_logp[(slice(None),) + (0,) * (grad_logp.dim() - 1)] * elements, 0
@@ -147,7 +147,8 @@ def _make_backward(backward_op):
             grad_ref_sq = None
         reduction = ctx.reduction
         if grad_logp is not None:
-            grad_logp, reduction = _compact_logp_grad(grad_logp, reduction, v[0].numel())
+            grad_logp, reduction = _compact_logp_grad(grad_logp, reduction,
+                                                      math.prod(v.shape[1:]))
         grad_v = backward_op(
             v, x, prev, ref, coefs, reduction, grad_logp,
             None if grad_mean is None else _kernel_layout(grad_mean.to(x.dtype)),
@@ -477,16 +478,16 @@ def _check_number_sigmas(sigma, sigma_next, sde_type, noise_level, sigma_max, si
                          "Flow-GRPO's std uses 1 - sigma_max, which must be > 0" + later)
 
 
-
 def _check_number_kl_step(sde_type, sigma_next, beta):
     """The compiled counterpart of _kl_weight's refusal: CPS's last step (sigma_next = 0) is
     deterministic, so a KL in the loss (beta != 0) would be infinite. Checked at trace time when
     sigma_next is a Python number, as _check_number_sigmas (comparisons only, no values)."""
     if sde_type == "cps" and _is_number(sigma_next) and sigma_next == 0 and beta != 0:
-        raise ValueError("the KL to the reference is undefined at sde_type='cps''s last step "
-                         "(sigma_next = 0 is deterministic: std 0), so beta != 0 would make the "
-                         "loss infinite; leave that step out of the KL (beta=0 there) (checked "
-                         "while torch.compile traced)")
+        raise ValueError("the KL to the reference is undefined at CPS's last step "
+                         "(sde_type='cps', sigma_next = 0: deterministic, std 0), so beta != 0 "
+                         "would make the loss infinite; leave that step out of the KL (beta=0 "
+                         "there) (checked while torch.compile traced)")
+
 
 @_compile.inline_only
 def _check_sigmas(sigma, sigma_next):
