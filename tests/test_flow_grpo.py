@@ -798,6 +798,45 @@ def test_torch_compile_fullgraph_when_beta_changes():
             compiled(v, bad)
 
 
+def test_torch_compile_a_sampler_schedule_of_number_sigmas_is_one_graph():
+    """A sampler's schedule passes a new Python-float sigma at every step. torch.full(value)
+    made AOTAutograd / Inductor bake each sigma into its graph: one graph per step, and with
+    fullgraph=True the ninth raised FailOnRecompileLimitHit (torch._dynamo's recompile limit
+    is 8; found by audit). Now the first recompile makes sigma symbolic and the rest reuse it."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    v, x, prev, _ = latents((2, 4, 2, 5, 6), torch.float32, seed=51)
+    old, adv = torch.zeros(2), torch.tensor([1.0, -1.0])
+
+    def step(vv, s):
+        return tbkernels.flow_grpo_loss(vv, x, prev, s, s - 0.05, old, adv)[0]
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for i in range(12):
+        s = 0.95 - 0.05 * i
+        torch.testing.assert_close(compiled(v, s), step(v, s))
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_torch_compile_dynamic_latent_sizes_with_a_reference_is_one_graph():
+    """dynamic=True, a KL reference, latents whose size changes (multi-resolution training):
+    the KL weight's memo, keyed by the element count, specialised it (one graph per size, the
+    recompile limit after 8; found by audit). Traced, the weight is computed without the memo."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    old, adv = torch.zeros(2), torch.tensor([1.0, -1.0])
+
+    def step(vv, x, prev, ref):
+        return tbkernels.flow_grpo_loss(vv, x, prev, 0.8, 0.7, old, adv, ref_model_output=ref,
+                                        beta=0.04)[0]
+    compiled = torch.compile(step, backend="aot_eager", dynamic=True, fullgraph=True)
+    for width in range(6, 16):
+        v, x, prev, ref = latents((2, 4, 3, 5, width), torch.float32, seed=width)
+        torch.testing.assert_close(compiled(v, x, prev, ref), step(v, x, prev, ref))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_settings_given_as_tensors_are_read_by_value():
     """noise_level / sigma_max / sigma_min as 0-d tensors were cache keys by identity: an in-place
     update (an annealed noise level) kept returning the old coefficients (found by audit)."""

@@ -382,6 +382,7 @@ def _pick(device: torch.device, backend: str | None) -> str:
 # --------------------------------------------------------------------------------------------
 # Argument handling.
 
+@_compile.inline_only
 def _sigma_tensor(value, name, batch, device):
     if isinstance(value, torch.Tensor):
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] not in (1, batch)):
@@ -389,6 +390,12 @@ def _sigma_tensor(value, name, batch, device):
                              f"got shape {list(value.shape)}")
         return value.detach().to(device=device, dtype=torch.float64).reshape(-1).expand(batch)
     if _is_number(value):
+        if torch.compiler.is_compiling():
+            # ones * value, not torch.full: Inductor bakes a fill value into the graph (one graph
+            # per sigma, and a sampler's steps reach torch._dynamo's recompile limit of 8 in
+            # its first iteration; found by audit), while a float multiplied into a tensor
+            # stays an input of the graph. The same values: 1.0 * value is exact.
+            return torch.ones((batch,), dtype=torch.float64, device=device) * value
         return torch.full((batch,), float(value), dtype=torch.float64, device=device)
     raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
 
@@ -718,9 +725,13 @@ def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo, beta=0.0):
     std_dev_t (kl_form "flow_grpo") or the transition std (the exact Gaussian KL). Memoized
     with a cached table; for a table made on the host it is computed there and copied (no device
     arithmetic), otherwise it is six tiny launches on the device."""
+    if torch.compiler.is_compiling():
+        # traced: no memo (a traced table is never a cached one, and looking the key up would
+        # specialise numel: one graph per latent size under dynamic shapes, found by audit)
+        cv = coefs[:, 1].to(acc)
+        kl_std = (std_dev_t if kl_form == "flow_grpo" else coefs[:, 4].double()).to(acc)
+        return (cv * cv) / (numel * 2 * kl_std * kl_std)
     key = (kl_form, numel, acc)
-    # (a table made on the host is never a traced one, so the mode is not queried under
-    # torch.compile, which cannot trace that query)
     if key not in memo and "host_table" in memo and torch.is_inference_mode_enabled():
         with torch.inference_mode(False):     # memoized with a cached table (_coefficients)
             return _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo, beta)
@@ -736,7 +747,7 @@ def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo, beta=0.0):
         # once per table (on the host for a cached one) and kept with it: a KL in the loss
         # (beta != 0) is then refused, a KL only logged (beta = 0) reads inf.
         infinite = None
-        if not torch.compiler.is_compiling() and not w.is_meta and not bool(torch.isfinite(w).all()):
+        if not w.is_meta and not bool(torch.isfinite(w).all()):
             i = int((~torch.isfinite(w)).nonzero()[0, 0])
             infinite = (i, kl_std[i].item())
         memo[key] = (_to_device(w, device) if host is not None else w), infinite
