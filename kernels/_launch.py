@@ -83,6 +83,31 @@ def require_launchable(t: torch.Tensor, op: str) -> None:
                        "or TRITON_INTERPRET=1 (set before triton is imported) for CPU tensors")
 
 
+def launch_device(args) -> Optional[torch.device]:
+    """The CUDA device a wrapper's kernels must launch on: that of its first tensor argument
+    (None for CPU tensors under the interpreter)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device if a.device.type == "cuda" and not interpreter_enabled() else None
+    return None
+
+
+def on_tensor_device(wrapper):
+    """Run a Triton wrapper with its tensors' device current. Triton launches on the *current*
+    device and its current stream (triton.runtime.jit: driver.active.get_current_device()), not
+    on the tensors' device: tensors on cuda:1 while cuda:0 is current (a model moved with
+    .to("cuda:1") without torch.cuda.set_device) would be launched on the wrong GPU. The C++
+    CUDA ops take a CUDAGuard for the same reason."""
+    @functools.wraps(wrapper)
+    def run(*args, **kwargs):
+        device = launch_device(args)
+        if device is None:
+            return wrapper(*args, **kwargs)
+        with torch.cuda.device(device):
+            return wrapper(*args, **kwargs)
+    return run
+
+
 @contextlib.contextmanager
 def assume_gpu(sms: int = 132) -> Iterator[None]:
     """Plan launches as on a GPU with ``sms`` SMs (132: H100 SXM / H200), whatever the tensors'

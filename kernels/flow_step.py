@@ -724,6 +724,7 @@ def _latent_extent(batch: int, n: int, strides) -> int:
     return max([batch * n] + [(batch - 1) * stride + n for stride in strides])
 
 
+@_launch.on_tensor_device
 def flow_step_forward_triton(v, x, prev_or_noise, ref, coefs, reduction, sampling, write_mean):
     """``(logp, ref_sq, mean_or_empty, prev_or_empty)``, as ``tbkernels::flow_step_forward``.
 
@@ -784,6 +785,7 @@ def flow_step_forward_triton(v, x, prev_or_noise, ref, coefs, reduction, samplin
     return logp, ref_sq, mean, prev
 
 
+@_launch.on_tensor_device
 def flow_step_backward_triton(v, x, prev, ref, coefs, reduction, grad_logp, grad_mean,
                               grad_ref_sq):
     """``grad_v`` (contiguous, v's shape and dtype), as ``tbkernels::flow_step_backward``.
@@ -838,6 +840,7 @@ def flow_step_backward_triton(v, x, prev, ref, coefs, reduction, grad_logp, grad
 _SURROGATE_BLOCK = 1024
 
 
+@_launch.on_tensor_device
 def flow_grpo_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advantages, clip_range,
                                adv_clip_max, beta, simple):
     """``(loss [], metrics [4], factors [2, B])``, as ``tbkernels::flow_grpo_surrogate``.
@@ -881,6 +884,7 @@ def flow_grpo_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advantages
 _MAP_TILE = {"gpu": 2048, "interpreter": 1 << 17}
 
 
+@_launch.on_tensor_device
 def flow_grpo_map_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advantages,
                                    advantage_map, clip_range, adv_clip_max, beta, simple):
     """``(loss [], metrics [4], grad_ref_sq [B])``, as ``tbkernels::flow_grpo_map_surrogate``;
@@ -944,6 +948,7 @@ def flow_grpo_map_surrogate_triton(logp, ref_sq, kl_weight, old_log_prob, advant
 _ELEM_TILE = {"gpu": 2048, "gpu_f64": 1024, "interpreter": 1 << 17}
 
 
+@_launch.on_tensor_device
 def flow_grpo_elem_loss_triton(model_output, sample, prev_sample, ref_model_output, coefs,
                                kl_weight, old_log_prob, advantages, advantage_map, clip_range,
                                adv_clip_max, beta, simple, write_grad):

@@ -485,6 +485,7 @@ def _raise_nonfinite(rewards: torch.Tensor, index: int) -> None:
         f"flat index {index}). Filter or replace failed reward evaluations before normalising.")
 
 
+@_launch.on_tensor_device
 def group_advantages_triton(rewards, group_index, group_size, num_groups, std_mode, ddof, eps,
                             clip, check_finite=True):
     """Group-normalised advantages; see the reference module for the exact contract.

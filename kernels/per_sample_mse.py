@@ -139,6 +139,7 @@ def _num_warps(block: int) -> int:
     return max(1, min(8, block // 256))
 
 
+@_launch.on_tensor_device
 def per_sample_mse_forward_triton(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``[B]`` float32 (float64 if either input is float64), as ``tbkernels::per_sample_mse``."""
     B, D = _check(pred, target, "per_sample_mse")
@@ -166,6 +167,7 @@ def per_sample_mse_forward_triton(pred: torch.Tensor, target: torch.Tensor) -> t
     return out
 
 
+@_launch.on_tensor_device
 def per_sample_mse_backward_triton(grad_out: torch.Tensor, pred: torch.Tensor,
                                    target: torch.Tensor) -> torch.Tensor:
     """``grad_pred`` like pred, as ``tbkernels::per_sample_mse_backward``."""
