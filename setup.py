@@ -31,6 +31,15 @@ def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
+def _cuda_headers_found(cuda_home):
+    """cuda_runtime_api.h in CUDA_HOME's include directories or on the compilers' CPATH."""
+    dirs = [os.path.join(cuda_home, "include")] + glob.glob(
+        os.path.join(cuda_home, "targets", "*", "include"))
+    for var in ("CPATH", "CPLUS_INCLUDE_PATH", "C_INCLUDE_PATH"):
+        dirs += [d for d in os.environ.get(var, "").split(os.pathsep) if d]
+    return any(os.path.exists(os.path.join(d, "cuda_runtime_api.h")) for d in dirs)
+
+
 def _cuda_decision():
     """(build_cuda, reason) from the environment switch, torch and nvcc."""
     switch = os.environ.get("TBK_BUILD_CUDA", "").strip().lower()
@@ -43,6 +52,12 @@ def _cuda_decision():
             shutil.which("nvcc") or os.path.exists(os.path.join(cpp_extension.CUDA_HOME or "",
                                                                 "bin", "nvcc"))):
         problems.append("nvcc not found (set CUDA_HOME)")
+    elif not _cuda_headers_found(cpp_extension.CUDA_HOME):
+        # torch guesses CUDA_HOME as the directory above nvcc's: a wrapper script such as
+        # /usr/local/bin/nvcc makes that /usr/local, where no CUDA headers are, and the build
+        # then died in the first binding with "cuda_runtime_api.h: No such file"
+        problems.append(f"CUDA headers (cuda_runtime_api.h) not found under CUDA_HOME="
+                        f"{cpp_extension.CUDA_HOME} or on CPATH (set CUDA_HOME to the toolkit)")
     if switch in ("1", "on", "true", "yes"):
         if problems:
             sys.exit("tbkernels: TBK_BUILD_CUDA=1 but CUDA kernels cannot be built: "
