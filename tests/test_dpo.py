@@ -9,6 +9,7 @@ import contextlib
 import functools
 import gc
 import importlib.util
+import math
 import mmap
 import pathlib
 import queue as queue_module
@@ -1069,6 +1070,35 @@ def test_recompute_warns_on_nondeterministic_chosen_fn():
     with pytest.warns(RuntimeWarning, match="different values"):
         tbkernels.dpo_backward(noisy, branch(model, d["xl"], d["tl"]), beta=5.0,
                                mode="recompute")
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_recompute_refuses_non_finite_recomputed_errors(accumulate):
+    """chosen_fn finite on its first call and NaN when recomputed (an overflow that happens only
+    the second time): the backward through it put NaN in every gradient, with only the drift
+    warning as a signal (found by audit). Now NonFiniteLossError, and the gradients (here one
+    micro-batch already accumulated) come back exactly as before the call."""
+    model = TinyNet().to(DEVICE)
+    d = make_data()
+    if accumulate:
+        tbkernels.dpo_backward(branch(model, d["xw"], d["tw"]), branch(model, d["xl"], d["tl"]),
+                               beta=5.0, mode="standard")
+    before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    calls = []
+
+    def chosen():
+        calls.append(1)
+        e = tbkernels.per_sample_mse(model(d["xw"]), d["tw"])
+        return e * math.nan if len(calls) == 2 else e
+    with pytest.raises(NonFiniteLossError, match=r"recomputed\) returned a non-finite error"):
+        tbkernels.dpo_backward(chosen, branch(model, d["xl"], d["tl"]), beta=5.0,
+                               mode="recompute", model=model)
+    assert len(calls) == 2
+    for n, p in model.named_parameters():
+        if before[n] is None:
+            assert p.grad is None, n
+        else:
+            assert torch.equal(p.grad, before[n]), n
 
 
 # --- DDP (gloo, CPU) ------------------------------------------------------------------------
