@@ -20,6 +20,15 @@ def backend_params(implemented=tbkernels.BACKENDS):
     return params
 
 
+
+def value_and_grad(fn, x, *args):
+    """(fn(x', *args), x'.grad) for a fresh leaf copy x' of x: a compiled function and its eager
+    original compared on the same inputs."""
+    xx = x.clone().requires_grad_(True)
+    value = fn(xx, *args)
+    value.backward()
+    return value.detach(), xx.grad
+
 def pytest_report_header(config):
     lines = [f"tbkernels {tbkernels.__version__}, device {DEVICE}, "
              f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]

@@ -26,7 +26,7 @@ from tbkernels import DPOInputError, NonFiniteLossError
 from tbkernels.ops import dpo as dpo_mod
 from tbkernels.ops._dpo_reference import dpo_reference, kto_reference, per_sample_mse_reference
 
-from conftest import DEVICE, backend_params
+from conftest import DEVICE, backend_params, value_and_grad
 
 BACKENDS = backend_params(("reference", "cpu", "cuda", "triton"))
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -714,13 +714,7 @@ def test_compile_fullgraph_when_beta_changes(loss, kw):
         return fn(chosen, r, rc, rr, beta=beta, **kw)[0]
     compiled = torch.compile(step, fullgraph=True)
     for beta in (100.0, 50.0, 20.0):
-        out = []
-        for f in (step, compiled):
-            cc = c.clone().requires_grad_(True)
-            value = f(cc, beta)
-            value.backward()
-            out.append((value.detach(), cc.grad))
-        torch.testing.assert_close(out[1], out[0])
+        torch.testing.assert_close(value_and_grad(compiled, c, beta), value_and_grad(step, c, beta))
     with pytest.raises(Exception, match="beta"):
         compiled(c, -1.0)
 
