@@ -1045,19 +1045,21 @@ def dpo_backward(chosen_fn: Callable[[], torch.Tensor], rejected_fn: Callable[[]
             raise DPOInputError(f"chosen_fn() returned shape {list(c.shape)} when recomputed, "
                                 f"{list(c0.shape)} the first time")
         protect(c)
-        if check_finite and not _compiling() and not bool(torch.isfinite(c.detach()).all()):
-            # the weights came from the first call's finite values, but a backward through
-            # non-finite recomputed errors would put NaN in every gradient (found by audit:
-            # the drift warning below was the only signal); raise, and the gradients are restored
-            bad = (~torch.isfinite(c.detach())).nonzero().flatten().tolist()
-            raise NonFiniteLossError(
-                f"chosen_fn() (recomputed) returned a non-finite error: chosen[{bad[0]}] = "
-                f"{c.detach()[bad[0]].item()}, where the first call gave "
-                f"{c0[bad[0]].item()}; make chosen_fn deterministic or use mode='decoupled'")
         if not _compiling() and not c0.is_meta:           # meta: no values to compare
             drift = (c.detach() - c0).abs().max().item() if c.numel() else 0.0
             tol = 1e-3 * (c0.abs().max().item() if c0.numel() else 0.0) + 1e-6
             if not drift <= tol:
+                if check_finite and not bool(torch.isfinite(c.detach()).all()):
+                    # the weights came from the first call's finite values, but a backward
+                    # through non-finite recomputed errors would put NaN in every gradient
+                    # (found by audit: this warning was the only signal); raise, and the
+                    # gradients are restored. (Checked here: non-finite values always drift.)
+                    bad = (~torch.isfinite(c.detach())).nonzero().flatten().tolist()
+                    raise NonFiniteLossError(
+                        f"chosen_fn() (recomputed) returned a non-finite error: "
+                        f"chosen[{bad[0]}] = {c.detach()[bad[0]].item()}, where the first call "
+                        f"gave {c0[bad[0]].item()}; make chosen_fn deterministic or use "
+                        "mode='decoupled'")
                 warnings.warn(f"recompute mode: chosen_fn() gave different values the second "
                               f"time (max |diff| {drift:.3g}); the weights were computed from the "
                               "first call. Make chosen_fn deterministic (same noise, timesteps, "
