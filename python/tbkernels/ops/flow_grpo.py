@@ -718,6 +718,13 @@ def _stream_state(device):
             torch.cuda.is_current_stream_capturing())
 
 
+def _kl_weight_and_std(coefs, std_dev_t, kl_form, numel, acc):
+    """(w, s): the KL weight cv^2 / (2 numel s^2) and the std s it divides by (_kl_weight)."""
+    cv = coefs[:, 1].to(acc)
+    kl_std = (std_dev_t if kl_form == "flow_grpo" else coefs[:, 4].double()).to(acc)
+    return (cv * cv) / (numel * 2 * kl_std * kl_std), kl_std
+
+
 @_compile.inline_only
 def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo, beta=0.0):
     """Per-sample w with kl = ref_sq * w: mean - mean_ref = cv * (v - v_ref), so the KL needs
@@ -728,9 +735,7 @@ def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo, beta=0.0):
     if torch.compiler.is_compiling():
         # traced: no memo (a traced table is never a cached one, and looking the key up would
         # specialise numel: one graph per latent size under dynamic shapes, found by audit)
-        cv = coefs[:, 1].to(acc)
-        kl_std = (std_dev_t if kl_form == "flow_grpo" else coefs[:, 4].double()).to(acc)
-        return (cv * cv) / (numel * 2 * kl_std * kl_std)
+        return _kl_weight_and_std(coefs, std_dev_t, kl_form, numel, acc)[0]
     key = (kl_form, numel, acc)
     if key not in memo and "host_table" in memo and torch.is_inference_mode_enabled():
         with torch.inference_mode(False):     # memoized with a cached table (_coefficients)
@@ -740,9 +745,7 @@ def _kl_weight(coefs, std_dev_t, kl_form, numel, acc, memo, beta=0.0):
         device = coefs.device
         if host is not None:
             coefs, std_dev_t = host
-        cv = coefs[:, 1].to(acc)
-        kl_std = (std_dev_t if kl_form == "flow_grpo" else coefs[:, 4].double()).to(acc)
-        w = (cv * cv) / (numel * 2 * kl_std * kl_std)
+        w, kl_std = _kl_weight_and_std(coefs, std_dev_t, kl_form, numel, acc)
         # CPS's last step (sigma_next = 0) is deterministic: std 0, an infinite weight. Found
         # once per table (on the host for a cached one) and kept with it: a KL in the loss
         # (beta != 0) is then refused, a KL only logged (beta = 0) reads inf.
